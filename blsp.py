@@ -1,0 +1,236 @@
+"""BLSP: Bootstrapping Language-Speech Pre-training via Behavior Alignment of Continuation Writing
+(Wang et al., arXiv 2309.00916, 2023; authors' code github.com/cwang621/blsp).
+
+Idea. A frozen LLM should behave the same whether it is given a speech segment or its transcript.
+Step 1 asks the LLM to continue every transcript; step 2 trains a small adapter between a frozen
+speech encoder and the frozen LLM so that, given the *speech*, the LLM writes that same
+continuation. Nothing but the adapter is trained, and only continuations are ever seen: that the
+LLM then also follows other instructions about the speech (e.g. "repeat it": zero-shot ASR) is the
+paper's emergent ability, measured here as repeat_wer.
+
+Paper step                                            -> code
+  step 1: continuation of each transcript, greedy,    -> continuation_data()
+          <= 64 new tokens, lower case, no punctuation
+  adapter: 3 x (Conv1d k5 s2 p2 + GLU)                -> Adapter.convs, Adapter.forward
+           length L -> floor((L-1)/2)+1 per layer     -> Adapter.output_lengths
+           x + W2 GELU(W1 x) (512, no bias), LayerNorm -> Adapter.bottleneck, Adapter.norm
+  step 2 input: [BOS] ###[Human]:{instruction}        -> behaviour_sample()
+                + speech + \\n\\n\\n###[Assistant]: + continuation + EOS
+  step 2 loss: CE on continuation + EOS only          -> behaviour_loss() (-100 elsewhere)
+  inference: instruction + speech, greedy             -> infer() / common.respond()
+
+Project choices (not in the paper): the encoder runs on the batch's real length, not padded to
+30 s, and the adapter zeroes padding frames before each convolution, so a clip's speech vectors
+do not depend on what else is in its batch; an LLM with a chat template gets its chat template
+around the same pieces (--prompt blsp forces the paper's template); default hyper-parameters are
+scaled to the toy setting (the paper: lr 5e-5, batch 768, 1000 warm-up steps, 1 epoch, clip 1.0,
+weight decay 0.05).
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+from common import arg, speech, text
+
+CONTINUE_INSTRUCTION = ("Continue the following text in a coherent and engaging style with less "
+                        "than 40 words.")
+
+
+@dataclass
+class BLSPArgs(common.Args):
+    bottleneck: int = arg(512, "width of the adapter's residual bottleneck (paper: 512)")
+    continuation_tokens: int = arg(64, "step 1: at most this many new tokens per continuation")
+    gen_batch_size: int = arg(64, "step 1: transcripts per generation batch")
+    steps: int = arg(400, "optimizer steps")
+    lr: float = arg(2e-3, "peak learning rate (paper: 5e-5 at batch 768)")
+    warmup: int = arg(40, "warm-up steps (paper: 1000)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter: the only trained part
+
+class Adapter(nn.Module):
+    """Encoder frames (B, T, d_enc) -> speech vectors (B, ~T/8, d_llm) in the LLM's input space."""
+
+    def __init__(self, d_enc, d_llm, bottleneck=512):
+        super().__init__()
+        # Conv1d doubles the channels, GLU halves them: d_enc -> d_enc -> d_enc -> d_llm
+        self.convs = nn.ModuleList([nn.Conv1d(d_enc, 2 * d_enc, 5, 2, 2),
+                                    nn.Conv1d(d_enc, 2 * d_enc, 5, 2, 2),
+                                    nn.Conv1d(d_enc, 2 * d_llm, 5, 2, 2)])
+        self.bottleneck = nn.Sequential(nn.Linear(d_llm, bottleneck, bias=False), nn.GELU(),
+                                        nn.Linear(bottleneck, d_llm, bias=False))
+        self.norm = nn.LayerNorm(d_llm)
+
+    @staticmethod
+    def output_lengths(lens):
+        for _ in range(3):
+            lens = (lens - 1) // 2 + 1      # Conv1d(k=5, s=2, p=2): floor((L-1)/2)+1
+        return lens
+
+    def forward(self, frames, lens):
+        x = frames.transpose(1, 2)                                            # (B, d, T)
+        for conv in self.convs:
+            keep = torch.arange(x.shape[-1], device=x.device)[None] < lens[:, None]
+            x = x * keep[:, None, :].to(x.dtype)                              # padding -> zeros
+            x = F.glu(conv(x), dim=1)
+            lens = (lens - 1) // 2 + 1
+        x = x.transpose(1, 2)
+        x = x + self.bottleneck(x)                                            # x + W2 GELU(W1 x)
+        return self.norm(x), lens
+
+
+def speech_vectors(encoder, adapter, batch):
+    """wave -> frozen encoder -> adapter -> one tensor of speech vectors per utterance."""
+    with torch.no_grad():
+        frames, lens = encoder(batch["wave"], batch["wave_lens"])
+    vecs, vlens = adapter(frames.float() if frames.device.type == "cpu" else frames, lens)
+    return [v[:n] for v, n in zip(vecs, vlens.tolist())]
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: continuation writing by the frozen LLM
+
+def continuation_data(llm, tok, items, args, out_dir, tag):
+    """Ask the frozen LLM to continue each transcript (greedy); cached in out_dir, resumable.
+    Adds item["continuation_llm"] (text)."""
+    before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
+    transcripts = [common.normalize(it["text"]) for it in items]   # lower case, no punctuation
+    prompts = [before + common.input_ids(tok, t) + after for t in transcripts]
+    key = hashlib.sha1(json.dumps([args.llm, args.prompt, args.continuation_tokens, transcripts])
+                       .encode()).hexdigest()[:10]
+    os.makedirs(out_dir, exist_ok=True)
+    cache = os.path.join(out_dir, f"continuations-{tag}-{key}.jsonl")
+    conts = common.generate_texts(llm, tok, prompts, args.continuation_tokens, args.gen_batch_size,
+                                  cache, desc=f"step 1: continuations ({tag})")
+    for it, c in zip(items, conts):
+        it["continuation_llm"] = c
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 2: behaviour alignment
+
+def behaviour_sample(before, vectors, after, continuation_ids, eos):
+    """[BOS] ###[Human]:{instruction} <speech> \\n\\n\\n###[Assistant]: continuation EOS;
+    only the continuation and EOS are targets."""
+    return [text(before), speech(vectors), text(after), text(continuation_ids + [eos], loss=True)]
+
+
+def behaviour_loss(llm, embed, samples):
+    """Next-token cross-entropy on the continuation + EOS positions (summed, with their count)."""
+    sp = common.splice(embed, samples)
+    loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
+    return loss, n, int(sp.attention_mask.sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference and evaluation of a trained adapter
+
+def load_run(args, device):
+    """--ckpt run directory -> (encoder, adapter, llm, tok, run config)."""
+    ck = common.find_checkpoint(args.ckpt)
+    with open(os.path.join(args.ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"])
+    llm, tok = common.load_llm(cfg["llm"], device)
+    adapter = Adapter(encoder.dim, llm.config.hidden_size, cfg["bottleneck"]).to(device)
+    common.load_trainable(adapter, ck).eval()
+    args.prompt = cfg["prompt"]
+    return encoder, adapter, llm, tok
+
+
+def infer(args, device):
+    encoder, adapter, llm, tok = load_run(args, device)
+    if args.infer:
+        wave = data.load_audio(args.infer)
+        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)], device=device))
+        with torch.no_grad(), common.autocast(device):
+            vecs = speech_vectors(encoder, adapter, batch)
+            print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
+                                 args.prompt, args.max_new_tokens)[0])
+    if args.eval:
+        items = data.read_manifest(args.eval)[:args.max_valid]
+        todo = [it for it in items if "continuation" not in it]
+        for it in continuation_data(llm, tok, todo, args, args.ckpt, "eval"):
+            it["continuation"] = it["continuation_llm"]
+        with torch.no_grad():
+            res = common.alignment_eval(
+                llm, tok, items, args, device, lambda b: speech_vectors(encoder, adapter, b),
+                CONTINUE_INSTRUCTION, args.instruction or data.REPEAT_INSTRUCTIONS[0])
+        res["alignment_gap"] = res["loss_speech"] - res["loss_text"]
+        print(json.dumps(res, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+
+@common.guard
+def main(argv=None):
+    args = common.parse_args(BLSPArgs, argv)
+    device, rank, world = common.setup(args)
+    if args.ckpt:
+        return infer(args, device)
+    args.out = args.out or "runs/blsp"
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    llm, tok = common.load_llm(args.llm, device)
+    train_items, valid_items = common.manifests(args)
+
+    # step 1: the LLM's own continuations are the targets (train); valid items without a
+    # reference continuation get one too, to measure the speech-vs-text gap
+    continuation_data(llm, tok, train_items, args, args.out, "train")
+    todo = [it for it in valid_items if "continuation" not in it]
+    for it in continuation_data(llm, tok, todo, args, args.out, "valid"):
+        it["continuation"] = it["continuation_llm"]
+    for it in train_items:
+        it["continuation_ids"] = common.target_ids(tok, it["continuation_llm"])
+
+    # step 2: behaviour alignment; only the adapter trains
+    adapter = Adapter(encoder.dim, llm.config.hidden_size, args.bottleneck).to(device)
+    embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
+    before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
+
+    def step_fn(batch):
+        vecs = speech_vectors(encoder, adapter, batch)
+        samples = [behaviour_sample(before, v, after, ids, eos)
+                   for v, ids in zip(vecs, batch["continuation_ids"])]
+        loss, n, tokens = behaviour_loss(llm, embed, samples)
+        return loss, n, dict(tokens=tokens)
+
+    def valid_fn(step):
+        adapter.eval()
+        with torch.no_grad():
+            res = common.alignment_eval(llm, tok, valid_items, args, device,
+                                        lambda b: speech_vectors(encoder, adapter, b),
+                                        CONTINUE_INSTRUCTION)
+        adapter.train()
+        return res
+
+    res = common.train(args, adapter, step_fn, train_items, device, rank, world, valid_fn,
+                       method="blsp", model_fields=("llm", "encoder", "encoder_layer", "bottleneck"))
+    if rank == 0:
+        show_sample(encoder, adapter, llm, tok, valid_items[0], args, device)
+        print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))
+
+
+def show_sample(encoder, adapter, llm, tok, item, args, device):
+    """The continuation from a held-out spoken sentence beside the one from its transcript."""
+    batch = common.to_device(data.collate([dict(item, wave=data.load_audio(item["audio"]))]), device)
+    adapter.eval()
+    with torch.no_grad(), common.autocast(device):
+        v = speech_vectors(encoder, adapter, batch)[0]
+        ask = lambda x, ins: common.respond(llm, tok, [x], ins, args.prompt, args.max_new_tokens)[0]
+        print(f"transcript:              {item['text']}")
+        print(f"continuation from text:  {ask(text(common.input_ids(tok, item['text'])), CONTINUE_INSTRUCTION)}")
+        print(f"continuation from speech:{ask(speech(v), CONTINUE_INSTRUCTION)}")
+        print(f"repeat from speech:      {ask(speech(v), data.REPEAT_INSTRUCTIONS[0])}")
+
+
+if __name__ == "__main__":
+    main()

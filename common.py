@@ -1,0 +1,1218 @@
+"""Plumbing shared by the four method scripts (no paper logic here).
+
+    arguments      Args (dataclass, one help line a field) and parse_args()
+    models         load_encoder() -> SpeechEncoder (frames + lengths, Whisper at real length)
+                   load_llm() -> (model, tokenizer); built-in tiny defaults, pre-trained once, cached
+    sequences      Segment / splice(): prompt, speech and target pieces -> inputs_embeds, labels ...
+                   prompt_pieces(): the chat template (or BLSP's template) around an input
+    LLM helpers    hidden_states(), logits_at(), lm_loss(): logits only where a loss needs them
+                   LoRA (optionally masked per position), generate() (greedy, KV cache)
+    training       train(): AdamW, warm-up + decay, token-normalised accumulation, clipping,
+                   bf16 autocast, DDP (torchrun), checkpoints + exact resume, metrics.jsonl
+    evaluation     alignment_eval(): content-token accuracy from speech vs text, zero-shot repeat
+                   WER; wer() with its normaliser
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+
+class UserError(Exception):
+    """A one-line error for the user (bad path, bad argument, bad resume directory...)."""
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def guard(main_fn):
+    """Run main() turning expected errors into one line instead of a stack trace."""
+    def wrapped(argv=None):
+        try:
+            return main_fn(argv)
+        except (UserError, data.DataError) as e:
+            fail(str(e))
+    return wrapped
+
+
+# ============================================================================================
+# Arguments
+
+def arg(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class Args:
+    llm: str = arg(None, "LLM folder (HF causal LM, or T5 for SLM); default: built-in tiny LLM")
+    encoder: str = arg(None, "speech encoder folder (Whisper, w2v-BERT, HuBERT, wav2vec2); "
+                             "default: built-in tiny Whisper-style encoder")
+    encoder_layer: int = arg(-1, "which encoder layer's output to use (-1: last)")
+    train: str = arg(None, "training manifest (JSON lines); default: the built-in toy corpus")
+    valid: str = arg(None, "validation manifest; default: the toy corpus's valid split")
+    out: str = arg(None, "run directory: config, metrics.jsonl, checkpoints (default runs/METHOD)")
+    resume: str = arg(None, "run directory to resume from (its latest checkpoint)")
+    steps: int = arg(300, "optimizer steps")
+    batch_size: int = arg(16, "utterances per micro-batch (per process)")
+    max_seconds: float = arg(None, "at most this many seconds of padded audio per micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    lr: float = arg(1e-3, "peak learning rate")
+    min_lr_ratio: float = arg(0.0, "final learning rate as a fraction of the peak")
+    weight_decay: float = arg(0.05, "AdamW weight decay (matrices only)")
+    betas: str = arg("0.9,0.999", "AdamW betas")
+    warmup: int = arg(30, "warm-up steps")
+    schedule: str = arg("linear", "decay after warm-up: linear | cosine | constant")
+    clip: float = arg(1.0, "gradient clipping (max global norm)")
+    seed: int = arg(0, "random seed")
+    device: str = arg(None, "cuda | cpu (default: cuda when available)")
+    workers: int = arg(0, "data-loading worker processes")
+    log_every: int = arg(10, "log a metrics line every N steps")
+    eval_every: int = arg(0, "validate every N steps (0: only at the end)")
+    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
+    max_valid: int = arg(200, "at most this many validation utterances")
+    skip_bad: bool = arg(False, "skip unreadable or empty audio instead of stopping")
+    prompt: str = arg("auto", "prompt format: auto (chat template if the tokenizer has one) | "
+                               "chat | blsp (###[Human]: ... ###[Assistant]:)")
+    ckpt: str = arg(None, "run directory with a trained checkpoint (for --infer / --eval)")
+    infer: str = arg(None, "audio file: print the LLM's answer to it")
+    instruction: str = arg(None, "instruction for --infer / --eval (default: the method's)")
+    eval: str = arg(None, "manifest to evaluate a --ckpt on")
+    max_new_tokens: int = arg(64, "generation length limit")
+
+
+def parse_args(cls, argv=None, **defaults):
+    """argparse from a dataclass: every field is --flag-name with its help line."""
+    import argparse
+    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        default = defaults.get(f.name, f.default)
+        name = "--" + f.name.replace("_", "-")
+        h = f.metadata.get("help", "") + (f" [{default}]" if default is not None else "")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=h)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
+            typ = typ if typ in (int, float, str) else str
+            p.add_argument(name, type=typ, default=default, help=h, choices=f.metadata.get("choices"))
+    return cls(**vars(p.parse_args(argv)))
+
+
+# ============================================================================================
+# Devices and processes
+
+def setup(args):
+    """-> (device, rank, world). Initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo")
+    device = torch.device(dev, int(os.environ.get("LOCAL_RANK", "0"))) if dev == "cuda" else torch.device(dev)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    seed_all(args.seed)
+    return device, rank, world
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def frozen_dtype(device):
+    """Frozen models: bf16 on CUDA, fp32 on CPU (where bf16 matmuls are slow)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
+        torch.autocast("cpu", enabled=False)
+
+
+def freeze(module):
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ============================================================================================
+# The speech encoder: frames and frame lengths for a padded batch of waveforms
+
+class SpeechEncoder(nn.Module):
+    """A frozen HF speech encoder behind one interface: (wave, wave_lens) -> (frames, lens).
+
+    Whisper runs on the batch's real length (never padded to 30 s): its positional table is sliced
+    to the number of frames, and padding frames are masked out of attention, so a clip's frames do
+    not depend on the other clips of the batch. (HF's 30 s path attends to ~28 s of silence frames
+    instead; at 30 s input both paths compute the same thing: see the tests.)
+    """
+
+    def __init__(self, model, kind, mel_filters=None, layer=-1):
+        super().__init__()
+        self.model, self.kind, self.layer = model, kind, layer
+        if mel_filters is not None:
+            self.register_buffer("mel_filters", torch.as_tensor(mel_filters, dtype=torch.float32))
+        cfg = model.config
+        self.dim = cfg.d_model if kind == "whisper" else cfg.hidden_size
+        self.frame_seconds = 0.02   # Whisper, w2v-BERT, wav2vec2 and HuBERT all give 50 frames/s
+
+    def features(self, wave, wave_lens):
+        if self.kind == "whisper":
+            return data.whisper_log_mel(wave, wave_lens, self.mel_filters)
+        if self.kind == "w2v-bert":
+            return data.kaldi_fbank(wave, wave_lens)
+        return data.normalized_wave(wave, wave_lens)
+
+    def forward(self, wave, wave_lens):
+        feats, flens = self.features(wave, wave_lens)
+        dtype = next(self.model.parameters()).dtype
+        if self.kind == "whisper":
+            return self.whisper_forward(feats.to(dtype), flens)
+        m = self.model
+        mask = torch.arange(feats.shape[1], device=feats.device)[None] < flens.to(feats.device)[:, None]
+        kw = dict(output_hidden_states=self.layer != -1)
+        if self.kind == "w2v-bert":
+            out = m(input_features=feats.to(dtype), attention_mask=mask.long(), **kw)
+            lens = flens
+        else:
+            use_mask = getattr(m.config, "feat_extract_norm", "layer") == "layer"
+            out = m(input_values=feats.to(dtype), attention_mask=mask.long() if use_mask else None, **kw)
+            lens = m._get_feat_extract_output_lengths(flens)
+        h = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+        return h, lens.to(h.device).long()
+
+    def whisper_forward(self, feats, flens):
+        enc = self.model
+        T = (feats.shape[-1] - 1) // 2 + 1
+        if T > enc.embed_positions.weight.shape[0]:
+            raise UserError(f"a clip of {feats.shape[-1] / 100:.1f} s is longer than the encoder's "
+                            f"{enc.embed_positions.weight.shape[0] / 50:.0f} s window")
+        # zero the frames past each clip's end so that the convolutions see what they see alone
+        keep = (torch.arange(feats.shape[-1], device=feats.device)[None] < flens.to(feats.device)[:, None])
+        keep = keep[:, None, :].to(feats.dtype)
+        x = F.gelu(enc.conv1(feats * keep)) * keep
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)
+        x = x + enc.embed_positions.weight[:T]                    # sliced, not 1500 positions
+        lens = (flens.to(x.device) - 1) // 2 + 1
+        pad = torch.arange(T, device=x.device)[None] >= lens[:, None]
+        mask = torch.zeros(x.shape[0], 1, 1, T, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(pad[:, None, None, :], torch.finfo(x.dtype).min)
+        hidden = []
+        for layer in enc.layers:
+            hidden.append(x)
+            x = layer(x, mask)
+            x = x[0] if isinstance(x, tuple) else x
+        x = enc.layer_norm(x) if self.layer == -1 else hidden[self.layer]
+        return x, lens
+
+
+def quiet_transformers():
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_encoder(path, device, layer=-1):
+    """HF speech encoder folder (or None: the built-in default) -> frozen SpeechEncoder."""
+    from transformers import AutoConfig, AutoModel
+    quiet_transformers()
+    path = path or default_encoder()
+    if not os.path.isdir(path):
+        raise UserError(f"--encoder: not a folder: {path}")
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"--encoder {path}: cannot read its config ({type(e).__name__})") from None
+    dtype = frozen_dtype(device)
+    mt = cfg.model_type
+    if mt == "whisper":
+        from transformers import WhisperFeatureExtractor, WhisperModel
+        model = WhisperModel.from_pretrained(path, dtype=dtype).encoder
+        fe = WhisperFeatureExtractor.from_pretrained(path) if os.path.isfile(
+            os.path.join(path, "preprocessor_config.json")) else WhisperFeatureExtractor(
+            feature_size=cfg.num_mel_bins)
+        enc = SpeechEncoder(model, "whisper", fe.mel_filters, layer)
+    elif mt in ("wav2vec2-bert",):
+        enc = SpeechEncoder(AutoModel.from_pretrained(path, dtype=dtype), "w2v-bert", layer=layer)
+    elif mt in ("wav2vec2", "hubert", "wavlm", "data2vec-audio"):
+        enc = SpeechEncoder(AutoModel.from_pretrained(path, dtype=dtype), "wave", layer=layer)
+    else:
+        raise UserError(f"--encoder {path}: unsupported model type '{mt}' "
+                        "(Whisper, w2v-BERT, wav2vec2, HuBERT, WavLM)")
+    return freeze(enc).to(device)
+
+
+# ============================================================================================
+# The LLM
+
+def load_llm(path, device, kind="causal"):
+    """HF causal LM or T5-family seq2seq folder (or None: built-in default) -> frozen (model, tok)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    quiet_transformers()
+    path = path or (default_llm() if kind == "causal" else default_t5())
+    if not os.path.isdir(path):
+        raise UserError(f"--llm: not a folder: {path}")
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="sdpa")
+    except Exception as e:
+        raise UserError(f"--llm {path}: cannot load a {kind} LM ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return freeze(model).to(device), tok
+
+
+def eos_ids(llm, tok):
+    """Every token that ends an answer (the tokenizer's EOS and the generation config's)."""
+    ids = {tok.eos_token_id}
+    gen = getattr(llm, "generation_config", None)
+    e = getattr(gen, "eos_token_id", None)
+    ids |= set(e if isinstance(e, (list, tuple)) else [e])
+    return sorted(i for i in ids if i is not None)
+
+
+SENTINEL = "<<<INPUT>>>"
+BLSP_TEMPLATE = "###[Human]:{content}\n\n\n###[Assistant]:"
+
+
+def prompt_pieces(tok, instruction, fmt="auto"):
+    """Token ids before and after the input (speech or transcript) of a one-turn prompt.
+
+    The user turn is "{instruction} {input}", followed by the assistant prefix. fmt "chat" uses
+    the tokenizer's chat template, "blsp" BLSP's ###[Human]/###[Assistant] template; "auto" picks
+    the chat template when there is one. BOS is prepended when the tokenizer would add it.
+    """
+    use_chat = fmt == "chat" or (fmt == "auto" and getattr(tok, "chat_template", None))
+    if fmt == "chat" and not getattr(tok, "chat_template", None):
+        raise UserError("--prompt chat: the tokenizer has no chat template")
+    content = f"{instruction} {SENTINEL}"
+    if use_chat:
+        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                       add_generation_prompt=True)
+    else:
+        text = BLSP_TEMPLATE.format(content=content)
+    before, after = text.split(SENTINEL)
+    ids_b = tok(before.rstrip(" "), add_special_tokens=False).input_ids
+    ids_a = tok(after, add_special_tokens=False).input_ids
+    bos = tok.bos_token_id
+    if bos is not None and tok("a").input_ids[:1] == [bos] and ids_b[:1] != [bos]:
+        ids_b = [bos] + ids_b
+    return ids_b, ids_a
+
+
+def input_ids(tok, text):
+    """Token ids of an input text placed after the instruction (with its leading space)."""
+    return tok(" " + text, add_special_tokens=False).input_ids
+
+
+def target_ids(tok, text, offsets=False):
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=offsets)
+    return (enc.input_ids, enc.offset_mapping) if offsets else enc.input_ids
+
+
+# ============================================================================================
+# Splicing: segments -> one padded batch of input embeddings
+
+@dataclass
+class Segment:
+    """A piece of one sample: text ids (optionally targets of the loss) or speech vectors."""
+    ids: list = None
+    vectors: torch.Tensor = None
+    loss: bool = False
+
+    def __len__(self):
+        return len(self.ids) if self.ids is not None else self.vectors.shape[0]
+
+
+def text(ids, loss=False):
+    return Segment(ids=list(ids), loss=loss)
+
+
+def speech(vectors):
+    return Segment(vectors=vectors)
+
+
+@dataclass
+class Spliced:
+    inputs_embeds: torch.Tensor   # (B, T, d)
+    attention_mask: torch.Tensor  # (B, T) 1 on real positions
+    position_ids: torch.Tensor    # (B, T) 0.. on real positions
+    labels: torch.Tensor          # (B, T) token id at target positions, -100 elsewhere
+    speech_mask: torch.Tensor     # (B, T) True at speech positions
+    spans: list                   # spans[b][k] = (start, end) of segment k of sample b
+
+
+def splice(embed, samples, pad_left=False):
+    """Lay out each sample's segments one after the other, packed with no holes, padded at the
+    end (or at the start with pad_left, for generation). One embedding call and one gather."""
+    dev = embed.weight.device
+    all_ids = [i for s in samples for seg in s if seg.ids is not None for i in seg.ids]
+    vecs = [seg.vectors for s in samples for seg in s if seg.vectors is not None]
+    tok_emb = embed(torch.tensor(all_ids, dtype=torch.long, device=dev)) if all_ids else \
+        embed.weight[:0]
+    dtype = tok_emb.dtype
+    rows = [tok_emb] + [v.to(dtype) for v in vecs] + [tok_emb.new_zeros(1, tok_emb.shape[-1])]
+    table = torch.cat(rows)
+    pad_row = table.shape[0] - 1
+    lens = [sum(len(seg) for seg in s) for s in samples]
+    B, T = len(samples), max(lens)
+    index = torch.full((B, T), pad_row, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    smask = torch.zeros(B, T, dtype=torch.bool)
+    amask = torch.zeros(B, T, dtype=torch.long)
+    spans, t_next, v_next = [], 0, len(all_ids)
+    for b, s in enumerate(samples):
+        pos = T - lens[b] if pad_left else 0
+        amask[b, pos:pos + lens[b]] = 1
+        sp = []
+        for seg in s:
+            n = len(seg)
+            if seg.ids is not None:
+                index[b, pos:pos + n] = torch.arange(t_next, t_next + n)
+                t_next += n
+                if seg.loss:
+                    labels[b, pos:pos + n] = torch.tensor(seg.ids)
+            else:
+                index[b, pos:pos + n] = torch.arange(v_next, v_next + n)
+                v_next += n
+                smask[b, pos:pos + n] = True
+            sp.append((pos, pos + n))
+            pos += n
+        spans.append(sp)
+    position_ids = (amask.cumsum(1) - 1).clamp(min=0)
+    return Spliced(table[index.to(dev)], amask.to(dev), position_ids.to(dev), labels.to(dev),
+                   smask.to(dev), spans)
+
+
+# ============================================================================================
+# LLM helpers: hidden states once, logits only where a loss needs them
+
+def hidden_states(llm, sp):
+    """Final hidden states of a causal LM for a Spliced batch (no logits computed)."""
+    return llm.base_model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                          position_ids=sp.position_ids, use_cache=False).last_hidden_state
+
+
+def logits_at(llm, hidden, index, chunk=1024):
+    """fp32 logits at hidden[index] only (index: bool mask or (b, t) pairs), in chunks of rows so
+    that a 150k-token vocabulary never builds the whole (B, T, V) tensor."""
+    h = hidden[index]
+    head = llm.get_output_embeddings()
+    return torch.cat([head(h[i:i + chunk]).float() for i in range(0, h.shape[0], chunk)]) \
+        if h.shape[0] else h.new_zeros(0, head.out_features).float()
+
+
+def lm_loss(llm, hidden, labels, reduction="sum"):
+    """Next-token cross-entropy in fp32 at the positions whose next token is a target.
+    -> (loss, number of target tokens)."""
+    tgt = labels[:, 1:]
+    where = tgt != -100
+    where = F.pad(where, (0, 1))            # position t predicts labels[t + 1]
+    logits = logits_at(llm, hidden, where)
+    loss = F.cross_entropy(logits, tgt[tgt != -100], reduction=reduction)
+    return loss, int(where.sum())
+
+
+# ============================================================================================
+# LoRA, optionally masked per position (BLSP-KD's Partial LoRA uses the mask; SSR does not)
+
+class LoRAContext:
+    """Shared switch of all LoRA layers of one model. enabled=False: exactly the base model.
+    masked=True: the update is multiplied by `mask` (B, T) (None: no update anywhere)."""
+
+    def __init__(self, masked=False):
+        self.enabled, self.masked, self.mask = True, masked, None
+
+
+class LoRALinear(nn.Module):
+    """y = W x + m * (B A dropout(x)) * alpha / r; A Kaiming-uniform, B zero (starts as W)."""
+
+    def __init__(self, base, r, alpha, dropout, ctx):
+        super().__init__()
+        self.base, self.ctx, self.scale = base, ctx, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = self.base(x)
+        ctx = self.ctx
+        if not ctx.enabled or (ctx.masked and ctx.mask is None):
+            return y
+        a = self.lora_A.to(x.dtype) if not torch.is_autocast_enabled() else self.lora_A
+        b = self.lora_B.to(x.dtype) if not torch.is_autocast_enabled() else self.lora_B
+        update = F.linear(F.linear(self.dropout(x), a), b) * self.scale
+        if ctx.masked:
+            update = update * ctx.mask[..., None].to(update.dtype)
+        return y + update.to(y.dtype)
+
+
+def add_lora(llm, r=16, alpha=16, dropout=0.05, masked=False):
+    """Wrap every nn.Linear inside every transformer block of `llm` with LoRA.
+    -> (LoRAContext, nn.ModuleList of the LoRA layers). Works for any HF model whose blocks are
+    an nn.ModuleList of num_hidden_layers modules built from nn.Linear."""
+    n_layers = llm.config.get_text_config().num_hidden_layers
+    blocks = [m for m in llm.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not blocks:
+        raise UserError("LoRA: cannot find the LLM's list of transformer blocks")
+    ctx, layers = LoRAContext(masked), nn.ModuleList()
+    for block in blocks[0]:
+        for name, mod in list(block.named_modules()):
+            for cname, child in list(mod.named_children()):
+                if type(child) is nn.Linear:
+                    lora = LoRALinear(child, r, alpha, dropout, ctx).to(child.weight.device)
+                    setattr(mod, cname, lora)
+                    layers.append(lora)
+    if not layers:
+        raise UserError("LoRA: the LLM's blocks have no nn.Linear layers")
+    return ctx, layers
+
+
+# ============================================================================================
+# Generation (greedy, KV cache) from input embeddings
+
+@torch.no_grad()
+def generate(llm, sp, eos, max_new_tokens=64, lora=None):
+    """Greedy decoding from a left-padded Spliced batch -> list of token-id lists (EOS cut).
+    With a masked LoRA context, the prompt's speech positions get the LoRA update, new tokens
+    do not (they are text)."""
+    if lora is not None and lora.masked:
+        lora.mask = sp.speech_mask
+    embed = llm.get_input_embeddings()
+    mask, pos = sp.attention_mask, sp.position_ids
+    out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=mask, position_ids=pos,
+              use_cache=True, logits_to_keep=1)
+    if lora is not None and lora.masked:
+        lora.mask = None
+    B = mask.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=mask.device)
+    eos_t = torch.tensor(eos, device=mask.device)
+    seqs = []
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        seqs.append(nxt)
+        done |= torch.isin(nxt, eos_t)
+        if done.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+        pos = pos[:, -1:] + 1
+        out = llm(inputs_embeds=embed(nxt)[:, None], attention_mask=mask, position_ids=pos,
+                  past_key_values=out.past_key_values, use_cache=True)
+    result = []
+    for row in torch.stack(seqs, 1).tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def respond(llm, tok, inputs, instruction, fmt="auto", max_new_tokens=64, lora=None):
+    """Answer `instruction` about each input (speech(vectors) or text(ids) segment) -> strings."""
+    b, a = prompt_pieces(tok, instruction, fmt)
+    sp = splice(llm.get_input_embeddings(), [[text(b), x, text(a)] for x in inputs], pad_left=True)
+    outs = generate(llm, sp, eos_ids(llm, tok), max_new_tokens, lora=lora)
+    return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
+def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None, desc="generate"):
+    """Greedy text generation for many prompts (token-id lists), batched with left padding.
+    With `cache` (a JSON-lines path), results are appended as they come and reused: an
+    interrupted run continues where it stopped."""
+    done = {}
+    if cache and os.path.isfile(cache):
+        with open(cache) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    done[r["i"]] = r["text"]
+                except (json.JSONDecodeError, KeyError):
+                    pass  # a line cut by an interruption: regenerate it
+    todo = [i for i in range(len(prompts)) if i not in done]
+    embed, eos = llm.get_input_embeddings(), eos_ids(llm, tok)
+    f = open(cache, "a") if cache else None
+    order = sorted(todo, key=lambda i: len(prompts[i]))
+    try:
+        from tqdm import tqdm
+        for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=not todo or not
+                      sys.stderr.isatty(), leave=False):
+            idx = order[k:k + batch_size]
+            sp = splice(embed, [[text(prompts[i])] for i in idx], pad_left=True)
+            outs = generate(llm, sp, eos, max_new_tokens)
+            for i, ids in zip(idx, outs):
+                done[i] = tok.decode(ids, skip_special_tokens=True).strip()
+                if f:
+                    f.write(json.dumps({"i": i, "text": done[i]}) + "\n")
+            if f:
+                f.flush()
+    finally:
+        if f:
+            f.close()
+    return [done[i] for i in range(len(prompts))]
+
+
+# ============================================================================================
+# WER
+
+def normalize(s):
+    """Lower-case, keep letters, digits and apostrophes, collapse spaces."""
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", s.lower()).split())
+
+
+def edit_distance(a, b):
+    d = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, d[0] = d[0], i
+        for j, y in enumerate(b, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (x != y))
+    return d[len(b)]
+
+
+def wer(refs, hyps):
+    """Word error rate over a corpus, after normalize()."""
+    errors = words = 0
+    for r, h in zip(refs, hyps):
+        r, h = normalize(r).split(), normalize(h).split()
+        errors += edit_distance(r, h)
+        words += len(r)
+    return errors / max(words, 1)
+
+
+# ============================================================================================
+# Data for a run
+
+def manifests(args):
+    """(train items, valid items): the user's manifests or the built-in toy corpus."""
+    if args.train:
+        train = data.read_manifest(args.train)
+        valid = data.read_manifest(args.valid) if args.valid else train[-min(50, len(train) // 10 or 1):]
+    else:
+        tm, vm = data.toy_corpus()
+        train, valid = data.read_manifest(tm), data.read_manifest(args.valid or vm)
+    return train, valid[:args.max_valid]
+
+
+def batches(items, args, rank=0, world=1, shuffle=False):
+    loader, _ = data.make_loader(items, args.batch_size, args.max_seconds, shuffle, args.seed,
+                                 rank, world, 0, args.skip_bad)
+    return (b for b in loader if b is not None)
+
+
+def to_device(batch, device):
+    return dict(batch, wave=batch["wave"].to(device, non_blocking=True),
+                wave_lens=batch["wave_lens"].to(device))
+
+
+# ============================================================================================
+# The training loop
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "constant":
+        return args.lr
+    p = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    decay = 1 - p if args.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay)
+
+
+def make_optimizer(params, args, device):
+    params = [p for p in params if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    betas = tuple(float(b) for b in args.betas.split(","))
+    return torch.optim.AdamW(groups, lr=args.lr, betas=betas, fused=device.type == "cuda")
+
+
+def trainable_state(module):
+    return {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if p.requires_grad}
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
+    """Write ckpt-STEP/ through a temporary folder and a rename, then point `latest` at it."""
+    from safetensors.torch import save_file
+    final = os.path.join(out, f"ckpt-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(trainable_state(module), os.path.join(tmp, "trainable.safetensors"))
+    torch.save(dict(optimizer=opt.state_dict() if opt else None, step=step, epoch=epoch,
+                    batch_pos=batch_pos, rng=rng or rng_state()), os.path.join(tmp, "train_state.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(out, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    for d in os.listdir(out):  # keep only the latest checkpoint
+        if d.startswith("ckpt-") and d != os.path.basename(final) and not d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir, meta=None):
+    """run directory -> its latest checkpoint folder; checks it belongs to this method/config."""
+    if not run_dir or not os.path.isdir(run_dir):
+        raise UserError(f"no such run directory: {run_dir}")
+    latest = os.path.join(run_dir, "latest")
+    if not os.path.isfile(latest):
+        raise UserError(f"{run_dir}: no checkpoint in this directory")
+    ck = os.path.join(run_dir, open(latest).read().strip())
+    with open(os.path.join(ck, "meta.json")) as f:
+        saved = json.load(f)
+    if meta is not None:
+        for k in ("method", "model"):
+            if saved.get(k) != meta.get(k):
+                raise UserError(f"{ck}: checkpoint of another {k} ({saved.get(k)} != {meta.get(k)})")
+    return ck
+
+
+def load_trainable(module, ckpt_dir):
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(ckpt_dir, "trainable.safetensors"))
+    own = dict(module.named_parameters())
+    missing = [k for k in state if k not in own]
+    if missing:
+        raise UserError(f"{ckpt_dir}: checkpoint does not fit this model (e.g. {missing[0]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise UserError(f"{ckpt_dir}: shape of {k} differs ({tuple(v.shape)} saved)")
+            own[k].copy_(v)
+    return module
+
+
+def model_fingerprint(args, fields):
+    """Hash of the arguments that shape the trained model (for resume checks)."""
+    d = {k: getattr(args, k) for k in fields}
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Logger:
+    def __init__(self, out, rank):
+        self.path = os.path.join(out, "metrics.jsonl") if rank == 0 else None
+
+    def __call__(self, **row):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=None,
+          method="method", model_fields=()):
+    """Train the parameters of `module` that require grad.
+
+    step_fn(batch) -> (loss_sum, n, logs): a micro-batch's summed loss over n units (target
+    tokens, usually); the optimizer step uses sum(loss_sum) / sum(n) over the accumulated
+    micro-batches and all processes, so accumulation equals one large batch. logs: floats to
+    show (optionally "tokens" = LLM tokens processed, "flops" = model FLOPs of the micro-batch).
+    valid_fn(step) -> dict of validation metrics. Returns the last validation metrics.
+    """
+    from tqdm import tqdm
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    meta = dict(method=method, model=model_fingerprint(args, model_fields))
+    if rank == 0:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dict(vars(args), world=world), f, indent=1)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = make_optimizer(params, args, device)
+    step, epoch, batch_pos = 0, 0, 0
+    if args.resume:
+        ck = find_checkpoint(args.resume, meta)
+        load_trainable(module, ck)
+        st = torch.load(os.path.join(ck, "train_state.pt"), weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        step, epoch, batch_pos = st["step"], st["epoch"], st["batch_pos"]
+        torch.set_rng_state(st["rng"]["torch"])
+        random.setstate(st["rng"]["python"])
+        np.random.set_state(st["rng"]["numpy"])
+        if st["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        if rank == 0:
+            print(f"resumed from {ck} at step {step}")
+    loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
+                                       args.seed, rank, world, args.workers, args.skip_bad,
+                                       pin_memory=device.type == "cuda")
+    if len(sampler.batches()) == 0:
+        raise UserError("the training set gives no batch (fewer utterances than processes?)")
+    if rank == 0:
+        print(f"{method}: {count_params(module, True) / 1e6:.2f}M trainable parameters, "
+              f"{len(train_items)} training utterances, padding {sampler.padding_fraction():.1%}")
+
+    def micro_batches():
+        nonlocal epoch, batch_pos
+        while True:
+            sampler.set_epoch(epoch, batch_pos)
+            for b in loader:
+                batch_pos += 1
+                if b is not None:
+                    yield b
+            epoch, batch_pos = epoch + 1, 0
+
+    log = Logger(out, rank)
+    it = micro_batches()
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
+               mininterval=1.0, file=sys.stdout if not sys.stderr.isatty() else sys.stderr)
+    last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0)
+    peak = 0.0
+
+    start = None   # (epoch, batch position, RNG) at the start of the current step
+
+    def checkpoint(at=None):
+        if rank == 0:
+            e, b, r = at or (epoch, batch_pos, None)
+            save_checkpoint(out, module, opt, step, e, b, meta, r)
+
+    interrupted = False
+    try:
+        while step < args.steps:
+            start = (epoch, batch_pos, rng_state())
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args)
+            loss_sum, units, logs = torch.zeros((), device=device), 0, {}
+            for _ in range(args.grad_accum):
+                batch = to_device(next(it), device)
+                with autocast(device):
+                    loss, n, lg = step_fn(batch)
+                loss.backward()
+                loss_sum += loss.detach().float()
+                units += n
+                seen["samples"] += len(batch["text"])
+                seen["tokens"] += lg.pop("tokens", n)
+                seen["flops"] += lg.pop("flops", 0.0)
+                for k, v in lg.items():
+                    logs[k] = logs.get(k, 0.0) + float(v) / args.grad_accum
+            # token-normalised gradients: sum over micro-batches and ranks, then divide
+            total = torch.tensor([float(units)], device=device)
+            if world > 1:
+                flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+                                  for p in params] + [total, loss_sum[None]])
+                torch.distributed.all_reduce(flat)
+                total, loss_sum = flat[-2:-1], flat[-1]
+                offset = 0
+                for p in params:
+                    g = flat[offset:offset + p.numel()].view_as(p)
+                    p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+                    offset += p.numel()
+            scale = 1.0 / total.clamp(min=1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip) if args.clip > 0 else torch.zeros(())
+            loss_val = float(loss_sum * scale)            # one host sync per optimizer step
+            if not math.isfinite(loss_val):
+                raise UserError(f"non-finite loss ({loss_val}) at step {step}; stopped, the last "
+                                f"good checkpoint in {out} is kept")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - t0
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            show = dict(loss=f"{loss_val:.4f}", lr=f"{lr_at(step - 1, args):.2e}",
+                        samples_s=f"{seen['samples'] * world / dt:.1f}",
+                        tokens_s=f"{seen['tokens'] * world / dt:.0f}")
+            bar.set_postfix(show, refresh=False)
+            bar.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                row = dict(step=step, loss=loss_val, lr=lr_at(step - 1, args), grad_norm=float(gnorm),
+                           samples_per_s=seen["samples"] * world / dt,
+                           tokens_per_s=seen["tokens"] * world / dt, **logs)
+                if device.type == "cuda":
+                    row["peak_mem_gib"] = peak
+                    if seen["flops"]:
+                        row["mfu"] = seen["flops"] * world / dt / (peak_flops(device) * world)
+                log(**row)
+            if valid_fn and args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                last_valid = run_valid(valid_fn, step, log, rank, bar)
+            if args.save_every and step % args.save_every == 0:
+                checkpoint()
+            start = None
+    except KeyboardInterrupt:       # Ctrl-C: save the last completed step, exactly resumable
+        interrupted = True
+        opt.zero_grad(set_to_none=True)
+    finally:
+        bar.close()
+    checkpoint(start)
+    if interrupted:
+        if rank == 0:
+            print(f"interrupted at step {step}: checkpoint saved; continue with --resume {out}")
+        sys.exit(130)
+    if valid_fn:
+        last_valid = run_valid(valid_fn, step, log, rank, None)
+    if rank == 0:
+        dt = time.time() - t0
+        print(f"{method}: {step} steps in {dt:.0f} s, {seen['samples'] * world / dt:.1f} samples/s, "
+              f"{seen['tokens'] * world / dt:.0f} tokens/s" + (f", peak {peak:.1f} GiB" if peak else ""))
+    return last_valid
+
+
+def run_valid(valid_fn, step, log, rank, bar):
+    if rank != 0:
+        return {}
+    res = valid_fn(step)
+    log(split="valid", step=step, **res)
+    msg = "valid @%d: " % step + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in res.items())
+    (bar.write if bar else print)(msg)
+    return res
+
+
+def peak_flops(device):
+    """bf16 dense peak of the GPU, for MFU (H100 SXM 989 TFLOPS, A100 312)."""
+    name = torch.cuda.get_device_name(device)
+    for key, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)):
+        if key in name:
+            return v
+    return 312e12
+
+
+# ============================================================================================
+# Shared evaluation: is the speech understood like its transcript?
+
+@torch.no_grad()
+def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instruction,
+                   repeat_instruction=data.REPEAT_INSTRUCTIONS[0], lora=None, max_items=None):
+    """Evaluate a speech adapter on manifest items (those with a `continuation` field):
+
+    - loss_speech / loss_text: continuation cross-entropy with speech vs transcript as input;
+    - content_acc / content_acc_text: teacher-forced argmax accuracy on the continuation tokens
+      that only the input can tell (the toy corpus's `content` spans), from speech / from text;
+    - repeat_wer: zero-shot "repeat" instruction answered from speech (greedy), WER vs transcript.
+    speech_fn(batch) -> list of (L_i, d_llm) speech vectors (the method's adapter)."""
+    embed, eos = llm.get_input_embeddings(), eos_ids(llm, tok)
+    cb, ca = prompt_pieces(tok, continue_instruction, args.prompt)
+    rb, ra = prompt_pieces(tok, repeat_instruction, args.prompt)
+    sums = dict(loss_speech=0.0, loss_text=0.0, n=0, hit=0, hit_text=0, content=0)
+    refs, hyps = [], []
+    items = items[:max_items] if max_items else items
+    for batch in batches(items, args):
+        batch = to_device(batch, device)
+        with autocast(device):
+            vecs = speech_fn(batch)
+            for which in ("speech", "text"):
+                samples, spans = [], []
+                for k, t in enumerate(batch["text"]):
+                    cont = batch.get("continuation", [None] * len(vecs))[k]
+                    if cont is None:
+                        continue
+                    ids, offs = target_ids(tok, cont, offsets=True)
+                    inp = speech(vecs[k]) if which == "speech" else text(input_ids(tok, t))
+                    samples.append([text(cb), inp, text(ca), text(ids + [eos[0]], loss=True)])
+                    content = batch.get("content", [[]] * len(vecs))[k] or []
+                    spans.append([j for j, (s, e) in enumerate(offs)
+                                  if any(s < ce and e > cs for cs, ce in content)])
+                if not samples:
+                    continue
+                sp = splice(embed, samples)
+                if lora is not None and lora.masked:
+                    lora.mask = sp.speech_mask if which == "speech" else None
+                h = hidden_states(llm, sp)
+                if lora is not None:
+                    lora.mask = None
+                loss, n = lm_loss(llm, h, sp.labels)
+                sums["loss_" + which] += float(loss)
+                if which == "speech":
+                    sums["n"] += n
+                # content accuracy: position (start of target + j - 1) predicts target token j
+                rows, cols, want = [], [], []
+                for b, idx in enumerate(spans):
+                    t0 = sp.spans[b][3][0]
+                    for j in idx:
+                        rows.append(b)
+                        cols.append(t0 + j - 1)
+                        want.append(samples[b][3].ids[j])
+                if rows:
+                    pred = logits_at(llm, h, (torch.tensor(rows), torch.tensor(cols))).argmax(-1)
+                    hit = int((pred.cpu() == torch.tensor(want)).sum())
+                    sums["hit" if which == "speech" else "hit_text"] += hit
+                    if which == "speech":
+                        sums["content"] += len(want)
+            # zero-shot repeat from speech
+            sp = splice(embed, [[text(rb), speech(v), text(ra)] for v in vecs], pad_left=True)
+            outs = generate(llm, sp, eos, max_new_tokens=min(args.max_new_tokens, 64), lora=lora)
+        hyps += [tok.decode(o, skip_special_tokens=True) for o in outs]
+        refs += batch["text"]
+    res = {}
+    if sums["n"]:
+        res.update(loss_speech=sums["loss_speech"] / sums["n"], loss_text=sums["loss_text"] / sums["n"])
+    if sums["content"]:
+        res.update(content_acc=sums["hit"] / sums["content"],
+                   content_acc_text=sums["hit_text"] / sums["content"])
+    res["repeat_wer"] = wer(refs, hyps)
+    res["repeat_example"] = f"{refs[0]!r} -> {hyps[0]!r}"
+    return res
+
+
+# ============================================================================================
+# Built-in defaults: a tokenizer, a Llama-style LLM, a T5 and a Whisper-style encoder, trained
+# briefly on the toy corpus (deterministic, cached under ~/.cache/speechlm-ref)
+
+DEFAULT_SIZES = dict(llm=dict(hidden=64, layers=3, heads=2, ffn=192, steps=2000, batch=32, lr=1e-2, v=1),
+                     t5=dict(d=64, layers=3, heads=2, ffn=192, steps=1500, batch=32, lr=1e-2),
+                     encoder=dict(d=96, layers=2, heads=4, ffn=256, steps=350, batch=16, lr=3e-3))
+
+
+def default_tokenizer(seq2seq=False):
+    """A word-level tokenizer over the toy vocabulary, the instruction words and the prompt
+    templates, with BLSP's template as its chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    pre = pre_tokenizers.Whitespace()
+    words = set(data.toy_vocabulary())
+    for s in (data.CONTINUE_INSTRUCTIONS + data.REPEAT_INSTRUCTIONS + [BLSP_TEMPLATE]
+              + TOY_T5_INSTRUCTIONS_ALL()):
+        words |= {w for w, _ in pre.pre_tokenize_str(s.lower())} | {w for w, _ in pre.pre_tokenize_str(s)}
+    specials = ["<pad>", "</s>", "<s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(words - set(specials)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    if seq2seq:
+        tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    else:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    # one token per known instruction and template piece: short sequences, fast toy training
+    tok.add_tokens(["###[Human]:", "###[Assistant]:"] + data.CONTINUE_INSTRUCTIONS
+                   + data.REPEAT_INSTRUCTIONS + TOY_T5_INSTRUCTIONS_ALL())
+    if not seq2seq:
+        tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}###[Human]:"
+                             "{{ m['content'] }}\n\n\n{% endif %}{% endfor %}"
+                             "{% if add_generation_prompt %}###[Assistant]:{% endif %}")
+    return tok
+
+
+def TOY_T5_INSTRUCTIONS_ALL():
+    return [s for v in TOY_T5_INSTRUCTIONS.values() for s in v] + TOY_T5_HELD_OUT
+
+
+# Instructions the built-in T5 follows (text in, text out); SLM's adapter learns to stand in
+# for the text, and one phrasing per task is held out of SLM's training.
+TOY_T5_INSTRUCTIONS = {
+    "asr": ["Repeat the following text:", "Write down the text:", "Transcribe the speech:"],
+    "ast": [f"Translate the following text into {data.TOY_LANGUAGE}:",
+            f"Translate the speech into {data.TOY_LANGUAGE}:", f"Say it in {data.TOY_LANGUAGE}:"],
+    "continue": list(data.CONTINUE_INSTRUCTIONS),
+}
+TOY_T5_HELD_OUT = ["Copy out exactly what is said:", f"Render this in {data.TOY_LANGUAGE}:"]
+
+
+def _cached(name, size, build):
+    """Build a default model folder once (atomically); later calls return the cached path."""
+    key = hashlib.sha1(json.dumps(size, sort_keys=True).encode()).hexdigest()[:8]
+    path = os.path.join(data.cache_root(), f"{name}-{key}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    tmp = path + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    print(f"building the built-in {name} (once, cached in {path}) ...", flush=True)
+    build(tmp, size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built-in {name} ready in {time.time() - t0:.0f} s", flush=True)
+    return path
+
+
+def _toy_text_batches(rng, size, batch):
+    while True:
+        yield [data.toy_sentence(rng) for _ in range(batch)]
+
+
+def default_llm(size=None):
+    return _cached("default-llm", size or DEFAULT_SIZES["llm"], _build_default_llm)
+
+
+def _build_default_llm(path, size):
+    """Pre-train a tiny Llama on the toy instructions: continue (copy the words, roles swapped)
+    and repeat (copy), with the BLSP template (its chat template). Stops early once held-out
+    teacher-forced answer accuracy reaches 99.8%."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    tok = default_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=size["hidden"], num_hidden_layers=size["layers"],
+                      num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
+                      intermediate_size=size["ffn"], max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    tasks = [(i, "continue") for i in data.CONTINUE_INSTRUCTIONS] + \
+            [(i, "repeat") for i in data.REPEAT_INSTRUCTIONS]
+    pieces = {i: prompt_pieces(tok, i) for i, _ in tasks}
+    words = data.ADJECTIVES + data.NOUNS + data.VERBS
+
+    def make(sents, r):
+        samples = []
+        for s in sents:
+            ins, task = r.choice(tasks)
+            if task == "repeat" and r.random() < 0.5:   # random word strings: copy by content
+                s = " ".join(r.choice(words) for _ in range(r.randint(3, 9)))
+            ans = data.toy_tasks(s)["continuation"] if task == "continue" else s
+            b, a = pieces[ins]
+            samples.append([text(b), text(input_ids(tok, s)), text(a),
+                            text(target_ids(tok, ans) + [tok.eos_token_id], loss=True)])
+        return splice(model.get_input_embeddings(), samples)
+
+    held = random.Random(12345)
+    opt = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0)
+    for step, sents in zip(range(size["steps"]), _toy_text_batches(rng, size, size["batch"])):
+        for g in opt.param_groups:
+            g["lr"] = size["lr"] * min(1, (step + 1) / 30) * (1 - step / size["steps"])
+        sp = make(sents, rng)
+        loss, n = lm_loss(model, hidden_states(model, sp), sp.labels, reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if step % 100 == 99:
+            with torch.no_grad():
+                sp = make([data.toy_sentence(held) for _ in range(256)], held)
+                h = hidden_states(model, sp)
+                tgt = sp.labels[:, 1:]
+                pred = logits_at(model, h, F.pad(tgt != -100, (0, 1))).argmax(-1)
+                acc = float((pred == tgt[tgt != -100]).float().mean())
+            print(f"  default LLM step {step + 1}: loss {float(loss):.4f}, held-out answer "
+                  f"accuracy {acc:.4f}", flush=True)
+            if acc >= 0.998:
+                break
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def default_t5(size=None):
+    return _cached("default-t5", size or DEFAULT_SIZES["t5"], _build_default_t5)
+
+
+def _build_default_t5(path, size):
+    """Pre-train a tiny T5 on the toy instructions: transcribe/repeat, translate, continue."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    rng = random.Random(1)
+    tok = default_tokenizer(seq2seq=True)
+    cfg = T5Config(vocab_size=len(tok), d_model=size["d"], d_kv=size["d"] // size["heads"],
+                   d_ff=size["ffn"], num_layers=size["layers"], num_heads=size["heads"],
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id, dropout_rate=0.0,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    model = T5ForConditionalGeneration(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step, sents in zip(range(size["steps"]), _toy_text_batches(rng, size, 64)):
+        srcs, tgts = [], []
+        for s in sents:
+            task = rng.choice(list(TOY_T5_INSTRUCTIONS))
+            ins = rng.choice(TOY_T5_INSTRUCTIONS[task] + (TOY_T5_HELD_OUT[:1] if task == "asr" else
+                                                          TOY_T5_HELD_OUT[1:] if task == "ast" else []))
+            t = data.toy_tasks(s)
+            srcs.append(f"{ins} {s}")
+            tgts.append(s if task == "asr" else t["translation"] if task == "ast" else t["continuation"])
+        enc = tok(srcs, return_tensors="pt", padding=True)
+        lab = tok(tgts, return_tensors="pt", padding=True).input_ids
+        lab[lab == tok.pad_token_id] = -100
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1, (step + 1) / 50) * (1 - step / size["steps"])
+        loss = model(**enc, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    print(f"  default T5: final toy loss {float(loss):.4f}")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+CTC_CHARS = ["<blank>", " "] + list(data.LETTERS)
+
+
+def default_encoder(size=None):
+    return _cached("default-encoder", size or DEFAULT_SIZES["encoder"], _build_default_encoder)
+
+
+def _build_default_encoder(path, size):
+    """A tiny Whisper-style encoder pre-trained with a character CTC head on the toy corpus (as
+    every real encoder is trained, at small scale). The CTC head is saved beside it
+    (ctc_head.safetensors), for SSR's aligner."""
+    from safetensors.torch import save_file
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+    torch.manual_seed(0)
+    cfg = WhisperConfig(num_mel_bins=80, d_model=size["d"], encoder_layers=size["layers"],
+                        encoder_attention_heads=size["heads"], encoder_ffn_dim=size["ffn"],
+                        decoder_layers=1, decoder_attention_heads=size["heads"], decoder_ffn_dim=64,
+                        max_source_positions=750, max_target_positions=32, vocab_size=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    whisper = WhisperModel(cfg)
+    fe = WhisperFeatureExtractor(feature_size=80)
+    enc = SpeechEncoder(whisper.encoder, "whisper", fe.mel_filters)
+    head = nn.Linear(size["d"], len(CTC_CHARS))
+    tm, _ = data.toy_corpus()
+    items = data.read_manifest(tm)
+    params = list(enc.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=size["lr"], weight_decay=0.0)
+    loader, sampler = data.make_loader(items, size["batch"], seed=0)
+    step, epoch = 0, 0
+    enc.train()
+    while step < size["steps"]:
+        sampler.set_epoch(epoch)
+        for b in loader:
+            frames, lens = enc(b["wave"], b["wave_lens"])
+            logp = head(frames).log_softmax(-1).transpose(0, 1)
+            tgt = [torch.tensor([CTC_CHARS.index(c) for c in t]) for t in b["text"]]
+            loss = F.ctc_loss(logp, torch.cat(tgt), lens, torch.tensor([len(t) for t in tgt]),
+                              zero_infinity=True)
+            if step % 100 == 0:
+                print(f"  default encoder step {step}: CTC loss {float(loss):.4f}", flush=True)
+            for g in opt.param_groups:
+                g["lr"] = size["lr"] * min(1, (step + 1) / 50) * (1 - step / size["steps"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            if step >= size["steps"]:
+                break
+        epoch += 1
+    print(f"  default encoder: final CTC loss {float(loss):.4f}")
+    whisper.save_pretrained(path)
+    fe.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()},
+              os.path.join(path, "ctc_head.safetensors"))
+    with open(os.path.join(path, "ctc_chars.json"), "w") as f:
+        json.dump(CTC_CHARS, f)

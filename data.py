@@ -1,0 +1,397 @@
+"""Data plumbing shared by the four methods (no paper logic here).
+
+- Manifests: JSON lines, one utterance a line:
+      {"audio": "path/relative/to/the/manifest.wav", "text": "the transcript", "duration": 3.2}
+  plus optional task fields (`continuation`, `translation`, `chars`, `content`, ...).
+- Audio: soundfile -> mono -> 16 kHz (torchaudio resampling) -> float32.
+- Features, computed batched on the training device: Whisper log-mel, Kaldi fbank (w2v-BERT),
+  normalised waveform (wav2vec2 / HuBERT).
+- A length-bucketed batch sampler, deterministic per (seed, epoch), sharded over DDP ranks.
+- The built-in toy corpus: sentences from a small grammar spoken by a deterministic synthetic
+  voice (one tone pair per letter), with exact character boundaries, plus the toy "tasks" that the
+  built-in LLMs learn (continue, repeat, translate) and the *content* words of each continuation:
+  the words only the input sentence can tell.
+"""
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line or item."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifests and audio
+
+def read_manifest(path, required=("audio", "text")):
+    """Read a JSON-lines manifest; audio paths become absolute. Errors name file:line."""
+    if not path or not os.path.isfile(path):
+        raise DataError(f"manifest not found: {path}")
+    root = os.path.dirname(os.path.abspath(path))
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object")
+            for key in required:
+                if key not in row:
+                    raise DataError(f"{path}:{n}: missing field '{key}'")
+            if "text" in required and not str(row["text"]).strip():
+                raise DataError(f"{path}:{n}: empty transcript")
+            row["audio"] = os.path.join(root, row["audio"])
+            row["where"] = f"{path}:{n}"
+            items.append(row)
+    if not items:
+        raise DataError(f"{path}: no utterances")
+    return items
+
+
+def load_audio(path, where=None):
+    """Read a file -> mono float32 tensor at 16 kHz. One-line DataError on any problem."""
+    import soundfile as sf
+    import torchaudio
+    name = where or path
+    if not os.path.isfile(path):
+        raise DataError(f"{name}: audio file not found: {path}")
+    try:
+        wave, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types for corrupt files
+        raise DataError(f"{name}: cannot read audio {path} ({type(e).__name__}: {e})") from None
+    wave = torch.from_numpy(wave.mean(axis=1))
+    if wave.numel() == 0:
+        raise DataError(f"{name}: empty audio {path}")
+    if not torch.isfinite(wave).all():
+        raise DataError(f"{name}: non-finite samples in {path}")
+    if sr != SAMPLE_RATE:
+        wave = torchaudio.functional.resample(wave, sr, SAMPLE_RATE)
+    return wave
+
+
+def duration_of(item):
+    if "duration" in item:
+        return float(item["duration"])
+    import soundfile as sf
+    try:
+        return sf.info(item["audio"]).duration
+    except Exception:
+        return 0.0  # unreadable: load_audio reports it properly when the item is used
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Items of a manifest -> {"wave": tensor, **item}. Bad audio raises, or is skipped."""
+
+    def __init__(self, items, skip_bad=False):
+        self.items, self.skip_bad = items, skip_bad
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            return dict(item, wave=load_audio(item["audio"], item.get("where")))
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            print(f"skipping bad item: {e}", file=sys.stderr)
+            return None
+
+
+def collate(rows):
+    """Pad waveforms at the end; keep every other field as a list."""
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return None
+    lens = torch.tensor([len(r["wave"]) for r in rows])
+    wave = torch.zeros(len(rows), int(lens.max()))
+    for i, r in enumerate(rows):
+        wave[i, :lens[i]] = r["wave"]
+    batch = {k: [r[k] for r in rows] for k in rows[0] if k != "wave"}
+    batch.update(wave=wave, wave_lens=lens)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Length-bucketed batches
+
+class BucketBatchSampler:
+    """Batches of similar duration: less padding, fewer wasted FLOPs.
+
+    Items are shuffled, cut into pools of `pool` batches, each pool is sorted by duration and cut
+    into batches, then the batches are shuffled. A batch holds at most `batch_size` items and at
+    most `max_seconds` of padded audio. Deterministic per (seed, epoch); rank r of w takes batches
+    r, r+w, ... (every rank gets the same count). `start` skips batches already seen (resume).
+    """
+
+    def __init__(self, durations, batch_size, max_seconds=None, shuffle=True, seed=0, rank=0,
+                 world=1, pool=50):
+        self.durations = list(durations)
+        self.batch_size, self.max_seconds = batch_size, max_seconds
+        self.shuffle, self.seed, self.rank, self.world, self.pool = shuffle, seed, rank, world, pool
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def batches(self):
+        order = list(range(len(self.durations)))
+        rng = random.Random(self.seed * 1000003 + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        chunk = self.batch_size * self.pool
+        out = []
+        for c in range(0, len(order), chunk):
+            pool = sorted(order[c:c + chunk], key=lambda i: self.durations[i])
+            batch, longest = [], 0.0
+            for i in pool:
+                longest2 = max(longest, self.durations[i])
+                full = len(batch) >= self.batch_size or (
+                    self.max_seconds and batch and longest2 * (len(batch) + 1) > self.max_seconds)
+                if full:
+                    out.append(batch)
+                    batch, longest2 = [], self.durations[i]
+                batch.append(i)
+                longest = longest2
+            if batch:
+                out.append(batch)
+        if self.shuffle:
+            rng.shuffle(out)
+        n = len(out) // self.world * self.world if len(out) >= self.world else len(out)
+        return out[:n][self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self.batches()[self.start:])
+
+    def __len__(self):
+        return max(0, len(self.batches()) - self.start)
+
+    def padding_fraction(self):
+        """Share of padded audio in the batches of this epoch (0 = no padding)."""
+        real = padded = 0.0
+        for b in self.batches():
+            d = [self.durations[i] for i in b]
+            real += sum(d)
+            padded += max(d) * len(d)
+        return 1 - real / max(padded, 1e-9)
+
+
+def make_loader(items, batch_size, max_seconds=None, shuffle=True, seed=0, rank=0, world=1,
+                workers=0, skip_bad=False, pin_memory=False):
+    sampler = BucketBatchSampler([duration_of(i) for i in items], batch_size, max_seconds,
+                                 shuffle, seed, rank, world)
+    loader = torch.utils.data.DataLoader(
+        SpeechDataset(items, skip_bad), batch_sampler=sampler, collate_fn=collate,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed))   # never draws from the global RNG
+    return loader, sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# Features, batched on the device
+
+def whisper_log_mel(wave, wave_lens, mel_filters, n_fft=400, hop=160):
+    """Whisper's log-mel (as WhisperFeatureExtractor) on the batch's real length, not 30 s.
+
+    wave: (B, S) zero-padded; mel_filters: (n_fft//2+1, n_mels). Returns (B, n_mels, S//hop) and
+    frame lengths. HF pads every clip to 30 s first; appending n_fft//2 zeros gives the same
+    frames for the real part. The clamp at max-8 is taken over each clip's real frames.
+    """
+    wave = F.pad(wave.float(), (0, n_fft // 2))
+    window = torch.hann_window(n_fft, device=wave.device)
+    stft = torch.stft(wave, n_fft, hop, window=window, return_complex=True)
+    power = stft[..., :-1].abs() ** 2                              # (B, F, T); HF drops the last frame
+    n_frames = (wave.shape[1] - n_fft // 2) // hop
+    power = power[..., :n_frames]
+    mel = mel_filters.T.to(power) @ power                        # (B, n_mels, T)
+    log = torch.clamp(mel, min=1e-10).log10()
+    lens = wave_lens // hop
+    valid = torch.arange(log.shape[-1], device=log.device)[None, :] < lens.to(log.device)[:, None]
+    peak = log.masked_fill(~valid[:, None, :], -1e9).amax(dim=(1, 2), keepdim=True)
+    log = torch.maximum(log, peak - 8.0)
+    return (log + 4.0) / 4.0, lens
+
+
+def kaldi_fbank(wave, wave_lens, n_mels=80, stride=2):
+    """w2v-BERT / SeamlessM4T input features: Kaldi fbank (scaled to int16 range), per-clip
+    mean/variance normalisation over the real frames, then `stride` frames stacked."""
+    import torchaudio
+    feats, lens = [], []
+    for w, n in zip(wave, wave_lens):
+        fb = torchaudio.compliance.kaldi.fbank(
+            w[:n].float()[None] * 32768, num_mel_bins=n_mels, sample_frequency=SAMPLE_RATE,
+            window_type="povey", dither=0.0, energy_floor=0.0, use_energy=False,
+            preemphasis_coefficient=0.97, remove_dc_offset=True, snip_edges=True)
+        fb = (fb - fb.mean(0)) / torch.sqrt(fb.var(0) + 1e-7)
+        t = fb.shape[0] // stride * stride
+        feats.append(fb[:t].reshape(t // stride, n_mels * stride))
+        lens.append(t // stride)
+    out = torch.zeros(len(feats), max(lens), n_mels * stride, device=wave.device)
+    for i, f in enumerate(feats):
+        out[i, :len(f)] = f
+    return out, torch.tensor(lens, device=wave.device)
+
+
+def normalized_wave(wave, wave_lens):
+    """wav2vec2 / HuBERT input: zero mean, unit variance over each clip's real samples."""
+    mask = torch.arange(wave.shape[1], device=wave.device)[None] < wave_lens.to(wave.device)[:, None]
+    n = wave_lens.to(wave)[:, None]
+    mean = (wave * mask).sum(1, keepdim=True) / n
+    var = (((wave - mean) * mask) ** 2).sum(1, keepdim=True) / n
+    return ((wave - mean) / torch.sqrt(var + 1e-7)) * mask, wave_lens
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in toy corpus
+
+ADJECTIVES = ["red", "old", "big", "small", "green", "happy", "quiet", "brave", "little", "dark",
+              "bright", "cold", "young", "tall", "lazy", "clever"]
+NOUNS = ["cat", "dog", "fox", "bird", "horse", "king", "queen", "farmer", "sailor", "child",
+         "teacher", "doctor", "wolf", "bear", "rabbit", "mouse", "girl", "boy", "soldier", "baker",
+         "lion", "tiger", "goat", "sheep"]
+VERBS = ["sees", "finds", "helps", "follows", "calls", "meets", "watches", "likes", "chases",
+         "greets", "visits", "thanks"]
+# The toy "translation" (for SLM): a fixed word-for-word lexicon and a different word order.
+TOY_LANGUAGE = "toylish"
+LEXICON = {w: w[::-1] + "o" for w in ADJECTIVES + NOUNS + VERBS + ["the", "then", "again"]}
+
+# Instruction phrasings the built-in LLMs are taught (the small-scale counterpart of BLSP's own
+# stage 1, text instruction tuning). The papers' own wordings are among them.
+CONTINUE_INSTRUCTIONS = [
+    "Continue the following text in a coherent and engaging style with less than 40 words.",  # BLSP
+    "Continue the following text in a coherent style:",                                       # BLSP-KD
+    "Continue the text:",
+]
+REPEAT_INSTRUCTIONS = ["Repeat the following text:", "Write down the text:"]
+
+
+def toy_sentence(rng):
+    """the [adj] noun verb the [adj] noun"""
+    def phrase():
+        return (["the"] + ([rng.choice(ADJECTIVES)] if rng.random() < 0.6 else [])
+                + [rng.choice(NOUNS)])
+    subj, obj = phrase(), phrase()
+    while obj[-1] == subj[-1]:
+        obj = phrase()
+    return " ".join(subj + [rng.choice(VERBS)] + obj)
+
+
+def toy_tasks(sentence):
+    """The toy behaviours of a sentence, and the *content* words of its continuation.
+
+    continue:  "the old fox sees the cat" -> "then the cat sees the fox again"
+               (the roles swapped: object, verb, subject are the three words only the input
+               can tell)
+    translate: word-for-word lexicon, object phrase first.
+    Returns dict(continuation, content=[[start, end] char spans], translation).
+    """
+    w = sentence.split()
+    v = next(i for i, x in enumerate(w) if x in VERBS)
+    subj, verb, obj = w[v - 1], w[v], w[-1]
+    pieces = ["then", "the", obj, verb, "the", subj, "again"]
+    content_at = {2, 3, 5}
+    text, content = "", []
+    for i, p in enumerate(pieces):
+        start = len(text) + (1 if text else 0)
+        text = (text + " " + p) if text else p
+        if i in content_at:
+            content.append([start, start + len(p)])
+    translation = " ".join(LEXICON[x] for x in w[v + 1:] + [w[v]] + w[:v])
+    return dict(continuation=text, content=content, translation=translation)
+
+
+# The synthetic voice: each letter is a pair of tones (a low and a high "formant"), shifted by a
+# per-speaker factor, spoken at a per-utterance rate; words are separated by short pauses.
+LETTERS = "abcdefghijklmnopqrstuvwxyz'"
+_LOW = [300, 450, 600, 800, 1000, 1250]
+_HIGH = [1600, 2000, 2500, 3000, 3600]
+
+
+def synthesize(text, rng, sr=SAMPLE_RATE):
+    """-> (wave float32 np.array, [(char, start_s, end_s)]) with exact character boundaries."""
+    shift = rng.uniform(0.92, 1.08)
+    rate = rng.uniform(0.8, 1.25)
+    parts, chars, t = [np.zeros(int(0.08 * sr), np.float32)], [], 0.08
+    for c in text:
+        if c == " ":
+            d = 0.03 * rate
+            parts.append(np.zeros(int(d * sr), np.float32))
+            t += int(d * sr) / sr
+            continue
+        i = LETTERS.index(c)
+        d = 0.05 * rate * rng.uniform(0.9, 1.1)
+        n = int(d * sr)
+        tt = np.arange(n) / sr
+        f1, f2 = _LOW[i % 6] * shift, _HIGH[i // 6 % 5] * shift
+        env = np.minimum(1, np.minimum(tt, tt[::-1]) / 0.005)
+        parts.append((env * (0.5 * np.sin(2 * np.pi * f1 * tt) + 0.3 * np.sin(2 * np.pi * f2 * tt)))
+                     .astype(np.float32))
+        chars.append((c, round(t, 5), round(t + n / sr, 5)))
+        t += n / sr
+    parts.append(np.zeros(int(0.08 * sr), np.float32))
+    wave = np.concatenate(parts)
+    wave += np.random.default_rng(rng.randrange(1 << 30)).normal(0, 0.01, len(wave)).astype(np.float32)
+    return wave, chars
+
+
+def toy_corpus(cache_dir=None, n_train=2000, n_valid=200, seed=0):
+    """Build (once, cached) the toy corpus -> (train_manifest, valid_manifest).
+
+    Valid sentences never occur in train. Each line has text, duration, the toy task targets
+    (continuation, content spans, translation) and exact character boundaries (`chars`).
+    """
+    import soundfile as sf
+    cache_dir = cache_dir or os.path.join(cache_root(), f"toy-corpus-{n_train}-{n_valid}-{seed}")
+    train_m, valid_m = os.path.join(cache_dir, "train.jsonl"), os.path.join(cache_dir, "valid.jsonl")
+    if os.path.isfile(valid_m) and os.path.isfile(train_m):
+        return train_m, valid_m
+    rng = random.Random(seed)
+    seen, splits = set(), {"train": n_train, "valid": n_valid}
+    tmp = cache_dir + f".tmp{os.getpid()}"
+    for split, n in splits.items():
+        os.makedirs(os.path.join(tmp, split), exist_ok=True)
+        with open(os.path.join(tmp, f"{split}.jsonl"), "w") as f:
+            for k in range(n):
+                s = toy_sentence(rng)
+                while s in seen:
+                    s = toy_sentence(rng)
+                seen.add(s)
+                wave, chars = synthesize(s, rng)
+                rel = f"{split}/{k:05d}.wav"
+                sf.write(os.path.join(tmp, rel), wave, SAMPLE_RATE, subtype="PCM_16")
+                row = dict(audio=rel, text=s, duration=round(len(wave) / SAMPLE_RATE, 4),
+                           chars=chars, **toy_tasks(s))
+                f.write(json.dumps(row) + "\n")
+    os.makedirs(os.path.dirname(cache_dir) or ".", exist_ok=True)
+    try:
+        os.replace(tmp, cache_dir)
+    except OSError:  # another process built it first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return train_m, valid_m
+
+
+def toy_vocabulary():
+    """Every word the toy corpus, its tasks and the toy instructions can produce."""
+    words = set(ADJECTIVES + NOUNS + VERBS + ["the", "then", "again", TOY_LANGUAGE])
+    words |= set(LEXICON.values())
+    return sorted(words)
+
+
+def cache_root():
+    return os.environ.get("SPEECHLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "speechlm-ref"))
