@@ -473,3 +473,89 @@ common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device
     l2, l1 = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(l2) == len(l1) == 4 and l1[-1] < l1[0]
     assert l2 == pytest.approx(l1, rel=1e-5)
+
+
+# ============================================================================================
+# BLSP
+
+import blsp  # noqa: E402
+
+
+def test_blsp_adapter_lengths_odd_and_even():
+    ad = blsp.Adapter(8, 12, bottleneck=16)
+    for L in (1, 2, 7, 8, 9, 16, 17, 33):
+        out, lens = ad(torch.randn(1, L, 8), torch.tensor([L]))
+        want = L
+        for _ in range(3):
+            want = (want - 1) // 2 + 1
+        assert out.shape == (1, want, 12) and int(lens[0]) == want == int(ad.output_lengths(torch.tensor(L)))
+
+
+def test_blsp_padding_never_changes_a_shorter_clip():
+    torch.manual_seed(0)
+    ad = blsp.Adapter(8, 12, bottleneck=16).eval()
+    x = torch.randn(2, 40, 8)
+    x[0, 23:] = 1e3                                    # garbage in the padding of clip 0
+    out, lens = ad(x, torch.tensor([23, 40]))
+    alone, alens = ad(x[:1, :23], torch.tensor([23]))
+    n = int(alens[0])
+    assert int(lens[0]) == n
+    torch.testing.assert_close(out[0, :n], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_blsp_loss_is_cross_entropy_on_continuation_only(tiny):
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
+    b, a = common.prompt_pieces(tok, blsp.CONTINUE_INSTRUCTION)
+    torch.manual_seed(0)
+    vecs = [torch.randn(5, llm.config.hidden_size), torch.randn(3, llm.config.hidden_size)]
+    conts = [[10, 11, 12], [13, 14]]
+    samples = [blsp.behaviour_sample(b, v, a, c, eos) for v, c in zip(vecs, conts)]
+    loss, n, _ = blsp.behaviour_loss(llm, embed, samples)
+    sp = common.splice(embed, samples)
+    assert (sp.labels[sp.speech_mask] == -100).all()   # never a target at a speech position
+    direct, count = 0.0, 0
+    for v, c in zip(vecs, conts):                       # one sample at a time, by hand
+        x = torch.cat([embed(torch.tensor(b)), v, embed(torch.tensor(a + c + [eos]))])[None]
+        logp = llm(inputs_embeds=x).logits[0].log_softmax(-1)
+        start = len(b) + len(v) + len(a)
+        for j, t in enumerate(c + [eos]):
+            direct += -logp[start + j - 1, t]
+            count += 1
+    assert n == count == 7
+    torch.testing.assert_close(loss, direct, atol=1e-4, rtol=1e-5)
+
+
+def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    args = ["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"],
+            "--valid", tiny["valid"], "--out", str(out), "--steps", "24", "--batch-size", "8",
+            "--bottleneck", "16", "--continuation-tokens", "6", "--log-every", "1", "--lr", "3e-3",
+            "--warmup", "2", "--max-new-tokens", "8"]
+    before = {k: v.clone() for k, v in load_file(os.path.join(tiny["llm"], "model.safetensors")).items()}
+    blsp.main(args)
+    l = losses(out)
+    assert np.mean(l[-4:]) < np.mean(l[:4])             # the loss goes down
+    ck = common.find_checkpoint(str(out))
+    saved = load_file(os.path.join(ck, "trainable.safetensors"))
+    assert saved and all(k.split(".")[0] in ("convs", "bottleneck", "norm") for k in saved)
+    after = load_file(os.path.join(tiny["llm"], "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    valid = [json.loads(x) for x in open(out / "metrics.jsonl") if '"valid"' in x]
+    assert valid and {"loss_speech", "loss_text", "repeat_wer", "content_acc"} <= set(valid[-1])
+    # inference from the run directory
+    blsp.main(["--ckpt", str(out), "--infer", data.read_manifest(tiny["valid"])[0]["audio"],
+               "--max-new-tokens", "4"])
+
+
+def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
+    base = ["--llm", tiny["llm"], "--encoder", tiny["enc"], "--out", str(tmp_path / "r")]
+    for extra, msg in ((["--train", str(tmp_path / "nope.jsonl")], "manifest not found"),
+                       (["--llm", str(tmp_path / "none")], "--llm: not a folder"),
+                       (["--encoder", str(tmp_path / "none")], "--encoder: not a folder"),
+                       (["--resume", str(tmp_path)], "no checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            blsp.main(base + ["--train", tiny["train"]] + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
