@@ -21,7 +21,8 @@ Paper step                                            -> code
 
 Project choices (not in the paper): the encoder runs on the batch's real length, not padded to
 30 s, and the adapter zeroes padding frames before each convolution, so a clip's speech vectors
-do not depend on what else is in its batch; an LLM with a chat template gets its chat template
+do not depend on what else is in its batch; the final LayerNorm's gain starts at the RMS of the
+LLM's token embeddings (not 1), so that speech vectors enter at the scale of text embeddings; an LLM with a chat template gets its chat template
 around the same pieces (--prompt blsp forces the paper's template); default hyper-parameters are
 scaled to the toy setting (the paper: lr 5e-5, batch 768, 1000 warm-up steps, 1 epoch, clip 1.0,
 weight decay 0.05).
@@ -59,7 +60,7 @@ class BLSPArgs(common.Args):
 class Adapter(nn.Module):
     """Encoder frames (B, T, d_enc) -> speech vectors (B, ~T/8, d_llm) in the LLM's input space."""
 
-    def __init__(self, d_enc, d_llm, bottleneck=512):
+    def __init__(self, d_enc, d_llm, bottleneck=512, embed_rms=1.0):
         super().__init__()
         # Conv1d doubles the channels, GLU halves them: d_enc -> d_enc -> d_enc -> d_llm
         self.convs = nn.ModuleList([nn.Conv1d(d_enc, 2 * d_enc, 5, 2, 2),
@@ -68,6 +69,7 @@ class Adapter(nn.Module):
         self.bottleneck = nn.Sequential(nn.Linear(d_llm, bottleneck, bias=False), nn.GELU(),
                                         nn.Linear(bottleneck, d_llm, bias=False))
         self.norm = nn.LayerNorm(d_llm)
+        nn.init.constant_(self.norm.weight, embed_rms)   # start at the scale of the LLM's embeddings
 
     @staticmethod
     def output_lengths(lens):
@@ -192,8 +194,9 @@ def main(argv=None):
         it["continuation_ids"] = common.target_ids(tok, it["continuation_llm"])
 
     # step 2: behaviour alignment; only the adapter trains
-    adapter = Adapter(encoder.dim, llm.config.hidden_size, args.bottleneck).to(device)
     embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
+    adapter = Adapter(encoder.dim, llm.config.hidden_size, args.bottleneck,
+                      embed_rms=float(embed.weight.float().pow(2).mean().sqrt())).to(device)
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
 
     def step_fn(batch):

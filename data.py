@@ -355,7 +355,7 @@ def toy_corpus(cache_dir=None, n_train=2000, n_valid=200, seed=0):
     (continuation, content spans, translation) and exact character boundaries (`chars`).
     """
     import soundfile as sf
-    cache_dir = cache_dir or os.path.join(cache_root(), f"toy-corpus-{n_train}-{n_valid}-{seed}")
+    cache_dir = cache_dir or os.path.join(cache_root(), f"toy-corpus-v2-{n_train}-{n_valid}-{seed}")
     train_m, valid_m = os.path.join(cache_dir, "train.jsonl"), os.path.join(cache_dir, "valid.jsonl")
     if os.path.isfile(valid_m) and os.path.isfile(train_m):
         return train_m, valid_m

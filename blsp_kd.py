@@ -1,0 +1,422 @@
+"""BLSP-KD: Bootstrapping Language-Speech Pre-training via Knowledge Distillation
+(Wang et al., arXiv 2405.19041, 2024; CIF adapter, KD losses and Partial LoRA as released in
+github.com/cwang621/blsp-emo, the "blsp2" model).
+
+Idea. Alignment between speech and text is measured and optimised directly: the frozen LLM given
+the transcript (teacher) and given the speech (student) should predict the same next-token
+distributions, token by token. That needs one speech vector per transcript token, which continuous
+integrate-and-fire (CIF) makes. Stage 1 trains the CFormer adapter only; stage 2 adds Partial LoRA,
+a LoRA update applied at speech positions only, so text positions (and the teacher) stay exactly
+the frozen LLM.
+
+Paper step / equation                                  -> code
+  continuations: same chat LLM, greedy, <= 48 tokens   -> continuation_data()
+  CFormer: 4 transformer layers over encoder frames    -> CFormer.pre, CFormer.weights
+  alpha_t = sigmoid(h_t[D-1]), 0 on padding            -> CFormer.weights
+  N = #transcript tokens (train), max(1, round(sum a)) -> CFormer.forward
+  alpha' = alpha * N / sum(alpha)                      -> rescale()
+  W[k,t] = max(0, min(c_t, k+1) - max(c_{t-1}, k))     -> cif_weights() (closed form, batched)
+  token k = sum_t W[k,t] h_t[:D-1]                     -> CFormer.forward
+  Linear(D-1 -> D), 4 layers, Linear(D -> d_llm)       -> CFormer.proj, .post, .out
+  teacher: transcript; student: CIF vectors            -> kd_pair()
+  length loss |sum alpha - N| / N                      -> kd_losses()["length"]
+  response KL(p_t || p_s), T = 2, continuation         -> kd_losses()["response_kl"], kl()
+  input KL: speech vector i vs transcript token i      -> kd_losses()["input_kl"]
+  Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.add_lora(masked=True), llm_pass()
+  stage 1 CFormer only; stage 2 + PLoRA, lower lr      -> main() (--stage, --init)
+
+Project choices (not in the paper): transcripts are lower-cased without punctuation (as BLSP's
+continuation data), for the continuation prompt, the teacher and N alike; the end token is appended
+to a continuation when it is shorter than the generation limit (it "ended naturally"); the pieces
+around the input come from the LLM's chat template (common.prompt_pieces); for common.train each
+loss term is a mean over its positions in the micro-batch, and loss_sum = (sum of the term means)
+x (response-token count), n_units = response-token count, so with one micro-batch the optimised
+loss is exactly the sum of the means; the input KL is on by default; CFormer layers are PyTorch's
+pre-norm GELU layers (Whisper-style) with no positional encoding of their own (the encoder frames
+carry it); when the encoder is unfrozen it trains in fp32. Defaults are scaled to the toy setting
+(paper: 4 + 4 layers, 8 heads, stage 1 lr 1e-4, batch 768, 1000 warm-up steps, 1 epoch).
+"""
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+from common import arg, speech, text
+
+CONTINUE_INSTRUCTION = "Continue the following text in a coherent style:"
+STAGE_LR = {1: 3e-3, 2: 1e-3}
+
+
+@dataclass
+class KDArgs(common.Args):
+    stage: int = arg(1, "1: train the CFormer; 2: CFormer + Partial LoRA from a stage-1 --init")
+    init: str = arg(None, "stage 2: stage-1 run directory to start from")
+    unfreeze_encoder: bool = arg(False, "stage 2: also train the speech encoder")
+    pre_layers: int = arg(2, "CFormer transformer layers before CIF (paper: 4)")
+    post_layers: int = arg(2, "CFormer transformer layers after CIF (paper: 4)")
+    heads: int = arg(4, "attention heads of the CFormer layers (paper: 8)")
+    ffn: int = arg(0, "feed-forward width of the CFormer layers (0: 4 x encoder width)")
+    dropout: float = arg(0.0, "dropout inside the CFormer layers")
+    length_loss: bool = arg(True, "length loss |sum alpha - N| / N")
+    response_kl: bool = arg(True, "KL(teacher || student) on the continuation positions")
+    input_kl: bool = arg(True, "KL(teacher || student) at transcript token i vs speech vector i")
+    response_ce: bool = arg(False, "cross-entropy on the continuation (BLSP's objective)")
+    temperature: float = arg(2.0, "KL temperature (paper: 2)")
+    lora_r: int = arg(16, "stage 2: LoRA rank (paper: 16)")
+    lora_alpha: float = arg(16.0, "stage 2: LoRA alpha (paper: 16)")
+    lora_dropout: float = arg(0.05, "stage 2: LoRA dropout (paper: 0.05)")
+    continuation_tokens: int = arg(48, "at most this many new tokens per continuation (paper: 48)")
+    gen_batch_size: int = arg(64, "transcripts per continuation-generation batch")
+    steps: int = arg(300, "optimizer steps")
+    lr: float = arg(None, f"peak learning rate (default: stage 1 {STAGE_LR[1]}, stage 2 {STAGE_LR[2]})")
+    warmup: int = arg(30, "warm-up steps (paper: 1000)")
+
+
+MODEL_FIELDS = ("llm", "encoder", "encoder_layer", "stage", "pre_layers", "post_layers", "heads",
+                "ffn", "lora_r", "lora_alpha", "unfreeze_encoder")
+
+
+# ----------------------------------------------------------------------------------------------
+# CIF: continuous integrate-and-fire, closed form
+
+def rescale(alpha, n):
+    """alpha' = alpha * N / sum(alpha): the weights of each sequence sum to N exactly."""
+    return alpha * (n.to(alpha.dtype) / alpha.sum(1).clamp(min=1e-6))[:, None]
+
+
+def cif_weights(alpha, n):
+    """alpha' (B, T) summing to n (B,) -> W (B, K, T), K = max n, zero for k >= n.
+    Token k collects the part of frame t's weight inside [k, k+1) of the running sum; the last
+    token (k = n-1) collects everything from n-1 on (the tail)."""
+    c = alpha.cumsum(1)                                               # c_t
+    c_prev = F.pad(c[:, :-1], (1, 0))                                 # c_{t-1}, c_{-1} = 0
+    k = torch.arange(int(n.max()), device=alpha.device, dtype=alpha.dtype)[None, :, None]
+    last = k == (n - 1).to(alpha.dtype)[:, None, None]
+    upper = torch.where(last, c[:, None, :], torch.minimum(c[:, None, :], k + 1))
+    w = (upper - torch.maximum(c_prev[:, None, :], k)).clamp(min=0)   # max(0, min(..) - max(..))
+    return w * (k < n.to(alpha.dtype)[:, None, None])
+
+
+def encoder_layers(n, d, heads, ffn, dropout):
+    return nn.ModuleList([nn.TransformerEncoderLayer(d, heads, ffn, dropout, activation="gelu",
+                                                     batch_first=True, norm_first=True)
+                          for _ in range(n)])
+
+
+class CFormer(nn.Module):
+    """Encoder frames (B, T, D) -> exactly N speech vectors per utterance (B, max N, d_llm)."""
+
+    def __init__(self, d_enc, d_llm, pre_layers=4, post_layers=4, heads=8, ffn=0, dropout=0.0):
+        super().__init__()
+        if d_enc % heads:
+            raise common.UserError(f"--heads {heads} does not divide the encoder width {d_enc}")
+        ffn = ffn or 4 * d_enc
+        self.pre = encoder_layers(pre_layers, d_enc, heads, ffn, dropout)
+        self.proj = nn.Linear(d_enc - 1, d_enc)
+        self.post = encoder_layers(post_layers, d_enc, heads, ffn, dropout)
+        self.out = nn.Linear(d_enc, d_llm)
+
+    def weights(self, frames, lens):
+        """-> (h (B, T, D), alpha (B, T)): pre-CIF layers, then alpha_t = sigmoid(h_t[D-1])."""
+        pad = torch.arange(frames.shape[1], device=frames.device)[None] >= lens[:, None]
+        h = frames
+        for layer in self.pre:
+            h = layer(h, src_key_padding_mask=pad)
+        alpha = torch.sigmoid(h[..., -1].float()).masked_fill(pad, 0.0)
+        return h, alpha
+
+    def forward(self, frames, lens, n=None):
+        """-> (vectors (B, K, d_llm), n (B,), sum of unscaled alpha (B,)). n: target counts
+        (training); None: max(1, round(sum alpha)) (inference)."""
+        h, alpha = self.weights(frames, lens)
+        total = alpha.sum(1)
+        if n is None:
+            n = total.detach().round().clamp(min=1).long()
+        w = cif_weights(rescale(alpha, n), n)                        # (B, K, T)
+        x = torch.bmm(w.to(h.dtype), h[..., :-1])                    # token k = sum_t W[k,t] h_t[:D-1]
+        x = self.proj(x)
+        pad = torch.arange(x.shape[1], device=x.device)[None] >= n[:, None]
+        for layer in self.post:
+            x = layer(x, src_key_padding_mask=pad)
+        return self.out(x), n, total
+
+
+def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
+    """wave -> encoder -> CFormer -> (list of (N_i, d_llm) tensors, n, sum alpha)."""
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        frames, lens = encoder(batch["wave"], batch["wave_lens"])
+    if n is not None:
+        n = torch.tensor(n, device=lens.device)
+    vecs, n, total = cformer(frames.float() if frames.device.type == "cpu" else frames, lens, n)
+    return [v[:k] for v, k in zip(vecs, n.tolist())], n, total
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuations by the frozen LLM (the teacher's responses)
+
+def continuation_data(llm, tok, items, args, out_dir, tag):
+    """Greedy continuation of each transcript; cached in out_dir, resumable. Adds to each item
+    transcript_ids (N = their count) and response_ids (continuation [+ EOS])."""
+    before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
+    transcripts = [common.normalize(it["text"]) for it in items]
+    prompts = [before + common.input_ids(tok, t) + after for t in transcripts]
+    key = hashlib.sha1(json.dumps([args.llm, args.prompt, args.continuation_tokens, transcripts])
+                       .encode()).hexdigest()[:10]
+    os.makedirs(out_dir, exist_ok=True)
+    cache = os.path.join(out_dir, f"continuations-{tag}-{key}.jsonl")
+    conts = common.generate_texts(llm, tok, prompts, args.continuation_tokens, args.gen_batch_size,
+                                  cache, desc=f"continuations ({tag})")
+    eos = common.eos_ids(llm, tok)[0]
+    for it, t, c in zip(items, transcripts, conts):
+        ids = common.target_ids(tok, c)
+        it["transcript_ids"] = common.input_ids(tok, t)
+        it["response_ids"] = ids + ([eos] if len(ids) < args.continuation_tokens else [])
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher and student passes, and the distillation losses
+
+def kd_pair(before, after, transcript_ids, vectors, response_ids):
+    """The same segments twice, one swapped: teacher has the transcript, student the speech."""
+    teacher = [text(before), text(transcript_ids), text(after), text(response_ids, loss=True)]
+    return teacher, teacher[:1] + [speech(vectors)] + teacher[2:]
+
+
+@contextlib.contextmanager
+def lora_mode(ctx, enabled, mask=None):
+    """Teacher: LoRA off (exactly the frozen LLM); student: LoRA on the speech positions only."""
+    if ctx is None:
+        yield
+        return
+    ctx.enabled, ctx.mask = enabled, mask
+    try:
+        yield
+    finally:
+        ctx.enabled, ctx.mask = True, None
+
+
+def llm_pass(llm, sp, ctx, student):
+    with lora_mode(ctx, student, sp.speech_mask if student else None):
+        return common.hidden_states(llm, sp)
+
+
+def response_positions(sp):
+    return F.pad(sp.labels[:, 1:] != -100, (0, 1))                   # t predicts labels[t + 1]
+
+
+def input_positions(sp, seg=1):
+    m = torch.zeros_like(sp.attention_mask, dtype=torch.bool)
+    for b, spans in enumerate(sp.spans):
+        m[b, spans[seg][0]:spans[seg][1]] = True
+    return m
+
+
+def kl(teacher_logits, student_logits, T):
+    """KL(p_t || p_s) per row, both distributions at temperature T (no T^2 factor)."""
+    lt, ls = (teacher_logits / T).log_softmax(-1), (student_logits / T).log_softmax(-1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
+    """Teacher (no grad, LoRA off) and student (LoRA at speech) passes -> (dict of loss-term
+    means, number of response positions). Logits only where a loss looks."""
+    embed = llm.get_input_embeddings()
+    sp_t, sp_s = common.splice(embed, teacher), common.splice(embed, student)
+    at = dict(response=(response_positions(sp_t), response_positions(sp_s)),
+              input=(input_positions(sp_t), input_positions(sp_s)))
+    use = dict(response=args.response_kl or args.response_ce, input=args.input_kl)
+    with torch.no_grad():
+        h_t = llm_pass(llm, sp_t, ctx, student=False)
+        lt = {k: common.logits_at(llm, h_t, at[k][0]) for k in at if use[k]}
+    h_s = llm_pass(llm, sp_s, ctx, student=True)
+    ls = {k: common.logits_at(llm, h_s, at[k][1]) for k in at if use[k]}
+    out = {}
+    if args.length_loss and total is not None:
+        n = n.to(total)
+        out["length"] = ((total - n).abs() / n).mean()                # |sum alpha - N| / N
+    if args.response_kl:
+        out["response_kl"] = kl(lt["response"], ls["response"], args.temperature).mean()
+    if args.input_kl:
+        out["input_kl"] = kl(lt["input"], ls["input"], args.temperature).mean()
+    if args.response_ce:
+        tgt = sp_s.labels[:, 1:]
+        out["response_ce"] = F.cross_entropy(ls["response"], tgt[tgt != -100])
+    return out, int(at["response"][1].sum())
+
+
+def kd_step(encoder, cformer, llm, ctx, before, after, batch, args):
+    """One training micro-batch -> (loss_sum, n_units, logs) for common.train: the sum of the
+    term means (weight 1 each) times k, over k = number of response positions."""
+    n = [len(t) for t in batch["transcript_ids"]]                      # N: transcript tokens
+    vecs, n, total = speech_vectors(encoder, cformer, batch, n, args.unfreeze_encoder)
+    pairs = [kd_pair(before, after, t, v, r)
+             for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
+    losses, k = kd_losses(llm, ctx, *zip(*pairs), args, total, n)
+    loss = sum(losses.values())
+    return loss * k, k, {name: float(v.detach()) for name, v in losses.items()}
+
+
+@torch.no_grad()
+def kd_eval(encoder, cformer, llm, tok, ctx, items, args, device):
+    """Response / input KL with the true N, and predicted vs true speech-vector counts."""
+    before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
+    sums = dict(response_kl=0.0, input_kl=0.0, n_resp=0, count_err=0.0, pred=0, true=0, items=0)
+    for batch in common.batches(items, args):
+        batch = common.to_device(batch, device)
+        with common.autocast(device):
+            n_true = [len(t) for t in batch["transcript_ids"]]
+            _, n_pred, _ = speech_vectors(encoder, cformer, batch)
+            vecs, n, total = speech_vectors(encoder, cformer, batch, n_true)
+            pairs = [kd_pair(before, after, t, v, r)
+                     for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
+            losses, k = kd_losses(llm, ctx, *zip(*pairs), args)
+        for name in ("response_kl", "input_kl"):
+            sums[name] += float(losses.get(name, float("nan"))) * k
+        sums["n_resp"] += k
+        sums["count_err"] += float(((n_pred - n).abs() / n).sum())
+        sums["pred"] += int(n_pred.sum())
+        sums["true"] += int(n.sum())
+        sums["items"] += len(n_true)
+    return dict(response_kl=sums["response_kl"] / sums["n_resp"],
+                input_kl=sums["input_kl"] / sums["n_resp"], count_err=sums["count_err"] / sums["items"],
+                tokens_pred=sums["pred"] / sums["items"], tokens_true=sums["true"] / sums["items"])
+
+
+def evaluate(encoder, cformer, llm, tok, ctx, items, args, device):
+    """common.alignment_eval (content_acc, repeat_wer; predicted N) + kd_eval."""
+    res = common.alignment_eval(llm, tok, items, args, device,
+                                lambda b: speech_vectors(encoder, cformer, b)[0],
+                                CONTINUE_INSTRUCTION, args.instruction or data.REPEAT_INSTRUCTIONS[0],
+                                lora=ctx)
+    res.update(kd_eval(encoder, cformer, llm, tok, ctx, items, args, device))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the models of a run, inference
+
+def build(args, device, encoder, llm):
+    """-> (trainable ModuleDict, cformer, LoRA context or None)."""
+    cformer = CFormer(encoder.dim, llm.config.hidden_size, args.pre_layers, args.post_layers,
+                      args.heads, args.ffn, args.dropout).to(device)
+    parts, ctx = dict(cformer=cformer), None
+    if args.stage == 2:
+        ctx, parts["lora"] = common.add_lora(llm, args.lora_r, args.lora_alpha, args.lora_dropout,
+                                             masked=True)
+        if args.unfreeze_encoder:
+            parts["encoder"] = encoder.float()
+            for p in encoder.model.parameters():
+                p.requires_grad_(True)
+    return nn.ModuleDict(parts), cformer, ctx
+
+
+def load_run(args, device):
+    """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
+    ck = common.find_checkpoint(args.ckpt)
+    with open(os.path.join(args.ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
+        setattr(args, k, cfg[k])
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    llm, tok = common.load_llm(args.llm, device)
+    module, cformer, ctx = build(args, device, encoder, llm)
+    common.load_trainable(module, ck).eval()
+    return encoder, cformer, llm, tok, ctx
+
+
+def infer(args, device):
+    encoder, cformer, llm, tok, ctx = load_run(args, device)
+    if args.infer:
+        wave = data.load_audio(args.infer)
+        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)], device=device))
+        with torch.no_grad(), common.autocast(device):
+            vecs = speech_vectors(encoder, cformer, batch)[0]
+            print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
+                                 args.prompt, args.max_new_tokens, lora=ctx)[0])
+    if args.eval:
+        items = data.read_manifest(args.eval)[:args.max_valid]
+        continuation_data(llm, tok, items, args, args.ckpt, "eval")
+        for it in items:
+            it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))
+        print(json.dumps(evaluate(encoder, cformer, llm, tok, ctx, items, args, device), indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+
+@common.guard
+def main(argv=None):
+    args = common.parse_args(KDArgs, argv)
+    device, rank, world = common.setup(args)
+    if args.ckpt:
+        return infer(args, device)
+    if args.stage not in (1, 2):
+        raise common.UserError(f"--stage must be 1 or 2, not {args.stage}")
+    if args.stage == 2 and not args.init:
+        raise common.UserError("--stage 2 needs --init RUN_DIR (a stage-1 run)")
+    args.lr = args.lr or STAGE_LR[args.stage]
+    args.out = args.out or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
+    if args.init:   # the stage-1 run fixes the models and the CFormer's shape
+        init_ck = common.find_checkpoint(args.init)
+        with open(os.path.join(args.init, "config.json")) as f:
+            cfg = json.load(f)
+        for k in ("llm", "encoder", "encoder_layer", "pre_layers", "post_layers", "heads", "ffn"):
+            if cfg.get(k) != getattr(args, k):
+                raise common.UserError(f"--init {args.init}: its --{k.replace('_', '-')} is "
+                                       f"{cfg.get(k)!r}, not {getattr(args, k)!r}")
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    llm, tok = common.load_llm(args.llm, device)
+    train_items, valid_items = common.manifests(args)
+
+    # the LLM's own continuations of the transcripts are the teacher's responses
+    continuation_data(llm, tok, train_items, args, args.out, "train")
+    continuation_data(llm, tok, valid_items, args, args.out, "valid")
+    for it in valid_items:
+        it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))
+
+    module, cformer, ctx = build(args, device, encoder, llm)
+    if args.init:
+        common.load_trainable(module, init_ck)
+    before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
+
+    def step_fn(batch):
+        return kd_step(encoder, cformer, llm, ctx, before, after, batch, args)
+
+    def valid_fn(step):
+        module.eval()
+        with torch.no_grad():
+            res = evaluate(encoder, cformer, llm, tok, ctx, valid_items, args, device)
+        module.train()
+        return res
+
+    res = common.train(args, module, step_fn, train_items, device, rank, world, valid_fn,
+                       method="blsp_kd", model_fields=MODEL_FIELDS)
+    if rank == 0:
+        module.eval()
+        show_sample(encoder, cformer, llm, tok, ctx, valid_items[0], args, device)
+        print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))
+
+
+def show_sample(encoder, cformer, llm, tok, ctx, item, args, device):
+    """The continuation from a held-out spoken sentence beside the one from its transcript."""
+    batch = common.to_device(data.collate([dict(item, wave=data.load_audio(item["audio"]))]), device)
+    with torch.no_grad(), common.autocast(device):
+        vecs, n, _ = speech_vectors(encoder, cformer, batch)
+        ask = lambda x, ins: common.respond(llm, tok, [x], ins, args.prompt, args.max_new_tokens,
+                                            lora=ctx)[0]
+        print(f"transcript:              {item['text']}")
+        print(f"speech vectors:          {int(n[0])} (transcript tokens: {len(item['transcript_ids'])})")
+        print(f"continuation from text:  {ask(text(item['transcript_ids']), CONTINUE_INSTRUCTION)}")
+        print(f"continuation from speech:{ask(speech(vecs[0]), CONTINUE_INSTRUCTION)}")
+        print(f"repeat from speech:      {ask(speech(vecs[0]), data.REPEAT_INSTRUCTIONS[0])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,612 @@
+"""SSR: Alignment-Aware Modality Connector for Speech Language Models
+(Tan, Inaguma, Dong, Tomasello, Ma, arXiv 2410.00168, 2024; no official code, an early prototype
+github.com/steventan0110/fairseq2_speech_llm, branch `steven`).
+
+Idea. Cut the speech into one segment per LLM *text token* with a speech-text aligner, compress each
+segment into one vector that should look like that token's input embedding (stage 1: distillation;
+encoder and LLM frozen, the LLM is not even run), then fine-tune the LLM on these segmented speech
+representations (stage 2). As the vectors sit 1:1 where the text tokens would, the frozen LLM can
+read them almost like text: their nearest-token readout is already a zero-shot ASR.
+
+Paper step                                              -> code
+  aligner: character CTC on the frozen encoder frames   -> Aligner, aligner_loss (F.ctc_loss)
+  character frames, transcript known (training)         -> char_frames: forced_align (torchaudio;
+                                                            viterbi_align: pure-torch fallback)
+  character frames, no transcript (inference)           -> greedy_decode
+  characters -> LLM tokens: frame of the last character -> token_boundaries
+  connector: Linear(d_enc->d_llm, no bias) -> L layers  -> Connector, causal_mask, blockwise_mask
+             -> select the boundary frames: 1 per token
+  stage 1: mean_tok sum_d (z-e)^2 + 5 mean_tok(1-cos)   -> distill_loss
+  nearest-token accuracy: argmax_v cos(z, E_v)          -> readout, distill_eval
+  stage 2: next-token prediction from SSR vectors       -> ntp_splice (LoRA, or --finetune full)
+
+Project choices ([choice] in METHODS.md, or where it is silent):
+- aligner: pre-norm transformer layers (starting as the identity) + Linear over common.CTC_CHARS
+  on the frozen frames; the Linear starts from the encoder folder's ctc_head.safetensors if any;
+- a CTC character lasts until the next emitted label (space included) starts: the blanks after it
+  are its own. Word-final characters then end where the exact boundaries say (toy: within 1 frame),
+  which a bare CTC spike does not. --aligner oracle: the last 20 ms frame a character overlaps.
+  Spaces and punctuation are never a token's aligned character;
+- connector layers: pre-norm, SDPA, GELU MLP, no positional encoding, no final norm. Blockwise
+  mask by default (a frame of segment k sees from the previous boundary frame, inclusive, up to
+  itself; --no-blockwise: causal): on the toy it learns far faster;
+- stage 2 (paper-like next-token prediction): BOS + SSR vectors + EOS, speech position i labelled
+  with transcript token i, i.e. the LLM's own text objective with embeddings swapped for SSR
+  vectors (--text-mix: the transcript's ids instead). Only the LLM trains in stage 2;
+- AdamW betas (0.9, 0.95), weight decay 0.1, cosine decay to 0.2 x lr (prototype); steps, lr and
+  warm-up scaled to the toy setting (prototype: lr 1e-4, 2000 warm-up steps, bf16).
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+from common import arg, speech, text
+
+BLANK, SPACE = 0, common.CTC_CHARS.index(" ")
+CHAR_INDEX = {c: i for i, c in enumerate(common.CTC_CHARS) if i != BLANK}
+CONTINUE_INSTRUCTION = data.CONTINUE_INSTRUCTIONS[0]
+
+
+@dataclass
+class SSRArgs(common.Args):
+    stage: str = arg("all", "aligner | 1 | 2 | all (aligner, stage 1, then a short stage 2)",
+                     choices=["aligner", "1", "2", "all"])
+    aligner: str = arg("ctc", "training boundaries: ctc (forced alignment of the transcript) | "
+                              "oracle (manifest `chars`: [char, start_s, end_s])", choices=["ctc", "oracle"])
+    aligner_layers: int = arg(1, "aligner: transformer layers before the CTC Linear")
+    aligner_steps: int = arg(10, "aligner: optimizer steps (more without a pre-trained CTC head)")
+    aligner_lr: float = arg(1e-3, "aligner: peak learning rate")
+    layers: int = arg(2, "connector: transformer layers (prototype: 4)")
+    heads: int = arg(4, "attention heads (aligner and connector)")
+    dropout: float = arg(0.1, "connector dropout (prototype: 0.1)")
+    blockwise: bool = arg(True, "connector: blockwise mask (a frame sees from the previous "
+                                "boundary up to itself); --no-blockwise: causal")
+    cos_weight: float = arg(5.0, "stage 1: lambda, weight of mean(1 - cos(z, e))")
+    steps: int = arg(120, "stage 1: optimizer steps")
+    lr: float = arg(3e-3, "stage 1: peak learning rate (prototype: 1e-4)")
+    stage2_steps: int = arg(20, "stage 2: optimizer steps")
+    stage2_lr: float = arg(1e-3, "stage 2: peak learning rate")
+    finetune: str = arg("lora", "stage 2: lora (common.add_lora, unmasked) | full", choices=["lora", "full"])
+    text_mix: float = arg(0.0, "stage 2: fraction of text-only batches (the transcripts)")
+    warmup: int = arg(20, "warm-up steps (each stage; at most a fifth of its steps)")
+    betas: str = arg("0.9,0.95", "AdamW betas (prototype)")
+    weight_decay: float = arg(0.1, "AdamW weight decay (prototype)")
+    schedule: str = arg("cosine", "decay after warm-up (prototype: cosine)")
+    min_lr_ratio: float = arg(0.2, "final lr / peak lr (prototype: 0.2)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer layers with an explicit (B, T, T) mask (True: may attend)
+
+class Block(nn.Module):
+    def __init__(self, d, heads, dropout=0.0):
+        super().__init__()
+        self.heads, self.p = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                           dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, T, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+def causal_mask(T):
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
+def blockwise_mask(boundaries, T):
+    """Segment k = frames (b_{k-1}, b_k]; a frame of segment k sees frames b_{k-1} .. itself
+    (segment 0 from frame 0; the frames after the last boundary form one more segment)."""
+    b, t = torch.tensor(boundaries, dtype=torch.long), torch.arange(T)
+    start = torch.cat([torch.zeros(1, dtype=torch.long), b])[torch.searchsorted(b, t)]
+    return (t[None] >= start[:, None]) & (t[None] <= t[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# The aligner: character CTC, forced alignment, greedy decoding
+
+class Aligner(nn.Module):
+    """Frozen encoder frames (B, T, d_enc) -> character log-probs (B, T, |CTC_CHARS|)."""
+
+    def __init__(self, d_enc, layers, heads, head_state=None):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d_enc, heads) for _ in range(layers))
+        for blk in self.blocks:                                  # identity at start: x + 0
+            for lin in (blk.out, blk.mlp[-1]):
+                nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+        self.head = nn.Linear(d_enc, len(common.CTC_CHARS))
+        self.pretrained = head_state is not None
+        if head_state is not None:
+            self.head.load_state_dict(head_state)
+
+    def forward(self, frames, lens):
+        T = frames.shape[1]
+        mask = (torch.arange(T, device=frames.device)[None, None] < lens[:, None, None]).expand(-1, T, T)
+        x = frames
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.head(x).float().log_softmax(-1)
+
+
+def load_ctc_head(encoder_path):
+    """The encoder folder's pre-trained linear CTC head (the built-in default has one), or None."""
+    from safetensors.torch import load_file
+    path = encoder_path or common.default_encoder()
+    f, c = os.path.join(path, "ctc_head.safetensors"), os.path.join(path, "ctc_chars.json")
+    ok = os.path.isfile(f) and os.path.isfile(c) and json.load(open(c)) == common.CTC_CHARS
+    return load_file(f) if ok else None
+
+
+def ctc_targets(txt):
+    """Characters of " " + txt that the aligner emits -> (their positions, their CTC ids).
+    Lower-cased; characters outside CTC_CHARS skipped; no leading, double or final space."""
+    pos, ids = [], []
+    for i, c in enumerate(" " + txt):
+        c = c.lower()
+        if c in CHAR_INDEX and not (c == " " and (not ids or ids[-1] == SPACE)):
+            pos.append(i), ids.append(CHAR_INDEX[c])
+    if ids and ids[-1] == SPACE:
+        pos.pop(), ids.pop()
+    return pos, ids
+
+
+def aligner_loss(logp, lens, texts):
+    """CTC loss summed over the batch -> (loss, number of target characters)."""
+    tgts = [torch.tensor(ctc_targets(t)[1], dtype=torch.long) for t in texts]
+    tl = torch.tensor([len(t) for t in tgts])
+    loss = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgts).to(logp.device), lens, tl.to(lens.device),
+                      blank=BLANK, reduction="sum", zero_infinity=True)
+    return loss, int(tl.sum())
+
+
+def runs(labels):
+    """A CTC path (frame labels) -> [label, last frame] per emitted label. A label lasts until the
+    next one starts (the blanks after it are its own); the final one ends with its run."""
+    out, prev = [], BLANK
+    for t, k in enumerate(labels):
+        if k != BLANK and k != prev:
+            if out:
+                out[-1][1] = t - 1
+            out.append([k, t])
+        elif k != BLANK:
+            out[-1][1] = t
+        prev = k
+    return out
+
+
+def viterbi_align(logp, targets):
+    """Pure-torch CTC Viterbi over (blank, y1, blank, y2, ..., blank) -> best frame labels."""
+    T = logp.shape[0]
+    ext = torch.tensor([BLANK] + [x for y in targets for x in (y, BLANK)])
+    S, ninf = len(ext), torch.tensor([-math.inf])
+    skip = torch.zeros(S, dtype=torch.bool)
+    skip[2:] = (ext[2:] != BLANK) & (ext[2:] != ext[:-2])          # y_{k-1} -> y_k over no blank
+    emit = logp[:, ext].float().cpu()
+    score = torch.full((S,), -math.inf)
+    score[:2] = emit[0, :2]
+    back = torch.zeros(T, S, dtype=torch.long)
+    for t in range(1, T):
+        s2 = torch.where(skip, torch.cat([ninf, ninf, score[:-2]]), ninf)
+        best, back[t] = torch.stack([score, torch.cat([ninf, score[:-1]]), s2]).max(0)
+        score = best + emit[t]
+    s = S - 1 if S == 1 or score[S - 1] >= score[S - 2] else S - 2
+    labels = [0] * T
+    for t in range(T - 1, -1, -1):
+        labels[t] = int(ext[s])
+        s -= int(back[t, s])
+    return labels
+
+
+def forced_align(logp, targets):
+    """Best CTC path of `targets` through log-probs (T, C) -> frame labels (list of T)."""
+    try:
+        from torchaudio.functional import forced_align as ta_forced_align
+    except ImportError:
+        return viterbi_align(logp, targets)
+    labels, _ = ta_forced_align(logp[None].float().cpu(), torch.tensor([targets], dtype=torch.int32),
+                                blank=BLANK)
+    return labels[0].tolist()
+
+
+def char_frames(logp, txt):
+    """Forced alignment -> {position in " " + txt: last frame} of each aligned non-space
+    character, or None when the transcript cannot fit in the frames."""
+    pos, ids = ctc_targets(txt)
+    if logp.shape[0] < len(ids) + sum(a == b for a, b in zip(ids, ids[1:])):
+        return None
+    ends = [t for _, t in runs(forced_align(logp, ids))] if ids else []
+    return {p: t for p, k, t in zip(pos, ids, ends) if k != SPACE}
+
+
+def greedy_decode(logp):
+    """No transcript: best label per frame, merged -> (text, {position in " " + text: frame})."""
+    r = [(common.CTC_CHARS[k], t) for k, t in runs(logp.argmax(-1).tolist())]
+    while r and r[0][0] == " ":
+        r.pop(0)
+    while r and r[-1][0] == " ":
+        r.pop()
+    return "".join(c for c, _ in r), {i + 1: t for i, (c, t) in enumerate(r) if c != " "}
+
+
+def oracle_frames(chars, txt, frame_seconds):
+    """Exact boundaries: each non-space character's last overlapping frame."""
+    pos = [i for i, c in enumerate(" " + txt) if c != " "]
+    if len(pos) != len(chars) or any((" " + txt)[p] != c for p, (c, _, _) in zip(pos, chars)):
+        raise data.DataError(f"`chars` do not match the transcript {txt!r}")
+    return {p: max(0, math.ceil(end / frame_seconds - 1e-6) - 1) for p, (_, _, end) in zip(pos, chars)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Characters -> LLM tokens
+
+def token_boundaries(offsets, frames, n_frames):
+    """LLM token k ends at the frame of its last aligned character (offsets: each token's (start,
+    end) in " " + text; frames: {character position: frame}); a token with no aligned character
+    takes the previous boundary; then made strictly increasing and clipped to the last frame.
+    -> list of frames, or None when the tokens cannot fit (never truncated)."""
+    b, prev = [], -1
+    for s, e in offsets:
+        own = [frames[p] for p in range(s, e) if p in frames]
+        prev = own[-1] if own else prev
+        b.append(prev)
+    for k in range(len(b)):                                   # b_k > b_{k-1}
+        b[k] = max(b[k], b[k - 1] + 1 if k else 0)
+    last = n_frames - 1
+    for k in reversed(range(len(b))):                         # b_k <= last frame, still increasing
+        b[k] = last = min(b[k], last)
+        last -= 1
+    return b if not b or b[0] >= 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The connector and the SSR vectors
+
+class Connector(nn.Module):
+    """Frames (B, T, d_enc) -> Linear -> L masked layers -> the outputs at the boundary frames."""
+
+    def __init__(self, d_enc, d_llm, layers, heads, dropout, blockwise=True):
+        super().__init__()
+        self.proj = nn.Linear(d_enc, d_llm, bias=False)
+        self.blocks = nn.ModuleList(Block(d_llm, heads, dropout) for _ in range(layers))
+        self.blockwise = blockwise
+
+    def forward(self, frames, boundaries):
+        x = self.proj(frames)
+        B, T, _ = x.shape
+        mask = torch.stack([blockwise_mask(b, T) for b in boundaries]) if self.blockwise else \
+            causal_mask(T).expand(B, T, T)
+        for blk in self.blocks:
+            x = blk(x, mask.to(x.device))
+        return [x[i, torch.tensor(b, dtype=torch.long, device=x.device)]        # selection
+                for i, b in enumerate(boundaries)]
+
+
+def encode(encoder, aligner, batch):
+    """Frozen encoder frames, lengths and aligner log-probs of a batch, computed once (kept in it)."""
+    if "ssr_frames" not in batch:
+        with torch.no_grad():
+            frames, lens = encoder(batch["wave"], batch["wave_lens"])
+            batch["ssr_frames"] = frames.float(), lens, aligner(frames.float(), lens).cpu()
+    return batch["ssr_frames"]
+
+
+SKIPPED = set()
+
+
+def ssr_vectors(encoder, aligner, connector, tok, batch, mode):
+    """wave -> frozen encoder -> boundaries (oracle | forced | greedy) -> connector.
+    -> (vectors, token ids, boundaries, kept indices): an example whose tokens cannot fit in its
+    frames is reported (once) and skipped."""
+    frames, lens, logp = encode(encoder, aligner, batch)
+    ids, bnds, keep = [], [], []
+    for i, T in enumerate(lens.tolist()):
+        txt = batch["text"][i] if "text" in batch else None
+        if mode == "greedy":
+            txt, fr = greedy_decode(logp[i, :T])
+        else:
+            fr = char_frames(logp[i, :T], txt) if mode == "forced" else \
+                oracle_frames(batch["chars"][i], txt, encoder.frame_seconds)
+        enc = tok(" " + txt, return_offsets_mapping=True, add_special_tokens=False)
+        b = token_boundaries(enc.offset_mapping, fr, T) if fr is not None else None
+        if b is None:
+            where = batch.get("where", [txt] * len(lens))[i]
+            if where not in SKIPPED:
+                SKIPPED.add(where)
+                print(f"ssr: skipped {where}: {len(enc.input_ids)} tokens do not fit in {T} "
+                      f"frames ({mode} boundaries)", file=sys.stderr)
+            continue
+        ids.append(enc.input_ids), bnds.append(b), keep.append(i)
+    return (connector(frames[keep], bnds) if keep else []), ids, bnds, keep
+
+
+def every_vector(encoder, aligner, connector, tok, batch, d):
+    """CTC (greedy) SSR vectors of every utterance of a batch (empty where skipped)."""
+    vecs, _, _, keep = ssr_vectors(encoder, aligner, connector, tok, batch, "greedy")
+    out = [torch.zeros(0, d, device=batch["wave"].device) for _ in batch["wave"]]
+    for v, i in zip(vecs, keep):
+        out[i] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: distillation into the text embeddings; stage 2: next-token prediction
+
+def distill_loss(z, e, lam):
+    """sum over tokens of ( sum_d (z - e)^2 + lam (1 - cos(z, e)) ) -> (loss sum, tokens)."""
+    mse = ((z - e) ** 2).sum(-1)                                # sum_dim (z - e)^2
+    cos = F.cosine_similarity(z, e, dim=-1)
+    return (mse + lam * (1 - cos)).sum(), z.shape[0]
+
+
+def readout(z, table):
+    """Nearest token of each vector: argmax over the vocabulary of cos(z, E_v)."""
+    return (F.normalize(z.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T).argmax(-1)
+
+
+def ntp_splice(embed, inputs, ids_list, bos, eos):
+    """BOS + input (SSR vectors, or the transcript's ids) + EOS; input position i is labelled
+    with transcript token i, so position i-1 predicts token i and the last input position EOS."""
+    sp = common.splice(embed, [[text(bos), x, text([eos], loss=True)] for x in inputs])
+    for b, ids in enumerate(ids_list):
+        s0, s1 = sp.spans[b][1]
+        sp.labels[b, s0:s1] = torch.tensor(ids, device=sp.labels.device)
+    return sp
+
+
+@torch.no_grad()
+def distill_eval(encoder, aligner, connector, embed, tok, items, args, device, modes):
+    """Per boundary source (mode): cosine, MSE and nearest-token accuracy against the transcript's
+    tokens (on the `matched` utterances: as many tokens), zero-shot WER of the nearest-token
+    readout; bnd_err_forced: mean |forced - oracle| token boundary, in frames."""
+    was, E, s, out = connector.training, embed.weight.float(), defaultdict(float), defaultdict(list)
+    connector.eval()
+    for batch in common.batches(items, args):
+        batch, got = common.to_device(batch, device), {}
+        for m in modes:
+            vecs, _, bnds, keep = ssr_vectors(encoder, aligner, connector, tok, batch, m)
+            got[m] = dict(zip(keep, bnds))
+            for z, i in zip(vecs, keep):
+                ref, pred, z = common.input_ids(tok, batch["text"][i]), readout(z, E), z.float()
+                out["ref_" + m].append(batch["text"][i])
+                out["hyp_" + m].append(tok.decode(pred.tolist(), skip_special_tokens=True))
+                s["utts_" + m] += 1
+                if len(ref) == len(z):                  # greedy may decode another token count
+                    e = E[torch.tensor(ref, device=E.device)]
+                    s["cos_" + m] += float(F.cosine_similarity(z, e, dim=-1).sum())
+                    s["mse_" + m] += float(((z - e) ** 2).sum())
+                    s["acc_" + m] += float((pred.cpu() == torch.tensor(ref)).sum())
+                    s["tok_" + m], s["match_" + m] = s["tok_" + m] + len(ref), s["match_" + m] + 1
+        for i, b in got["forced"].items():
+            o = got.get("oracle", {}).get(i, [])
+            if len(o) == len(b):
+                s["bnd_err"], s["bnd_n"] = s["bnd_err"] + sum(abs(x - y) for x, y in zip(b, o)), s["bnd_n"] + len(b)
+    res = {f"{k}_{m}": s[f"{k}_{m}"] / max(s["tok_" + m], 1) for m in modes for k in ("cos", "mse", "acc")}
+    res.update({f"wer_{m}": common.wer(out["ref_" + m], out["hyp_" + m]) for m in modes})
+    res.update({f"matched_{m}": s["match_" + m] / max(s["utts_" + m], 1) for m in modes})
+    if s["bnd_n"]:
+        res["bnd_err_forced"] = s["bnd_err"] / s["bnd_n"]
+    connector.train(was)
+    return res
+
+
+@torch.no_grad()
+def ntp_eval(llm, tok, items, args, device, vec_fn, bos, eos):
+    """Stage 2's loss per transcript token on valid, from the SSR vectors (forced CTC boundaries)
+    and from the transcript's ids: the LLM's text ability, where forgetting shows."""
+    embed, s = llm.get_input_embeddings(), dict(speech=0.0, text=0.0, n_speech=0, n_text=0)
+    for batch in common.batches(items, args):
+        batch = common.to_device(batch, device)
+        vecs, ids, _, _ = vec_fn(batch)
+        tids = [common.input_ids(tok, t) for t in batch["text"]]
+        for k, inputs, ii in (("speech", [speech(v) for v in vecs], ids),
+                              ("text", [text(x) for x in tids], tids)):
+            if inputs:
+                sp = ntp_splice(embed, inputs, ii, bos, eos)
+                loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
+                s[k], s["n_" + k] = s[k] + float(loss), s["n_" + k] + n
+    return dict(speech_loss=s["speech"] / max(s["n_speech"], 1), text_loss=s["text"] / max(s["n_text"], 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages, each through common.train in its own subdirectory of --out
+
+def stage_args(args, name, steps, lr):
+    sub = os.path.join(args.resume, name) if args.resume else None
+    return dataclasses.replace(args, out=os.path.join(args.out, name), steps=steps, lr=lr,
+                               warmup=min(args.warmup, max(1, steps // 5)),
+                               resume=sub if sub and os.path.isfile(os.path.join(sub, "latest")) else None)
+
+
+def load_stage(module, out, name, required=None):
+    run = os.path.join(out, name)
+    if os.path.isfile(os.path.join(run, "latest")):
+        return common.load_trainable(module, common.find_checkpoint(run))
+    if required:
+        raise common.UserError(f"{run}: no checkpoint (run --stage {required} first)")
+    return module
+
+
+def build(args, encoder, llm, device):
+    aligner = Aligner(encoder.dim, args.aligner_layers, args.heads, load_ctc_head(args.encoder))
+    connector = Connector(encoder.dim, llm.config.hidden_size, args.layers, args.heads, args.dropout,
+                          args.blockwise)
+    return aligner.to(device), connector.to(device)
+
+
+def stage2_module(args, llm):
+    if args.finetune == "full":
+        for p in llm.parameters():
+            p.requires_grad_(True)
+        return llm
+    return common.add_lora(llm, masked=False)[1]
+
+
+def run_stages(args, encoder, llm, tok, device, rank, world):
+    train_items, valid_items = common.manifests(args)
+    if args.aligner == "oracle" and not all("chars" in it for it in train_items):
+        raise common.UserError("--aligner oracle: the training manifest has no `chars` field")
+    aligner, connector = build(args, encoder, llm, device)
+    embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
+    stages = ["aligner", "1", "2"] if args.stage == "all" else [args.stage]
+    modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]
+    train_mode = "oracle" if args.aligner == "oracle" else "forced"
+    fields, res = ("llm", "encoder", "encoder_layer", "aligner_layers", "heads"), {}
+
+    if "aligner" in stages:
+        def aligner_step(batch):
+            with torch.no_grad():
+                frames, lens = encoder(batch["wave"], batch["wave_lens"])
+            loss, n = aligner_loss(aligner(frames.float(), lens), lens, batch["text"])
+            return loss, n, {}
+
+        def aligner_valid(step):                          # character error rate of greedy CTC
+            err = n = 0
+            for b in common.batches(valid_items, args):
+                _, lens, logp = encode(encoder, aligner, common.to_device(b, device))
+                for i, (t, T) in enumerate(zip(b["text"], lens.tolist())):
+                    err, n = err + common.edit_distance(t, greedy_decode(logp[i, :T])[0]), n + len(t)
+            return dict(cer=err / n)
+
+        common.train(stage_args(args, "aligner", args.aligner_steps, args.aligner_lr), aligner,
+                     aligner_step, train_items, device, rank, world, aligner_valid,
+                     method="ssr-aligner", model_fields=fields)
+    load_stage(aligner, args.out, "aligner")
+    if not aligner.pretrained and not os.path.isfile(os.path.join(args.out, "aligner", "latest")):
+        print("ssr: warning: no trained aligner and no pre-trained CTC head: CTC boundaries are "
+              "random (run --stage aligner first)", file=sys.stderr)
+    common.freeze(aligner)
+
+    fields += ("layers", "blockwise")
+    if "1" in stages:
+        def stage1_step(batch):
+            vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, train_mode)
+            if not vecs:
+                return connector.proj.weight.sum() * 0, 0, {}
+            e = embed.weight[torch.tensor([i for x in ids for i in x], device=device)]   # the rows
+            return (*distill_loss(torch.cat(vecs).float(), e.float(), args.cos_weight), {})
+
+        res = common.train(stage_args(args, "stage1", args.steps, args.lr), connector, stage1_step,
+                           train_items, device, rank, world, lambda step: distill_eval(
+                               encoder, aligner, connector, embed, tok, valid_items, args, device, modes),
+                           method="ssr-stage1", model_fields=fields)
+        if rank == 0:
+            report(res, modes)
+    else:
+        load_stage(connector, args.out, "stage1", "1")
+    common.freeze(connector)
+
+    if "2" in stages:
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        module, rng = stage2_module(args, llm).train(), random.Random(args.seed)
+
+        def stage2_step(batch):
+            if rng.random() < args.text_mix:                # a text-only batch: the transcripts
+                ids = [common.input_ids(tok, t) for t in batch["text"]]
+                inputs = [text(x) for x in ids]
+            else:
+                vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, train_mode)
+                inputs = [speech(v) for v in vecs]
+            sp = ntp_splice(embed, inputs, ids, bos, eos)
+            loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
+            return loss, n, dict(tokens=int(sp.attention_mask.sum()))
+
+        def stage2_valid(step):
+            module.eval()
+            r = ntp_eval(llm, tok, valid_items, args, device, lambda b: ssr_vectors(
+                encoder, aligner, connector, tok, b, "forced"), bos, eos)
+            r.update(common.alignment_eval(llm, tok, valid_items, args, device, lambda b: every_vector(
+                encoder, aligner, connector, tok, b, llm.config.hidden_size), CONTINUE_INSTRUCTION))
+            r.pop("repeat_example")
+            module.train()
+            return r
+
+        before = stage2_valid(0)
+        res = {**res, **common.train(stage_args(args, "stage2", args.stage2_steps, args.stage2_lr), module,
+                           stage2_step, train_items, device, rank, world, stage2_valid,
+                           method="ssr-stage2", model_fields=fields + ("finetune",))}
+        for k in ("speech_loss", "text_loss", "content_acc", "content_acc_text", "repeat_wer"):
+            if rank == 0:
+                print(f"stage 2 {k:17s} before {before.get(k, math.nan):.4f} -> after {res.get(k, math.nan):.4f}")
+    return res
+
+
+def report(res, modes):
+    names = dict(oracle="oracle", forced="forced (CTC + transcript)", greedy="CTC (no transcript)")
+    print(f"{'boundaries':26s} {'cosine':>7s} {'mse':>8s} {'token_acc':>9s} {'readout_wer':>11s}")
+    for m in modes:
+        print(f"{names[m]:26s} {res[f'cos_{m}']:7.4f} {res[f'mse_{m}']:8.4f} {res[f'acc_{m}']:9.4f} "
+              f"{res[f'wer_{m}']:11.4f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference and evaluation of a trained run (--ckpt: the run directory of all stages)
+
+def infer(args, device):
+    if not os.path.isfile(os.path.join(args.ckpt or "", "stage1", "latest")):
+        raise common.UserError(f"{args.ckpt}: no stage 1 checkpoint in this run directory")
+    has2 = os.path.isfile(os.path.join(args.ckpt, "stage2", "latest"))
+    with open(os.path.join(args.ckpt, "stage2" if has2 else "stage1", "config.json")) as f:
+        cfg = json.load(f)
+    run = SSRArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(SSRArgs) if f.name in cfg})
+    encoder = common.load_encoder(run.encoder, device, run.encoder_layer)
+    llm, tok = common.load_llm(run.llm, device)
+    aligner, connector = build(run, encoder, llm, device)
+    load_stage(aligner, args.ckpt, "aligner"), load_stage(connector, args.ckpt, "stage1")
+    if has2:
+        load_stage(stage2_module(run, llm), args.ckpt, "stage2")
+    common.freeze(aligner), common.freeze(connector), common.freeze(llm)
+    if args.infer:
+        wave = data.load_audio(args.infer)
+        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)], device=device))
+        with torch.no_grad(), common.autocast(device):
+            vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, "greedy")
+            if not vecs:
+                raise common.UserError(f"{args.infer}: no token of the CTC transcript fits its frames")
+            print(f"aligner (greedy CTC):  {tok.decode(ids[0])}")
+            print(f"nearest-token readout: {tok.decode(readout(vecs[0], llm.get_input_embeddings().weight).tolist())}")
+            print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
+                                 run.prompt, args.max_new_tokens)[0])
+    if args.eval:
+        items = data.read_manifest(args.eval)[:args.max_valid]
+        modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]
+        res = distill_eval(encoder, aligner, connector, llm.get_input_embeddings(), tok, items, args,
+                           device, modes)
+        report(res, modes)
+        print(json.dumps(res, indent=1))
+
+
+@common.guard
+def main(argv=None):
+    args = common.parse_args(SSRArgs, argv)
+    device, rank, world = common.setup(args)
+    if args.ckpt:
+        return infer(args, device)
+    args.out = args.out or "runs/ssr"
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    llm, tok = common.load_llm(args.llm, device)
+    if not tok.is_fast:
+        raise common.UserError("SSR needs a fast tokenizer (its offset mapping)")
+    res = run_stages(args, encoder, llm, tok, device, rank, world)
+    if rank == 0 and res:
+        print("final: " + json.dumps({k: round(v, 4) for k, v in res.items()}))
+
+
+if __name__ == "__main__":
+    main()
