@@ -49,7 +49,7 @@ class BLSPArgs(common.Args):
     bottleneck: int = arg(512, "width of the adapter's residual bottleneck (paper: 512)")
     continuation_tokens: int = arg(64, "step 1: at most this many new tokens per continuation")
     gen_batch_size: int = arg(64, "step 1: transcripts per generation batch")
-    steps: int = arg(400, "optimizer steps")
+    steps: int = arg(1400, "optimizer steps")
     lr: float = arg(2e-3, "peak learning rate (paper: 5e-5 at batch 768)")
     warmup: int = arg(40, "warm-up steps (paper: 1000)")
 

@@ -81,6 +81,8 @@ class Args:
     clip: float = arg(1.0, "gradient clipping (max global norm)")
     seed: int = arg(0, "random seed")
     device: str = arg(None, "cuda | cpu (default: cuda when available)")
+    threads: int = arg(0, "CPU threads for torch (0: 1 with the built-in tiny models, whose "
+                          "matrices are too small to gain from more; else torch's default)")
     workers: int = arg(0, "data-loading worker processes")
     log_every: int = arg(10, "log a metrics line every N steps")
     eval_every: int = arg(0, "validate every N steps (0: only at the end)")
@@ -130,6 +132,8 @@ def setup(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
+    elif args.threads or (args.llm is None and "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(args.threads or 1)
     seed_all(args.seed)
     return device, rank, world
 
@@ -982,7 +986,7 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
 # Built-in defaults: a tokenizer, a Llama-style LLM, a T5 and a Whisper-style encoder, trained
 # briefly on the toy corpus (deterministic, cached under ~/.cache/speechlm-ref)
 
-DEFAULT_SIZES = dict(llm=dict(hidden=64, layers=3, heads=2, ffn=192, steps=2000, batch=32, lr=1e-2, v=1),
+DEFAULT_SIZES = dict(llm=dict(hidden=64, layers=3, heads=2, ffn=192, steps=1200, batch=32, lr=1e-2, v=2),
                      t5=dict(d=64, layers=2, heads=2, ffn=192, steps=1500, batch=32, lr=5e-3, v=1),
                      encoder=dict(d=96, layers=2, heads=4, ffn=256, steps=350, batch=16, lr=3e-3))
 
@@ -1083,14 +1087,11 @@ def _build_default_llm(path, size):
     tasks = [(i, "continue") for i in data.CONTINUE_INSTRUCTIONS] + \
             [(i, "repeat") for i in data.REPEAT_INSTRUCTIONS]
     pieces = {i: prompt_pieces(tok, i) for i, _ in tasks}
-    words = data.ADJECTIVES + data.NOUNS + data.VERBS
 
     def make(sents, r):
         samples = []
         for s in sents:
             ins, task = r.choice(tasks)
-            if task == "repeat" and r.random() < 0.5:   # random word strings: copy by content
-                s = " ".join(r.choice(words) for _ in range(r.randint(3, 9)))
             ans = data.toy_tasks(s)["continuation"] if task == "continue" else s
             b, a = pieces[ins]
             samples.append([text(b), text(input_ids(tok, s)), text(a),
