@@ -559,3 +559,16 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
             blsp.main(base + ["--train", tiny["train"]] + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+
+
+# ============================================================================================
+# bench.py cannot rot
+
+def test_bench_tiny_runs(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
+                        "--vocab", "2000"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=HERE))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l.split()[0] for l in r.stdout.splitlines()]
+    assert {"blsp", "blsp-30s", "blsp-nobucket", "kd-select", "kd-full"} <= set(rows)
+    assert "faster than the 30 s recipe" in r.stdout
