@@ -1173,7 +1173,7 @@ def _build_default_t5(path, size):
                 enc, lab = make([data.toy_sentence(held) for _ in range(256)], held)
                 pred = model(**enc, labels=lab).logits.argmax(-1)
                 acc = float((pred == lab)[lab != -100].float().mean())
-            print(f"  default T5 step {step + 1}: loss {float(loss):.4f}, held-out answer "
+            print(f"  default T5 step {step + 1}: loss {float(loss.detach()):.4f}, held-out answer "
                   f"accuracy {acc:.4f}", flush=True)
             if acc >= 0.995:
                 break

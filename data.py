@@ -121,7 +121,8 @@ def collate(rows):
     wave = torch.zeros(len(rows), int(lens.max()))
     for i, r in enumerate(rows):
         wave[i, :lens[i]] = r["wave"]
-    batch = {k: [r[k] for r in rows] for k in rows[0] if k != "wave"}
+    keys = dict.fromkeys(k for r in rows for k in r if k != "wave")   # fields missing in a row: None
+    batch = {k: [r.get(k) for r in rows] for k in keys}
     batch.update(wave=wave, wave_lens=lens)
     return batch
 

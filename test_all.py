@@ -479,6 +479,15 @@ common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device
 # BLSP
 
 import blsp  # noqa: E402
+from types import SimpleNamespace
+import soundfile as sf
+import blsp_kd
+from common import speech, text
+import itertools
+import math
+import ssr
+import copy
+import slm
 
 
 def test_blsp_adapter_lengths_odd_and_even():
@@ -572,3 +581,777 @@ def test_bench_tiny_runs(tmp_path):
     rows = [l.split()[0] for l in r.stdout.splitlines()]
     assert {"blsp", "blsp-30s", "blsp-nobucket", "kd-select", "kd-full"} <= set(rows)
     assert "faster than the 30 s recipe" in r.stdout
+
+
+# ============================================================================================
+# Merged method tests
+
+
+# ============================================================================================
+# blsp_kd (from test_blsp_kd.py)
+
+# ----------------------------------------------------------------------------------------------
+# tiny models
+
+def blsp_kd_tiny_llm(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    tok = common.default_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=0.2)
+    return common.freeze(LlamaForCausalLM(cfg)), tok
+
+
+def blsp_kd_tiny_whisper():
+    from transformers import WhisperConfig, WhisperModel
+    torch.manual_seed(1)
+    cfg = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                        encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=2,
+                        decoder_ffn_dim=32, max_source_positions=1500, max_target_positions=32,
+                        vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1)
+    return WhisperModel(cfg)
+
+
+def blsp_kd_loss_args(**kw):
+    a = dict(length_loss=True, response_kl=True, input_kl=True, response_ce=True, temperature=2.0,
+             unfreeze_encoder=False)
+    return SimpleNamespace(**dict(a, **kw))
+
+
+# ----------------------------------------------------------------------------------------------
+# CIF
+
+def blsp_kd_cif_loop(alpha, h, n):
+    """Plain frame-by-frame integrate-and-fire at threshold 1; the last token takes the tail."""
+    outs, sums = [], []
+    acc_w, acc_h = 0.0, torch.zeros(h.shape[1], dtype=h.dtype)
+    for t in range(len(alpha)):
+        a = float(alpha[t])
+        while acc_w + a >= 1.0 and len(outs) < n - 1:      # fire (maybe several times a frame)
+            part = 1.0 - acc_w
+            outs.append(acc_h + part * h[t])
+            sums.append(acc_w + part)
+            a -= part
+            acc_w, acc_h = 0.0, torch.zeros_like(acc_h)
+        acc_w += a
+        acc_h = acc_h + a * h[t]
+    outs.append(acc_h)
+    sums.append(acc_w)
+    return torch.stack(outs), torch.tensor(sums, dtype=h.dtype)
+
+
+def blsp_kd_check_against_loop(alpha, lens, n, D=5):
+    B, T = alpha.shape
+    h = torch.randn(B, T, D, dtype=torch.float64)
+    w = blsp_kd.cif_weights(alpha, n)
+    assert w.shape == (B, int(n.max()), T)
+    out = torch.bmm(w, h)
+    for b in range(B):
+        k = int(n[b])
+        ref, ref_sums = blsp_kd_cif_loop(alpha[b, :lens[b]], h[b, :lens[b]], k)
+        assert ref.shape[0] == k
+        torch.testing.assert_close(out[b, :k], ref, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(w[b, :k].sum(-1), ref_sums, atol=1e-9, rtol=1e-9)
+        assert (w[b, k:] == 0).all() and (w[b, :, lens[b]:] == 0).all()
+        torch.testing.assert_close(w[b].sum(0), alpha[b])       # each frame's weight is spent
+
+
+def test_blsp_kd_cif_closed_form_equals_loop_random_padded():
+    torch.manual_seed(0)
+    for _ in range(20):
+        B = 4
+        lens = torch.randint(1, 16, (B,))
+        lens[0] = 16
+        n = torch.randint(1, 9, (B,))
+        n[1] = 1                                                  # N = 1
+        n[2] = int(lens[2]) * 2 + 1                               # weights above 1 in a frame
+        mask = torch.arange(16)[None] < lens[:, None]
+        alpha = torch.rand(B, 16, dtype=torch.float64) * mask
+        scaled = blsp_kd.rescale(alpha, n)
+        torch.testing.assert_close(scaled.sum(1), n.double())    # rescaled weights sum to N
+        assert (scaled[~mask] == 0).all()
+        blsp_kd_check_against_loop(scaled, lens, n)
+
+
+def test_blsp_kd_cif_fires_in_the_last_frame():
+    alpha = torch.tensor([[0.3, 0.3, 2.4], [0.5, 0.5, 1.0]], dtype=torch.float64)
+    n = torch.tensor([3, 2])
+    blsp_kd_check_against_loop(alpha, torch.tensor([3, 3]), n)
+    w = blsp_kd.cif_weights(alpha, n)
+    torch.testing.assert_close(w[0], torch.tensor([[0.3, 0.3, 0.4], [0, 0, 1.0], [0, 0, 1.0]],
+                                                  dtype=torch.float64))
+
+
+def test_blsp_kd_cif_is_differentiable_in_alpha():
+    torch.manual_seed(1)
+    alpha = (torch.rand(2, 7, dtype=torch.float64) + 0.1).requires_grad_()
+    n = torch.tensor([3, 2])
+    torch.autograd.gradcheck(lambda a: blsp_kd.cif_weights(blsp_kd.rescale(a, n), n), (alpha,))
+
+
+def test_blsp_kd_cformer_counts_and_padding_independence():
+    torch.manual_seed(0)
+    cf = blsp_kd.CFormer(8, 6, 1, 1, 2).eval()
+    frames, lens = torch.randn(2, 20, 8), torch.tensor([20, 11])
+    vecs, n, total = cf(frames, lens, torch.tensor([4, 2]))
+    assert vecs.shape == (2, 4, 6) and n.tolist() == [4, 2]
+    alone, _, _ = cf(frames[1:, :11], lens[1:], torch.tensor([2]))
+    torch.testing.assert_close(vecs[1, :2], alone[0], atol=1e-5, rtol=1e-5)
+    _, n_inf, total = cf(frames, lens)                            # inference: round(sum alpha)
+    assert n_inf.tolist() == [max(1, round(float(t))) for t in total.detach()]
+
+
+# ----------------------------------------------------------------------------------------------
+# KD losses against two separate, plain LLM calls
+
+def test_blsp_kd_kd_losses_equal_direct_computation():
+    llm, tok = blsp_kd_tiny_llm()
+    before, after = common.prompt_pieces(tok, blsp_kd.CONTINUE_INSTRUCTION)
+    torch.manual_seed(3)
+    trs = [common.input_ids(tok, "the old fox sees the cat"), common.input_ids(tok, "the dog helps the king")]
+    resps = [common.target_ids(tok, "then the cat sees the fox again") + [tok.eos_token_id],
+             common.target_ids(tok, "then the king")]
+    vecs = [torch.randn(len(t), 32) for t in trs]
+    total, n = torch.tensor([7.5, 4.0]), torch.tensor([6, 5])
+    pairs = [blsp_kd.kd_pair(before, after, t, v, r) for t, v, r in zip(trs, vecs, resps)]
+    got, k = blsp_kd.kd_losses(llm, None, *zip(*pairs), blsp_kd_loss_args(), total, n)
+
+    emb = llm.get_input_embeddings()
+    rkl, ikl, ce = [], [], []
+    for t, v, r in zip(trs, vecs, resps):
+        lt = llm(input_ids=torch.tensor([before + t + after + r])).logits[0].double()
+        es = torch.cat([emb(torch.tensor(before)), v, emb(torch.tensor(after + r))])
+        ls = llm(inputs_embeds=es[None]).logits[0].double()
+        r0 = len(before) + len(t) + len(after) - 1                  # predicts the first response token
+        for pos, out in [(range(r0, r0 + len(r)), rkl), (range(len(before), len(before) + len(t)), ikl)]:
+            for p in pos:
+                pt, ps = torch.softmax(lt[p] / 2, -1), torch.softmax(ls[p] / 2, -1)
+                out.append(float((pt * (pt.log() - ps.log())).sum()))
+        ce += [float(-torch.log_softmax(ls[r0 + j], -1)[r[j]]) for j in range(len(r))]
+    assert k == sum(len(r) for r in resps)
+    assert got["response_kl"].item() == pytest.approx(sum(rkl) / len(rkl), rel=1e-4)
+    assert got["input_kl"].item() == pytest.approx(sum(ikl) / len(ikl), rel=1e-4)
+    assert got["response_ce"].item() == pytest.approx(sum(ce) / len(ce), rel=1e-5)
+    assert got["length"].item() == pytest.approx((1.5 / 6 + 1.0 / 5) / 2, rel=1e-6)
+    assert min(rkl) >= 0 and got["input_kl"] > 1e-4                # non-trivial: can fail
+
+
+# ----------------------------------------------------------------------------------------------
+# Partial LoRA
+
+def test_blsp_kd_plora_teacher_and_text_positions_are_the_frozen_llm():
+    llm, tok = blsp_kd_tiny_llm()
+    emb = llm.get_input_embeddings()
+    torch.manual_seed(5)
+    before, after = common.prompt_pieces(tok, blsp_kd.CONTINUE_INSTRUCTION)
+    tr = common.input_ids(tok, "the red cat sees the dog")
+    sp_text = common.splice(emb, [[text(before), text(tr), text(after)]] * 2)
+    sp_speech = common.splice(emb, [[text(before), speech(torch.randn(4, 32)), text(after)],
+                                    [text(before), speech(torch.randn(6, 32)), text(after)]])
+    base_text, base_speech = common.hidden_states(llm, sp_text), common.hidden_states(llm, sp_speech)
+    ctx, layers = common.add_lora(llm, r=4, alpha=4, dropout=0.05, masked=True)
+    layers.eval()
+    for m in layers:                                            # a non-zero update everywhere
+        torch.nn.init.normal_(m.lora_B, std=0.5)
+    assert torch.equal(blsp_kd.llm_pass(llm, sp_speech, ctx, student=False), base_speech)  # teacher
+    assert torch.equal(blsp_kd.llm_pass(llm, sp_text, ctx, student=True), base_text)      # mask 0
+    h = blsp_kd.llm_pass(llm, sp_speech, ctx, student=True)
+    first = len(before)
+    assert torch.equal(h[:, :first], base_speech[:, :first])    # causal: before speech untouched
+    assert not torch.allclose(h[:, first:], base_speech[:, first:], atol=1e-3)
+    assert ctx.enabled and ctx.mask is None                     # switches restored
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients reach the trained parts only
+
+def blsp_kd_toy_batch(tok, sentences, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for s in sentences:
+        wave, _ = data.synthesize(s, rng)
+        cont = data.toy_tasks(s)["continuation"]
+        rows.append(dict(wave=torch.from_numpy(wave), text=s, transcript_ids=common.input_ids(tok, s),
+                         response_ids=common.target_ids(tok, cont) + [tok.eos_token_id]))
+    return data.collate(rows)
+
+
+@pytest.mark.parametrize("stage,unfreeze", [(1, False), (2, False), (2, True)])
+def test_blsp_kd_only_trained_parts_get_gradients(stage, unfreeze):
+    llm, tok = blsp_kd_tiny_llm()
+    from transformers import WhisperFeatureExtractor
+    w = blsp_kd_tiny_whisper()
+    encoder = common.freeze(common.SpeechEncoder(w.encoder, "whisper",
+                                                 WhisperFeatureExtractor(feature_size=80).mel_filters))
+    args = blsp_kd_loss_args(unfreeze_encoder=unfreeze, stage=stage, pre_layers=1, post_layers=1, heads=2,
+                     ffn=0, dropout=0.0, lora_r=4, lora_alpha=4.0, lora_dropout=0.0)
+    module, cformer, ctx = blsp_kd.build(args, torch.device("cpu"), encoder, llm)
+    before, after = common.prompt_pieces(tok, blsp_kd.CONTINUE_INSTRUCTION)
+    batch = blsp_kd_toy_batch(tok, ["the cat sees the dog", "the old king helps the small bird"])
+    loss, k, logs = blsp_kd.kd_step(encoder, cformer, llm, ctx, before, after, batch, args)
+    (loss / k).backward()
+    assert set(logs) == {"length", "response_kl", "input_kl", "response_ce"}
+    trained = {id(p) for p in module.parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in cformer.parameters())
+    assert any(float(p.grad.abs().sum()) > 0 for p in cformer.pre.parameters())
+    if stage == 2:
+        assert all(m.lora_B.grad is not None and float(m.lora_B.grad.abs().sum()) > 0
+                   for m in module["lora"])
+    else:
+        assert "lora" not in module
+    for name, p in list(llm.named_parameters()) + list(encoder.named_parameters()):
+        if id(p) in trained:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name
+    assert any(id(p) in trained for p in encoder.model.parameters()) == unfreeze
+
+
+# ----------------------------------------------------------------------------------------------
+# main() end to end: stage 1, stage 2, eval, inference, a bad argument
+
+def blsp_kd_write_manifest(folder, name, sentences, seed):
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+    with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
+        for i, s in enumerate(sentences):
+            wave, _ = data.synthesize(s, rng)
+            sf.write(os.path.join(folder, name, f"{i}.wav"), wave, data.SAMPLE_RATE)
+            f.write(json.dumps(dict(audio=f"{name}/{i}.wav", text=s, duration=len(wave) / 16000,
+                                    **data.toy_tasks(s))) + "\n")
+    return os.path.join(folder, f"{name}.jsonl")
+
+
+def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys):
+    llm, tok = blsp_kd_tiny_llm()
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    blsp_kd_tiny_whisper().save_pretrained(tmp_path / "enc")
+    rng = random.Random(0)
+    train = blsp_kd_write_manifest(tmp_path, "train", [data.toy_sentence(rng) for _ in range(16)], 1)
+    valid = blsp_kd_write_manifest(tmp_path, "valid", [data.toy_sentence(rng) for _ in range(3)], 2)
+    common_args = ["--llm", str(tmp_path / "llm"), "--encoder", str(tmp_path / "enc"), "--train", train,
+                   "--valid", valid, "--device", "cpu", "--batch-size", "8", "--log-every", "1",
+                   "--pre-layers", "1", "--post-layers", "1", "--heads", "2", "--max-new-tokens", "6",
+                   "--continuation-tokens", "6", "--warmup", "2"]
+    s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
+    blsp_kd.main(common_args + ["--out", s1, "--steps", "24", "--lr", "3e-3"])
+    rows = [json.loads(l) for l in open(os.path.join(s1, "metrics.jsonl"))]
+    losses = [r["loss"] for r in rows if "loss" in r and r.get("split") != "valid"]
+    assert len(losses) == 24 and sum(losses[-4:]) < sum(losses[:4])
+    valid_row = [r for r in rows if r.get("split") == "valid"][-1]
+    for key in ("content_acc", "repeat_wer", "count_err", "response_kl", "input_kl", "tokens_pred"):
+        assert key in valid_row
+
+    blsp_kd.main(common_args + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1])
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(common.find_checkpoint(s2), "trainable.safetensors"))
+    assert any(k.startswith("lora.") for k in state) and any(k.startswith("cformer.") for k in state)
+    first_row = json.loads(open(os.path.join(s2, "metrics.jsonl")).readline())
+    assert first_row["loss"] < losses[0]                        # starts from the stage-1 CFormer
+
+    capsys.readouterr()
+    blsp_kd.main(["--ckpt", s2, "--eval", valid, "--device", "cpu", "--max-new-tokens", "4",
+                  "--infer", str(tmp_path / "valid" / "0.wav")])
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    assert {"content_acc", "repeat_wer", "count_err", "response_kl", "input_kl"} <= set(res)
+
+    with pytest.raises(SystemExit) as e:
+        blsp_kd.main(common_args + ["--out", str(tmp_path / "bad"), "--stage", "2"])
+    assert e.value.code == 2 and "--init" in capsys.readouterr().err
+
+
+# ============================================================================================
+# ssr (from test_ssr.py)
+
+# ---------------------------------------------------------------------------------------------
+# characters -> LLM tokens
+
+def test_ssr_boundaries_word_level_tokenizer():
+    tok = common.default_tokenizer()
+    txt = "the red fox"
+    enc = tok(" " + txt, return_offsets_mapping=True, add_special_tokens=False)
+    frames = {p: 3 * p for p, c in enumerate(" " + txt) if c != " "}
+    # the -> 'e' at 3, red -> 'd' at 7, fox -> 'x' at 11
+    assert ssr.token_boundaries(enc.offset_mapping, frames, 100) == [9, 21, 33]
+
+
+def ssr_bpe_tokenizer():
+    """A small byte-level BPE (GPT-2 style: tokens carry their leading space, 'Ġ')."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                             special_tokens=["<s>", "</s>"], show_progress=False)
+    tk.train_from_iterator(["the red fox sees the cat", "the fox", "red fox"] * 5, tr)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def test_ssr_boundaries_bpe_multichar_leading_space_punctuation():
+    tok = ssr_bpe_tokenizer()
+    txt = "the reddish fox, ok"
+    enc = tok(" " + txt, return_offsets_mapping=True, add_special_tokens=False)
+    pieces = tok.convert_ids_to_tokens(enc.input_ids)
+    assert pieces == ["Ġthe", "Ġred", "d", "i", "s", "h", "Ġfox", ",", "Ġ", "o", "k"]
+    # aligned characters: letters only (the aligner emits no ','; spaces never end a token)
+    frames = {p: 2 * p for p, c in enumerate(" " + txt) if c.isalpha()}
+    b = ssr.token_boundaries(enc.offset_mapping, frames, 100)
+    # Ġthe->e(3), Ġred->d(7), d(8), i(9), s(10), h(11), Ġfox->x(15), ',' and 'Ġ' take the previous
+    # boundary (30) and are pushed to 31, 32; o(18), k(19)
+    assert b == [6, 14, 16, 18, 20, 22, 30, 31, 32, 36, 38]
+
+
+def test_ssr_boundaries_same_frame_past_end_and_too_short():
+    offs = [(0, 2), (2, 4), (4, 6)]
+    frames = {1: 5, 3: 5, 5: 6}                       # two tokens end in frame 5
+    assert ssr.token_boundaries(offs, frames, 100) == [5, 6, 7]
+    frames = {1: 8, 3: 9, 5: 12}                      # the last token lies past the 10 frames
+    assert ssr.token_boundaries(offs, frames, 10) == [7, 8, 9]
+    assert ssr.token_boundaries(offs, {}, 10) == [0, 1, 2]   # nothing aligned: 0, 1, 2
+    assert ssr.token_boundaries(offs, frames, 2) is None     # 3 tokens cannot fit in 2 frames
+    assert ssr.token_boundaries([], frames, 2) == []
+
+
+def test_ssr_ctc_targets_greedy_and_oracle_frames():
+    pos, ids = ssr.ctc_targets("Hi,  o ")
+    assert [(" Hi,  o "[p].lower(), common.CTC_CHARS[i]) for p, i in zip(pos, ids)] == \
+        [("h", "h"), ("i", "i"), (" ", " "), ("o", "o")]
+    C = len(common.CTC_CHARS)
+    path = ["<blank>", "h", "h", "<blank>", "i", " ", " ", "o", "<blank>"]
+    logp = torch.full((len(path), C), -5.0)
+    for t, c in enumerate(path):
+        logp[t, common.CTC_CHARS.index(c)] = 0.0
+    assert ssr.greedy_decode(logp) == ("hi o", {1: 3, 2: 4, 4: 7})   # h lasts until i starts
+    chars = [["a", 0.08, 0.13], ["b", 0.13, 0.14]]
+    assert ssr.oracle_frames(chars, "ab", 0.02) == {1: 6, 2: 6}
+    with pytest.raises(data.DataError):
+        ssr.oracle_frames(chars, "ax", 0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# forced alignment against brute force
+
+def ssr_brute_force(logp, targets):
+    T, C = logp.shape
+    best, arg = -math.inf, None
+    for path in itertools.product(range(C), repeat=T):
+        collapsed = [k for k, _ in itertools.groupby(path) if k != ssr.BLANK]
+        if collapsed == list(targets):
+            s = float(sum(logp[t, k] for t, k in enumerate(path)))
+            if s > best:
+                best, arg = s, list(path)
+    return best, arg
+
+
+@pytest.mark.parametrize("targets", [[1, 2, 2], [1, 3], [2]])
+def test_ssr_forced_align_equals_brute_force(targets):
+    g = torch.Generator().manual_seed(len(targets))
+    for _ in range(3):
+        logp = torch.randn(6, 4, generator=g).log_softmax(-1)
+        best, path = ssr_brute_force(logp, targets)
+        for fn in (ssr.forced_align, ssr.viterbi_align):
+            labels = fn(logp, targets)
+            assert labels == path, fn.__name__
+            assert abs(sum(float(logp[t, k]) for t, k in enumerate(labels)) - best) < 1e-5
+
+
+def test_ssr_char_frames_from_forced_path():
+    C = len(common.CTC_CHARS)
+    path = ["<blank>", "a", "a", " ", "<blank>", "b", "<blank>", "b"]    # "a bb"
+    logp = torch.full((len(path), C), -9.0)
+    for t, c in enumerate(path):
+        logp[t, common.CTC_CHARS.index(c)] = 0.0
+    logp = logp.log_softmax(-1)
+    assert ssr.char_frames(logp, "a bb") == {1: 2, 3: 6, 4: 7}       # spaces are not aligned
+    assert ssr.char_frames(logp[:3], "a bb") is None                  # cannot fit in 3 frames
+
+
+# ---------------------------------------------------------------------------------------------
+# masks and connector
+
+def test_ssr_masks_against_hand_built():
+    assert torch.equal(ssr.causal_mask(3), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]]).bool())
+    want = torch.tensor([[1, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0, 0],
+                         [0, 1, 1, 0, 0, 0],     # segment 1 = frames 2..3 sees from boundary 1
+                         [0, 1, 1, 1, 0, 0],
+                         [0, 0, 0, 1, 1, 0],     # after the last boundary: from boundary 3
+                         [0, 0, 0, 1, 1, 1]]).bool()
+    assert torch.equal(ssr.blockwise_mask([1, 3], 6), want)
+
+
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_ssr_connector_one_vector_per_token_and_mask_used(blockwise):
+    torch.manual_seed(0)
+    con = ssr.Connector(12, 8, layers=2, heads=2, dropout=0.0, blockwise=blockwise).eval()
+    frames = torch.randn(2, 9, 12)
+    bnds = [[1, 3, 6], [0, 4]]
+    out = con(frames, bnds)
+    assert [tuple(z.shape) for z in out] == [(3, 8), (2, 8)]
+    # a frame's output does not depend on frames it must not see
+    frames2 = frames.clone()
+    frames2[0, 7:] += 1.0                       # after every boundary of sample 0
+    frames2[0, 0] += 1.0 if blockwise else 0.0  # before boundary 1: invisible from segments 2, 3
+    out2 = con(frames2, bnds)
+    assert torch.allclose(out[0][2], out2[0][2], atol=1e-6)
+    assert torch.allclose(out[0][0], out2[0][0], atol=1e-6) != blockwise
+    if not blockwise:       # selection: the outputs at the boundary frames of the whole sequence
+        full = con(frames, [list(range(9)), list(range(9))])
+        assert torch.allclose(full[1][[0, 4]], out[1], atol=1e-6)
+
+
+def test_ssr_distill_loss_equals_direct():
+    torch.manual_seed(0)
+    z, e = torch.randn(7, 5), torch.randn(7, 5)
+    loss, n = ssr.distill_loss(z, e, 5.0)
+    direct = 0.0
+    for i in range(7):
+        mse = sum(float(z[i, d] - e[i, d]) ** 2 for d in range(5))
+        cos = float(z[i] @ e[i]) / (float(z[i].norm()) * float(e[i].norm()))
+        direct += mse + 5.0 * (1 - cos)
+    assert n == 7 and abs(float(loss) / n - direct / 7) < 1e-4
+
+
+def test_ssr_ntp_splice_labels():
+    embed = torch.nn.Embedding(20, 4)
+    sp = ssr.ntp_splice(embed, [common.speech(torch.randn(3, 4)), common.text([5, 6])],
+                        [[7, 8, 9], [5, 6]], [1], 2)
+    assert sp.labels.tolist() == [[-100, 7, 8, 9, 2], [-100, 5, 6, 2, -100]]
+    assert sp.speech_mask[0, 1:4].all() and not sp.speech_mask[1].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on ssr_tiny models
+
+@pytest.fixture(scope="module")
+def ssr_tiny(tmp_path_factory):
+    from safetensors.torch import save_file
+    from transformers import (LlamaConfig, LlamaForCausalLM, WhisperConfig,
+                              WhisperFeatureExtractor, WhisperModel)
+    import soundfile as sf
+    root = tmp_path_factory.mktemp("ssr")
+    torch.manual_seed(0)
+    tok = common.default_tokenizer()
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2,
+                                       intermediate_size=64, max_position_embeddings=512,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    llm.save_pretrained(root / "llm")
+    tok.save_pretrained(root / "llm")
+    cfg = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                        encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=2,
+                        decoder_ffn_dim=32, max_source_positions=750, max_target_positions=32,
+                        vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1)
+    WhisperModel(cfg).save_pretrained(root / "enc")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "enc")
+    head = torch.nn.Linear(32, len(common.CTC_CHARS))
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(root / "enc" / "ctc_head.safetensors"))
+    (root / "enc" / "ctc_chars.json").write_text(json.dumps(common.CTC_CHARS))
+    rng = random.Random(0)
+    os.makedirs(root / "wav")
+    with open(root / "m.jsonl", "w") as f:
+        for k in range(6):
+            s = data.toy_sentence(rng)
+            wave, chars = data.synthesize(s, rng)
+            sf.write(root / "wav" / f"{k}.wav", wave, data.SAMPLE_RATE)
+            f.write(json.dumps(dict(audio=f"wav/{k}.wav", text=s, duration=len(wave) / 16000,
+                                    chars=chars, **data.toy_tasks(s))) + "\n")
+    return root
+
+
+def ssr_base_args(t, out):
+    return ["--llm", str(t / "llm"), "--encoder", str(t / "enc"), "--train", str(t / "m.jsonl"),
+            "--valid", str(t / "m.jsonl"), "--out", str(out), "--batch-size", "3", "--device", "cpu",
+            "--max-new-tokens", "3", "--aligner-layers", "1", "--layers", "1", "--heads", "2",
+            "--log-every", "1"]
+
+
+def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    ssr.main(ssr_base_args(ssr_tiny, out) + ["--aligner-steps", "2", "--steps", "3", "--stage2-steps", "2",
+                                     "--text-mix", "0.5"])
+    for stage in ("aligner", "stage1", "stage2"):
+        assert os.path.isfile(out / stage / "latest")
+    printed = capsys.readouterr().out
+    assert "stage 2 text_loss" in printed and "CTC (no transcript)" in printed
+    final = json.loads(printed.split("final: ")[-1].splitlines()[0])
+    assert 0 <= final["acc_oracle"] <= 1 and "cos_greedy" in final and "text_loss" in final
+    ssr.main(["--ckpt", str(out), "--infer", str(ssr_tiny / "wav" / "0.wav"), "--eval", str(ssr_tiny / "m.jsonl"),
+              "--max-new-tokens", "3", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "nearest-token readout" in printed and '"cos_forced"' in printed
+    with pytest.raises(SystemExit) as e:                 # stage 2 without a stage-1 checkpoint
+        ssr.main(ssr_base_args(ssr_tiny, tmp_path / "empty") + ["--stage", "2"])
+    assert e.value.code == 2
+
+
+def test_ssr_stage1_never_runs_llm_and_keeps_its_weights(ssr_tiny, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM, LlamaModel
+    loaded = []
+    real = common.load_llm
+
+    def spy(*a, **k):
+        loaded.append(real(*a, **k))
+        return loaded[-1]
+
+    def boom(*a, **k):
+        raise AssertionError("stage 1 ran the LLM")
+
+    monkeypatch.setattr(common, "load_llm", spy)
+    monkeypatch.setattr(LlamaForCausalLM, "forward", boom)
+    monkeypatch.setattr(LlamaModel, "forward", boom)
+    ssr.main(ssr_base_args(ssr_tiny, tmp_path / "r") + ["--stage", "1", "--aligner", "oracle", "--steps", "3",
+                                                "--lr", "1e-2"])
+    fresh = LlamaForCausalLM.from_pretrained(ssr_tiny / "llm")
+    got = loaded[0][0].state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in fresh.state_dict().items())
+    ck = common.find_checkpoint(str(tmp_path / "r" / "stage1"))
+    from safetensors.torch import load_file
+    assert all(k.startswith(("proj.", "blocks.")) for k in load_file(os.path.join(ck, "trainable.safetensors")))
+
+
+# ============================================================================================
+# slm (from test_slm.py)
+
+def slm_tiny_t5(slm_tok, mt5=False, seed=0):
+    from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
+    torch.manual_seed(seed)
+    Config, Model = (MT5Config, MT5ForConditionalGeneration) if mt5 else (T5Config, T5ForConditionalGeneration)
+    cfg = Config(vocab_size=len(slm_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1,
+                 num_heads=4, pad_token_id=slm_tok.pad_token_id, eos_token_id=slm_tok.eos_token_id,
+                 decoder_start_token_id=slm_tok.pad_token_id, dropout_rate=0.0)
+    return common.freeze(Model(cfg))
+
+
+def slm_tiny_whisper(d=32):
+    from transformers import WhisperConfig, WhisperModel
+    torch.manual_seed(0)
+    cfg = WhisperConfig(num_mel_bins=80, d_model=d, encoder_layers=1, encoder_attention_heads=2,
+                        encoder_ffn_dim=2 * d, decoder_layers=1, decoder_attention_heads=2,
+                        decoder_ffn_dim=2 * d, max_source_positions=1500, max_target_positions=16,
+                        vocab_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1)
+    return WhisperModel(cfg)
+
+
+@pytest.fixture(scope="module")
+def slm_tok():
+    return common.default_tokenizer(seq2seq=True)
+
+
+def slm_adapter_for(llm, d_enc=12, stack=4, seed=0):
+    torch.manual_seed(seed)
+    return slm.Adapter(d_enc, llm.config.d_model, slm.embed_norm(llm), stack=stack, width=16,
+                       layers=2, heads=2, ffn=32, dropout=0.0).eval()
+
+
+def test_slm_adapter_shapes_stacking_rule_and_padding(slm_tok):
+    llm = slm_tiny_t5(slm_tok)
+    ad = slm_adapter_for(llm, d_enc=3, stack=4)
+    frames = torch.randn(3, 10, 3)
+    lens = torch.tensor([10, 7, 1])
+    x, xl = ad.stack_frames(frames, lens)
+    assert x.shape == (3, 3, 12) and xl.tolist() == [3, 2, 1]           # ceil(L / 4)
+    for b, L in enumerate(lens.tolist()):
+        for t in range(3):                                                # slow: frame by frame
+            want = torch.cat([frames[b, i] if i < L else torch.zeros(3) for i in range(4 * t, 4 * t + 4)])
+            assert torch.equal(x[b, t], want)
+    out, ol = ad(frames, lens)
+    assert out.shape == (3, 3, 32) and ol.tolist() == [3, 2, 1]
+    # a clip's vectors do not depend on the batch (padding frames zeroed and masked)
+    with torch.no_grad():
+        for b, L in enumerate(lens.tolist()):
+            one, n = ad(frames[b:b + 1, :L], lens[b:b + 1])
+            torch.testing.assert_close(one[0, :n[0]], out[b, :n[0]], atol=1e-5, rtol=1e-5)
+    # LayerNorm scale starts at mean |e| / sqrt(d): outputs have the embeddings' norm
+    norm_e = llm.get_input_embeddings().weight.norm(dim=-1).mean()
+    assert torch.allclose(ad.norm.weight, norm_e / math.sqrt(32) * torch.ones(32))
+    assert abs(float(out[0].detach().norm(dim=-1).mean()) - float(norm_e)) < 0.05 * float(norm_e)
+
+
+def test_slm_concatenated_attention_mask_and_order(slm_tok):
+    llm = slm_tiny_t5(slm_tok)
+    embed = llm.get_input_embeddings()
+    v = [torch.randn(3, 32), torch.randn(1, 32)]
+    ins = [[7, 8], [9, 10, 11]]
+    for order in ("speech-first", "instruction-first"):
+        sp = common.splice(embed, [slm.encoder_sample(speech(x), i, 1, order) for x, i in zip(v, ins)])
+        assert sp.attention_mask.tolist() == [[1] * 6, [1] * 5 + [0]]   # 3+2+1 and 1+3+1 real
+        for b in range(2):
+            n, m = len(v[b]), len(ins[b])
+            s0 = 0 if order == "speech-first" else m
+            i0 = n if order == "speech-first" else 0
+            assert torch.equal(sp.inputs_embeds[b, s0:s0 + n], v[b])
+            assert torch.equal(sp.inputs_embeds[b, i0:i0 + m], embed(torch.tensor(ins[b])))
+            assert torch.equal(sp.inputs_embeds[b, n + m], embed.weight[1])       # EOS last
+            assert sp.speech_mask[b].sum() == n
+
+
+def slm_samples_and_targets(slm_tok, llm, ad, lens=(9, 5, 13)):
+    torch.manual_seed(1)
+    frames = torch.randn(len(lens), max(lens), ad.proj_in.in_features // ad.stack)
+    vecs, vl = ad(frames, torch.tensor(lens))
+    vecs = [v[:n] for v, n in zip(vecs, vl.tolist())]
+    inss = ["Transcribe the speech:", common.TOY_T5_INSTRUCTIONS["ast"][0], "Say it in toylish:"]
+    tgts = ["the cat sees the dog", "tac", "the old fox finds the big bear"]
+    return vecs, [slm.ids_of(slm_tok, s) for s in inss], [slm.ids_of(slm_tok, t) for t in tgts]
+
+
+def test_slm_loss_equals_t5_own_cross_entropy(slm_tok):
+    llm = slm_tiny_t5(slm_tok)
+    ad = slm_adapter_for(llm)
+    eos = slm_tok.eos_token_id
+    vecs, inss, tgts = slm_samples_and_targets(slm_tok, llm, ad)
+    samples = [slm.encoder_sample(speech(v), i, eos) for v, i in zip(vecs, inss)]
+    loss, n, _ = slm.slm_loss(llm, samples, tgts, eos)
+    assert n == sum(len(t) + 1 for t in tgts)
+    embed = llm.get_input_embeddings()
+    direct = 0.0
+    for v, i, t in zip(vecs, inss, tgts):                      # one at a time, no padding at all
+        x = torch.cat([v, embed(torch.tensor(i + [eos]))])[None]
+        lab = torch.tensor([t + [eos]])
+        direct += llm(inputs_embeds=x, labels=lab).loss * lab.numel()   # T5's own mean CE
+    torch.testing.assert_close(loss, direct, atol=1e-4, rtol=1e-5)
+
+
+def test_slm_only_adapter_trains_and_t5_is_unchanged(slm_tok):
+    llm = slm_tiny_t5(slm_tok)
+    before = copy.deepcopy(llm.state_dict())
+    ad = slm_adapter_for(llm).train()
+    opt = torch.optim.AdamW(ad.parameters(), lr=1e-2)
+    eos = slm_tok.eos_token_id
+    for _ in range(2):
+        vecs, inss, tgts = slm_samples_and_targets(slm_tok, llm, ad)
+        loss, n, _ = slm.slm_loss(llm, [slm.encoder_sample(speech(v), i, eos) for v, i in zip(vecs, inss)],
+                                  tgts, eos)
+        (loss / n).backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ad.parameters())
+        assert all(p.grad is None and not p.requires_grad for p in llm.parameters())
+        opt.step()
+        opt.zero_grad()
+    after = llm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not llm.training
+
+
+def slm_greedy_slow(llm, x, eos, n):
+    """Reference greedy decoding: encoder once, then the full decoder re-run for each token."""
+    enc = llm.get_encoder()(inputs_embeds=x[None]).last_hidden_state
+    ys = [llm.config.decoder_start_token_id]
+    for _ in range(n):
+        logits = llm(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ys])).logits
+        ys.append(int(logits[0, -1].argmax()))
+        if ys[-1] == eos:
+            break
+    return ys[1:]
+
+
+def test_slm_generate_batched_equals_one_at_a_time(slm_tok):
+    llm = slm_tiny_t5(slm_tok, seed=3)
+    with torch.no_grad():                      # no special token wins: non-trivial answers
+        llm.lm_head.weight.normal_(0, 1)
+        llm.lm_head.weight[[slm_tok.pad_token_id, slm_tok.eos_token_id, slm_tok.unk_token_id]] = 0
+    ad = slm_adapter_for(llm, seed=3)
+    eos = slm_tok.eos_token_id
+    vecs, inss, _ = slm_samples_and_targets(slm_tok, llm, ad)
+    samples = [slm.encoder_sample(speech(v.detach()), i, eos) for v, i in zip(vecs, inss)]
+    batched = slm.generate_ids(llm, slm_tok, samples, max_new_tokens=6)
+    single = [slm.generate_ids(llm, slm_tok, [s], max_new_tokens=6)[0] for s in samples]
+    assert batched == single and all(len(b) == 6 for b in batched)
+    assert len({tuple(b) for b in batched}) > 1           # the input matters
+    embed = llm.get_input_embeddings()
+    for s, out in zip(samples, batched):
+        x = torch.cat([seg.vectors if seg.ids is None else embed(torch.tensor(seg.ids)) for seg in s])
+        assert out == slm_greedy_slow(llm, x.detach(), eos, 6)
+    assert slm.answer(llm, slm_tok, samples[:1], 6) == [slm_tok.decode(batched[0]).strip()]
+
+
+def test_slm_corpus_bleu_against_hand_computation():
+    assert slm.corpus_bleu(["a b c d e f"], ["a b c d e f"]) == pytest.approx(100)
+    # precisions 5/6, 4/5, 3/4, 2/3, no brevity penalty
+    assert slm.corpus_bleu(["a b c d e f"], ["a b c d e x"]) == pytest.approx(100 * (1 / 3) ** 0.25)
+    # all precisions 1, c = 5 < r = 6: BP = exp(1 - 6/5)
+    assert slm.corpus_bleu(["a b c d e f"], ["a b c d e"]) == pytest.approx(100 * math.exp(-0.2))
+    # clipping: "the the the the" against one "the"; corpus-level sums over sentences
+    assert slm.corpus_bleu(["the cat"], ["the the the the"]) == 0.0
+    p = [(5 + 4) / (6 + 4), (4 + 0) / (5 + 3), (3 + 0) / (4 + 2), (2 + 0) / (3 + 1)]
+    want = 100 * math.exp(sum(map(math.log, p)) / 4)         # c = 10 = r: BP 1
+    assert slm.corpus_bleu(["a b c d e f", "w x y z"], ["a b c d e x", "x w z y"]) == pytest.approx(want)
+
+
+def test_slm_draw_tasks_uses_trained_phrasings_only():
+    batch = dict(text=["a b", "c d", "e f"], translation=["x", None, "y"], where=["m:1", "m:2", "m:3"])
+    import random
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        for k, (task, ins, tgt) in enumerate(slm.draw_tasks(batch, ["asr", "ast"], "toylish", rng)):
+            assert tgt == (batch["text"][k] if task == "asr" else batch["translation"][k])
+            assert ins in slm.instructions(task, "toylish")
+            seen.add((k, task))
+    assert seen == {(0, "asr"), (0, "ast"), (1, "asr"), (2, "asr"), (2, "ast")}
+    with pytest.raises(data.DataError, match="m:2"):
+        slm.draw_tasks(batch, ["ast"], "toylish", rng)
+    assert all(slm.held_out(t, "toylish") not in slm.instructions(t, "toylish") for t in ("asr", "ast"))
+
+
+@pytest.fixture(scope="module")
+def slm_tiny(tmp_path_factory, slm_tok):
+    from transformers import WhisperFeatureExtractor
+    root = tmp_path_factory.mktemp("slm")
+    for name, mt5 in (("t5", False), ("mt5", True)):
+        slm_tiny_t5(slm_tok, mt5).save_pretrained(root / name)
+        slm_tok.save_pretrained(root / name)
+    slm_tiny_whisper().save_pretrained(root / "enc")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "enc")
+    tm, vm = data.toy_corpus(str(root / "corpus"), n_train=12, n_valid=4, seed=2)
+    return dict(root=root, train=tm, valid=vm, enc=str(root / "enc"))
+
+
+def test_slm_main_end_to_end(slm_tiny, capsys):
+    r = slm_tiny["root"]
+    for name in ("t5", "mt5"):
+        out = str(r / f"run-{name}")
+        slm.main(["--llm", str(r / name), "--encoder", slm_tiny["enc"], "--train", slm_tiny["train"],
+                  "--valid", slm_tiny["valid"], "--out", out, "--steps", "3", "--batch-size", "4",
+                  "--width", "16", "--ffn", "32", "--heads", "2", "--warmup", "1",
+                  "--max-new-tokens", "4", "--device", "cpu"])
+        printed = capsys.readouterr().out
+        assert "trainable parameters of" in printed and "asr [held-out]" in printed
+        res = json.loads(printed.split("final: ")[1].splitlines()[0])
+        for k in ("asr_wer", "asr_wer_heldout", "asr_wer_text", "ast_bleu", "ast_word_acc_heldout",
+                  "continue_word_acc"):
+            assert k in res
+    wav = data.read_manifest(slm_tiny["valid"])[0]["audio"]
+    slm.main(["--ckpt", out, "--infer", wav, "--instruction", "Write down what you hear.",
+              "--max-new-tokens", "3", "--device", "cpu"])
+    assert capsys.readouterr().out.count("\n") == 1          # one answer line (untrained: may be empty)
+    slm.main(["--ckpt", out, "--eval", slm_tiny["valid"], "--task", "ast", "--instruction",
+              "Say it in toylish:", "--max-new-tokens", "3", "--device", "cpu"])
+    res = json.loads(capsys.readouterr().out)
+    assert {"ast_bleu", "ast_bleu_heldout", "ast_bleu_instruction", "ast_word_acc_text"} <= set(res)
+
+
+def test_slm_bad_input_gives_one_line_error(slm_tiny, tmp_path, capsys):
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps(dict(audio="x.wav", text="the cat")) + "\n")
+    with pytest.raises(SystemExit):
+        slm.main(["--llm", str(slm_tiny["root"] / "t5"), "--encoder", slm_tiny["enc"], "--train", str(m),
+                  "--tasks", "ast", "--device", "cpu", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no target for the tasks ast" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        slm.main(["--llm", str(tmp_path / "nope"), "--encoder", slm_tiny["enc"], "--device", "cpu"])
+    assert capsys.readouterr().err.startswith("error: --llm")
+    with pytest.raises(SystemExit):
+        slm.main(["--llm", str(slm_tiny["root"] / "t5"), "--encoder", slm_tiny["enc"], "--layers", "0",
+                  "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert "--layers" in capsys.readouterr().err
