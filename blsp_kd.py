@@ -44,6 +44,7 @@ layers, 4 heads, batch 16, lr 3e-3 (6e-3 was no better), 30 warm-up steps, 700 s
 one CPU thread; the toy default then reaches content_acc ~0.33 from speech, repeat_wer ~0.56).
 """
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -275,6 +276,9 @@ def kd_step(encoder, cformer, llm, ctx, before, after, batch, args):
 def kd_eval(encoder, cformer, llm, tok, ctx, items, args, device):
     """Response / input KL with the true N, and predicted vs true speech-vector counts."""
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
+    measure = copy.copy(args)               # both KLs are measured, whichever ones are trained
+    measure.response_kl = measure.input_kl = True
+    measure.response_ce = False
     sums = dict(response_kl=0.0, input_kl=0.0, n_resp=0, count_err=0.0, pred=0, true=0, items=0)
     for batch in common.batches(items, args):
         batch = common.to_device(batch, device)
@@ -284,9 +288,9 @@ def kd_eval(encoder, cformer, llm, tok, ctx, items, args, device):
             vecs, n, total = speech_vectors(encoder, cformer, batch, n_true)
             pairs = [kd_pair(before, after, t, v, r)
                      for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
-            losses, k = kd_losses(llm, ctx, *zip(*pairs), args)
+            losses, k = kd_losses(llm, ctx, *zip(*pairs), measure)
         for name in ("response_kl", "input_kl"):
-            sums[name] += float(losses.get(name, float("nan"))) * k
+            sums[name] += float(losses[name]) * k
         sums["n_resp"] += k
         sums["count_err"] += float(((n_pred - n).abs() / n).sum())
         sums["pred"] += int(n_pred.sum())
