@@ -27,7 +27,6 @@ around the same pieces (--prompt blsp forces the paper's template); default hype
 scaled to the toy setting (the paper: lr 5e-5, batch 768, 1000 warm-up steps, 1 epoch, clip 1.0,
 weight decay 0.05).
 """
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -103,15 +102,9 @@ def speech_vectors(encoder, adapter, batch):
 def continuation_data(llm, tok, items, args, out_dir, tag):
     """Ask the frozen LLM to continue each transcript (greedy); cached in out_dir, resumable.
     Adds item["continuation_llm"] (text)."""
-    before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
     transcripts = [common.normalize(it["text"]) for it in items]   # lower case, no punctuation
-    prompts = [before + common.input_ids(tok, t) + after for t in transcripts]
-    key = hashlib.sha1(json.dumps([args.llm, args.prompt, args.continuation_tokens, transcripts])
-                       .encode()).hexdigest()[:10]
-    os.makedirs(out_dir, exist_ok=True)
-    cache = os.path.join(out_dir, f"continuations-{tag}-{key}.jsonl")
-    conts = common.generate_texts(llm, tok, prompts, args.continuation_tokens, args.gen_batch_size,
-                                  cache, desc=f"step 1: continuations ({tag})")
+    conts = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
+                                  args.continuation_tokens, out_dir, tag)
     for it, c in zip(items, conts):
         it["continuation_llm"] = c
     return items

@@ -45,7 +45,6 @@ one CPU thread; the toy default then reaches content_acc ~0.33 from speech, repe
 """
 import contextlib
 import copy
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -172,15 +171,9 @@ def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
 def continuation_data(llm, tok, items, args, out_dir, tag):
     """Greedy continuation of each transcript; cached in out_dir, resumable. Adds to each item
     transcript_ids (N = their count) and response_ids (continuation [+ EOS])."""
-    before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
-    transcripts = [common.normalize(it["text"]) for it in items]
-    prompts = [before + common.input_ids(tok, t) + after for t in transcripts]
-    key = hashlib.sha1(json.dumps([args.llm, args.prompt, args.continuation_tokens, transcripts])
-                       .encode()).hexdigest()[:10]
-    os.makedirs(out_dir, exist_ok=True)
-    cache = os.path.join(out_dir, f"continuations-{tag}-{key}.jsonl")
-    conts = common.generate_texts(llm, tok, prompts, args.continuation_tokens, args.gen_batch_size,
-                                  cache, desc=f"continuations ({tag})")
+    transcripts = [common.normalize(it["text"]) for it in items]      # as BLSP's step 1
+    conts = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
+                                  args.continuation_tokens, out_dir, tag)
     eos = common.eos_ids(llm, tok)[0]
     for it, t, c in zip(items, transcripts, conts):
         ids = common.target_ids(tok, c)

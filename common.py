@@ -582,6 +582,19 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     return [done[i] for i in range(len(prompts))]
 
 
+def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag):
+    """The frozen LLM's greedy answer to `instruction` about each text (e.g. BLSP's and
+    BLSP-KD's continuation writing), cached in out_dir/answers-TAG-KEY.jsonl, resumable; the key
+    covers the LLM, prompt format, length limit, instruction and texts."""
+    before, after = prompt_pieces(tok, instruction, args.prompt)
+    prompts = [before + input_ids(tok, t) + after for t in texts]
+    key = hashlib.sha1(json.dumps([args.llm, args.prompt, max_new_tokens, instruction, texts])
+                       .encode()).hexdigest()[:10]
+    os.makedirs(out_dir, exist_ok=True)
+    return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size,
+                          os.path.join(out_dir, f"answers-{tag}-{key}.jsonl"), desc=f"answers ({tag})")
+
+
 # ============================================================================================
 # WER
 
