@@ -48,8 +48,9 @@ class BLSPArgs(common.Args):
     bottleneck: int = arg(512, "width of the adapter's residual bottleneck (paper: 512)")
     continuation_tokens: int = arg(64, "step 1: at most this many new tokens per continuation")
     gen_batch_size: int = arg(64, "step 1: transcripts per generation batch")
-    steps: int = arg(1400, "optimizer steps")
-    lr: float = arg(2e-3, "peak learning rate (paper: 5e-5 at batch 768)")
+    steps: int = arg(800, "optimizer steps")
+    batch_size: int = arg(32, "utterances per micro-batch (per process; paper: 768 in all)")
+    lr: float = arg(3e-3, "peak learning rate (paper: 5e-5 at batch 768)")
     warmup: int = arg(40, "warm-up steps (paper: 1000)")
 
 
