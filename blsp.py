@@ -93,7 +93,7 @@ def speech_vectors(encoder, adapter, batch):
     """wave -> frozen encoder -> adapter -> one tensor of speech vectors per utterance."""
     with torch.no_grad():
         frames, lens = encoder(batch["wave"], batch["wave_lens"])
-    vecs, vlens = adapter(frames.float() if frames.device.type == "cpu" else frames, lens)
+    vecs, vlens = adapter(frames, lens)
     return [v[:n] for v, n in zip(vecs, vlens.tolist())]
 
 

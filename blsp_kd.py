@@ -161,7 +161,7 @@ def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
         frames, lens = encoder(batch["wave"], batch["wave_lens"])
     if n is not None:
         n = torch.tensor(n, device=lens.device)
-    vecs, n, total = cformer(frames.float() if frames.device.type == "cpu" else frames, lens, n)
+    vecs, n, total = cformer(frames, lens, n)
     return [v[:k] for v, k in zip(vecs, n.tolist())], n, total
 
 

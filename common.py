@@ -1012,7 +1012,7 @@ def default_tokenizer(seq2seq=False):
     pre = pre_tokenizers.Whitespace()
     words = set(data.toy_vocabulary())
     for s in (data.CONTINUE_INSTRUCTIONS + data.REPEAT_INSTRUCTIONS + [BLSP_TEMPLATE]
-              + TOY_T5_INSTRUCTIONS_ALL()):
+              + data.toy_t5_instructions()):
         words |= {w for w, _ in pre.pre_tokenize_str(s.lower())} | {w for w, _ in pre.pre_tokenize_str(s)}
     specials = ["<pad>", "</s>", "<s>", "<unk>"]
     vocab = {w: i for i, w in enumerate(specials + sorted(words - set(specials)))}
@@ -1026,27 +1026,12 @@ def default_tokenizer(seq2seq=False):
                                   pad_token="<pad>", unk_token="<unk>")
     # one token per known instruction and template piece: short sequences, fast toy training
     tok.add_tokens(["###[Human]:", "###[Assistant]:"] + data.CONTINUE_INSTRUCTIONS
-                   + data.REPEAT_INSTRUCTIONS + TOY_T5_INSTRUCTIONS_ALL())
+                   + data.REPEAT_INSTRUCTIONS + data.toy_t5_instructions())
     if not seq2seq:
         tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}###[Human]:"
                              "{{ m['content'] }}\n\n\n{% endif %}{% endfor %}"
                              "{% if add_generation_prompt %}###[Assistant]:{% endif %}")
     return tok
-
-
-def TOY_T5_INSTRUCTIONS_ALL():
-    return [s for v in TOY_T5_INSTRUCTIONS.values() for s in v] + TOY_T5_HELD_OUT
-
-
-# Instructions the built-in T5 follows (text in, text out); SLM's adapter learns to stand in
-# for the text, and one phrasing per task is held out of SLM's training.
-TOY_T5_INSTRUCTIONS = {
-    "asr": ["Repeat the following text:", "Write down the text:", "Transcribe the speech:"],
-    "ast": [f"Translate the following text into {data.TOY_LANGUAGE}:",
-            f"Translate the speech into {data.TOY_LANGUAGE}:", f"Say it in {data.TOY_LANGUAGE}:"],
-    "continue": list(data.CONTINUE_INSTRUCTIONS),
-}
-TOY_T5_HELD_OUT = ["Copy out exactly what is said:", f"Render this in {data.TOY_LANGUAGE}:"]
 
 
 def _cached(name, size, build):
@@ -1074,7 +1059,7 @@ def _cached(name, size, build):
     return path
 
 
-def _toy_text_batches(rng, size, batch):
+def _toy_text_batches(rng, batch):
     while True:
         yield [data.toy_sentence(rng) for _ in range(batch)]
 
@@ -1113,7 +1098,7 @@ def _build_default_llm(path, size):
 
     held = random.Random(12345)
     opt = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0)
-    for step, sents in zip(range(size["steps"]), _toy_text_batches(rng, size, size["batch"])):
+    for step, sents in zip(range(size["steps"]), _toy_text_batches(rng, size["batch"])):
         for g in opt.param_groups:
             g["lr"] = size["lr"] * min(1, (step + 1) / 30) * (1 - step / size["steps"])
         sp = make(sents, rng)
@@ -1159,9 +1144,9 @@ def _build_default_t5(path, size):
     def make(sents, r):
         srcs, tgts = [], []
         for s in sents:
-            task = r.choice(list(TOY_T5_INSTRUCTIONS))
-            ins = r.choice(TOY_T5_INSTRUCTIONS[task] + (TOY_T5_HELD_OUT[:1] if task == "asr" else
-                                                        TOY_T5_HELD_OUT[1:] if task == "ast" else []))
+            task = r.choice(list(data.TOY_T5_INSTRUCTIONS))
+            unseen = {"asr": data.TOY_T5_HELD_OUT[:1], "ast": data.TOY_T5_HELD_OUT[1:]}.get(task, [])
+            ins = r.choice(data.TOY_T5_INSTRUCTIONS[task] + unseen)
             t = data.toy_tasks(s)
             srcs.append(f"{ins} {s}")
             tgts.append(s if task == "asr" else t["translation"] if task == "ast" else t["continuation"])
@@ -1172,7 +1157,7 @@ def _build_default_t5(path, size):
 
     held = random.Random(12345)
     opt = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0)
-    for step, sents in zip(range(size["steps"]), _toy_text_batches(rng, size, size["batch"])):
+    for step, sents in zip(range(size["steps"]), _toy_text_batches(rng, size["batch"])):
         for g in opt.param_groups:
             g["lr"] = size["lr"] * min(1, (step + 1) / 30) * (1 - step / size["steps"])
         enc, lab = make(sents, rng)

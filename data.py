@@ -280,6 +280,22 @@ CONTINUE_INSTRUCTIONS = [
 REPEAT_INSTRUCTIONS = ["Repeat the following text:", "Write down the text:"]
 
 
+def toy_t5_instructions():
+    """Every instruction phrasing the built-in T5 is taught."""
+    return [s for v in TOY_T5_INSTRUCTIONS.values() for s in v] + TOY_T5_HELD_OUT
+
+
+# Instructions the built-in T5 follows (text in, text out); SLM's adapter learns to stand in
+# for the text, and one phrasing per task is held out of SLM's training.
+TOY_T5_INSTRUCTIONS = {
+    "asr": ["Repeat the following text:", "Write down the text:", "Transcribe the speech:"],
+    "ast": [f"Translate the following text into {TOY_LANGUAGE}:",
+            f"Translate the speech into {TOY_LANGUAGE}:", f"Say it in {TOY_LANGUAGE}:"],
+    "continue": list(CONTINUE_INSTRUCTIONS),
+}
+TOY_T5_HELD_OUT = ["Copy out exactly what is said:", f"Render this in {TOY_LANGUAGE}:"]
+
+
 def toy_sentence(rng):
     """the [adj] noun verb the [adj] noun"""
     def phrase():

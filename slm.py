@@ -28,7 +28,7 @@ frames are zeroed before stacking, so a clip's vectors do not depend on its batc
 then the instruction, then the encoder's EOS (--order instruction-first for the other layout);
 each item draws its task uniformly among the tasks it has a target for, and a phrasing uniformly
 among the task's trained phrasings; one phrasing per task is held out of training
-(common.TOY_T5_HELD_OUT); greedy decoding; "word accuracy" = 1 - WER on the translation. The
+(data.TOY_T5_HELD_OUT); greedy decoding; "word accuracy" = 1 - WER on the translation. The
 paper's sizes (USM, mT0-MT XXL, 156M adapter) are replaced by the toy defaults.
 """
 import json
@@ -52,13 +52,13 @@ TASKS = {"asr": "text", "ast": "translation", "continue": "continuation"}
 
 def instructions(task, language):
     """The phrasings SLM trains with (several per task), for a target language."""
-    return [s.replace(data.TOY_LANGUAGE, language) for s in common.TOY_T5_INSTRUCTIONS[task]]
+    return [s.replace(data.TOY_LANGUAGE, language) for s in data.TOY_T5_INSTRUCTIONS[task]]
 
 
 def held_out(task, language):
     """One phrasing per task never used in SLM's training (None: the whole task is unseen)."""
     k = {"asr": 0, "ast": 1}.get(task)
-    return None if k is None else common.TOY_T5_HELD_OUT[k].replace(data.TOY_LANGUAGE, language)
+    return None if k is None else data.TOY_T5_HELD_OUT[k].replace(data.TOY_LANGUAGE, language)
 
 
 @dataclass
@@ -136,7 +136,7 @@ def speech_vectors(encoder, adapter, batch):
     """wave -> frozen encoder -> adapter -> one tensor of speech vectors per utterance."""
     with torch.no_grad():
         frames, lens = encoder(batch["wave"], batch["wave_lens"])
-    vecs, vlens = adapter(frames.float() if frames.device.type == "cpu" else frames, lens)
+    vecs, vlens = adapter(frames, lens)
     return [v[:n] for v, n in zip(vecs, vlens.tolist())]
 
 

@@ -1200,7 +1200,7 @@ def slm_samples_and_targets(slm_tok, llm, ad, lens=(9, 5, 13)):
     frames = torch.randn(len(lens), max(lens), ad.proj_in.in_features // ad.stack)
     vecs, vl = ad(frames, torch.tensor(lens))
     vecs = [v[:n] for v, n in zip(vecs, vl.tolist())]
-    inss = ["Transcribe the speech:", common.TOY_T5_INSTRUCTIONS["ast"][0], "Say it in toylish:"]
+    inss = ["Transcribe the speech:", data.TOY_T5_INSTRUCTIONS["ast"][0], "Say it in toylish:"]
     tgts = ["the cat sees the dog", "tac", "the old fox finds the big bear"]
     return vecs, [slm.ids_of(slm_tok, s) for s in inss], [slm.ids_of(slm_tok, t) for t in tgts]
 
