@@ -1145,8 +1145,8 @@ def _build_default_t5(path, size):
         srcs, tgts = [], []
         for s in sents:
             task = r.choice(list(data.TOY_T5_INSTRUCTIONS))
-            unseen = {"asr": data.TOY_T5_HELD_OUT[:1], "ast": data.TOY_T5_HELD_OUT[1:]}.get(task, [])
-            ins = r.choice(data.TOY_T5_INSTRUCTIONS[task] + unseen)
+            slm_held_out = {"asr": data.TOY_T5_HELD_OUT[:1], "ast": data.TOY_T5_HELD_OUT[1:]}.get(task, [])
+            ins = r.choice(data.TOY_T5_INSTRUCTIONS[task] + slm_held_out)
             t = data.toy_tasks(s)
             srcs.append(f"{ins} {s}")
             tgts.append(s if task == "asr" else t["translation"] if task == "ast" else t["continuation"])
