@@ -999,7 +999,7 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
 # Built-in defaults: a tokenizer, a Llama-style LLM, a T5 and a Whisper-style encoder, trained
 # briefly on the toy corpus (deterministic, cached under ~/.cache/speechlm-ref)
 
-DEFAULT_SIZES = dict(llm=dict(hidden=64, layers=3, heads=2, ffn=192, steps=1200, batch=32, lr=1e-2, v=2),
+DEFAULT_SIZES = dict(llm=dict(hidden=64, layers=3, heads=4, ffn=192, steps=2000, batch=32, lr=3e-3, v=3),
                      t5=dict(d=64, layers=2, heads=2, ffn=192, steps=1500, batch=32, lr=5e-3, v=1),
                      encoder=dict(d=96, layers=2, heads=4, ffn=256, steps=350, batch=16, lr=3e-3))
 
@@ -1068,58 +1068,69 @@ def default_llm(size=None):
     return _cached("default-llm", size or DEFAULT_SIZES["llm"], _build_default_llm)
 
 
-def _build_default_llm(path, size):
+def _build_default_llm(path, size, tries=3):
     """Pre-train a tiny Llama on the toy instructions: continue (copy the words, roles swapped)
-    and repeat (copy), with the BLSP template (its chat template). Stops early once held-out
-    teacher-forced answer accuracy reaches 99.8%."""
+    and repeat (copy), with the BLSP template (its chat template). Stops once held-out
+    teacher-forced answer accuracy reaches 99.8%. A run that misses 99% is retried with the next
+    seed, and the build fails rather than cache an LLM that cannot copy (measured: with 2 heads
+    of width 32 and lr 1e-2 it stalled at 0.63; 4 heads of 16 at lr 3e-3 reached 99.8% in 600-1100
+    steps on each of 5 seeds)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    rng = random.Random(0)
+    torch.set_num_threads(1)              # the same numbers on every machine (and faster here)
     tok = default_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=size["hidden"], num_hidden_layers=size["layers"],
-                      num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
-                      intermediate_size=size["ffn"], max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
     tasks = [(i, "continue") for i in data.CONTINUE_INSTRUCTIONS] + \
             [(i, "repeat") for i in data.REPEAT_INSTRUCTIONS]
     pieces = {i: prompt_pieces(tok, i) for i, _ in tasks}
+    for seed in range(tries):
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=size["hidden"],
+                          num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+                          num_key_value_heads=size["heads"], intermediate_size=size["ffn"],
+                          max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
 
-    def make(sents, r):
-        samples = []
-        for s in sents:
-            ins, task = r.choice(tasks)
-            ans = data.toy_tasks(s)["continuation"] if task == "continue" else s
-            b, a = pieces[ins]
-            samples.append([text(b), text(input_ids(tok, s)), text(a),
-                            text(target_ids(tok, ans) + [tok.eos_token_id], loss=True)])
-        return splice(model.get_input_embeddings(), samples)
+        def make(sents, r):
+            samples = []
+            for s in sents:
+                ins, task = r.choice(tasks)
+                ans = data.toy_tasks(s)["continuation"] if task == "continue" else s
+                b, a = pieces[ins]
+                samples.append([text(b), text(input_ids(tok, s)), text(a),
+                                text(target_ids(tok, ans) + [tok.eos_token_id], loss=True)])
+            return splice(model.get_input_embeddings(), samples)
 
-    held = random.Random(12345)
-    opt = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0)
-    for step, sents in zip(range(size["steps"]), _toy_text_batches(rng, size["batch"])):
-        for g in opt.param_groups:
-            g["lr"] = size["lr"] * min(1, (step + 1) / 30) * (1 - step / size["steps"])
-        sp = make(sents, rng)
-        loss, n = lm_loss(model, hidden_states(model, sp), sp.labels, reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        if step % 100 == 99:
-            with torch.no_grad():
-                sp = make([data.toy_sentence(held) for _ in range(256)], held)
-                h = hidden_states(model, sp)
-                tgt = sp.labels[:, 1:]
-                pred = logits_at(model, h, F.pad(tgt != -100, (0, 1))).argmax(-1)
-                acc = float((pred == tgt[tgt != -100]).float().mean())
-            print(f"  default LLM step {step + 1}: loss {float(loss.detach()):.4f}, held-out answer "
-                  f"accuracy {acc:.4f}", flush=True)
-            if acc >= 0.998:
-                break
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+        held = random.Random(12345)
+        opt = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0)
+        acc = 0.0
+        for step, sents in zip(range(size["steps"]), _toy_text_batches(rng, size["batch"])):
+            for g in opt.param_groups:
+                g["lr"] = size["lr"] * min(1, (step + 1) / 30) * (1 - step / size["steps"])
+            sp = make(sents, rng)
+            loss, n = lm_loss(model, hidden_states(model, sp), sp.labels, reduction="mean")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            if step % 100 == 99:
+                with torch.no_grad():
+                    sp = make([data.toy_sentence(held) for _ in range(256)], held)
+                    h = hidden_states(model, sp)
+                    tgt = sp.labels[:, 1:]
+                    pred = logits_at(model, h, F.pad(tgt != -100, (0, 1))).argmax(-1)
+                    acc = float((pred == tgt[tgt != -100]).float().mean())
+                print(f"  default LLM (seed {seed}) step {step + 1}: loss {float(loss.detach()):.4f}, "
+                      f"held-out answer accuracy {acc:.4f}", flush=True)
+                if acc >= 0.998:
+                    break
+        if acc >= 0.99:
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            return
+        print(f"  default LLM (seed {seed}) reached only {acc:.4f}: trying the next seed", flush=True)
+    raise SystemExit(f"the built-in LLM did not learn the toy tasks in {tries} tries")
 
 
 def default_t5(size=None):
