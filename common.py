@@ -1000,7 +1000,7 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
 # briefly on the toy corpus (deterministic, cached under ~/.cache/speechlm-ref)
 
 DEFAULT_SIZES = dict(llm=dict(hidden=64, layers=3, heads=4, ffn=192, steps=2000, batch=32, lr=3e-3, v=3),
-                     t5=dict(d=64, layers=2, heads=2, ffn=192, steps=1500, batch=32, lr=5e-3, v=1),
+                     t5=dict(d=64, layers=2, heads=8, ffn=192, steps=2000, batch=128, lr=5e-3, v=2),
                      encoder=dict(d=96, layers=2, heads=4, ffn=256, steps=350, batch=16, lr=3e-3))
 
 
@@ -1140,8 +1140,20 @@ def default_t5(size=None):
 def _build_default_t5(path, size):
     """Pre-train a tiny T5 on the toy instructions: transcribe/repeat, translate, continue
     ("{instruction} {sentence}" -> answer). Stops early once held-out teacher-forced answer
-    accuracy reaches 99.5%."""
+    accuracy reaches 99.9%.
+
+    T5 has no absolute positions (relative bias in self-attention only, none in cross-attention),
+    and the three tasks differ mainly in word order (ASR keeps subject first, translation and
+    continuation put the object first), so the order must come from the instruction token. Heads
+    and batch size decide whether a tiny T5 learns that (1 thread, held-out accuracy / greedy ASR
+    WER from text, 1500 steps unless stopped): 2 heads, batch 32 (the old recipe; tied embeddings
+    did not help): 0.82 / 0.31; 4 heads, batch 32: 0.88 / 0.24; 4 heads, batch 64: 0.986 / 0.084
+    in 50 s; 4 heads, batch 128: 0.9995 / 0.003 at step 700; 8 heads, batch 128 (the default):
+    stops at step 500 in 32-39 s with 0.9995-1.0 / 0.000-0.005 on seeds 0, 1, 2. At batch 32,
+    d 128 (4-8 heads, 2-3 layers) stayed at 0.86-0.90, 8 heads at d 64 reached 0.96 (2 layers) and
+    0.95 (3 layers), and 64 relative-position buckets up to distance 32 gave 0.83."""
     from transformers import T5Config, T5ForConditionalGeneration
+    torch.set_num_threads(1)              # the same numbers on every machine (and faster here)
     torch.manual_seed(0)
     rng = random.Random(1)
     tok = default_tokenizer(seq2seq=True)
@@ -1184,7 +1196,7 @@ def _build_default_t5(path, size):
                 acc = float((pred == lab)[lab != -100].float().mean())
             print(f"  default T5 step {step + 1}: loss {float(loss.detach()):.4f}, held-out answer "
                   f"accuracy {acc:.4f}", flush=True)
-            if acc >= 0.995:
+            if acc >= 0.999:
                 break
     model.save_pretrained(path)
     tok.save_pretrained(path)

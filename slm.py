@@ -30,6 +30,20 @@ each item draws its task uniformly among the tasks it has a target for, and a ph
 among the task's trained phrasings; one phrasing per task is held out of training
 (data.TOY_T5_HELD_OUT); greedy decoding; "word accuracy" = 1 - WER on the translation. The
 paper's sizes (USM, mT0-MT XXL, 156M adapter) are replaced by the toy defaults.
+
+Toy defaults [choice], measured on the toy valid set (200 held-out sentences, 1 CPU thread, the
+built-in encoder and T5 of common.DEFAULT_SIZES): adapter width 128, 2 layers, 4 heads, FFN 512
+(0.45M parameters, 45% of the toy total: the toy LLM is tiny, unlike the paper's 1%); AdamW,
+batch 32, peak lr 2e-3, 30 warm-up steps then linear decay, 1000 steps: ASR WER 0.014 (held-out
+phrasing 0.013), translation word accuracy 0.98 (held-out 0.98), BLEU 95, zero-shot continuation
+word accuracy 0.95; 118 s of training, 122 s in all. Other settings (ASR WER trained / held-out,
+translation word accuracy): batch 16, lr 1e-3, 600 steps: 0.38 / 0.34, 0.66 in 40 s; batch 16,
+lr 2e-3, 2000 steps: 0.020 / 0.026, 0.98 in 132 s; batch 16, lr 3e-3, 1500 steps: 0.057 / 0.065,
+0.95; batch 32, lr 2e-3, 1200 steps: 0.018 / 0.019, 0.99 in 142 s. The frozen T5 sets the
+ceiling (asr_wer_text: its ASR WER from the transcript itself): with the earlier built-in T5
+(2 heads, batch 32; held-out text accuracy 0.84, asr_wer_text 0.31) the batch 16 / lr 1e-3 /
+600-step run reached ASR WER 0.66, with the current one (8 heads, batch 128; accuracy 1.00,
+asr_wer_text 0.00) the same run reaches 0.38.
 """
 import json
 import math
@@ -74,8 +88,9 @@ class SLMArgs(common.Args):
     tasks: str = arg("asr,ast", "training tasks, comma-separated, among " + ",".join(TASKS))
     language: str = arg(data.TOY_LANGUAGE, "target language named in the translation instructions")
     task: str = arg("asr", "task of --eval", choices=list(TASKS))
-    steps: int = arg(600, "optimizer steps")
-    lr: float = arg(1e-3, "peak learning rate")
+    steps: int = arg(1000, "optimizer steps")
+    batch_size: int = arg(32, "utterances per micro-batch (per process)")
+    lr: float = arg(2e-3, "peak learning rate")
     warmup: int = arg(30, "warm-up steps")
     max_new_tokens: int = arg(32, "generation length limit")
 
