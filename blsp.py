@@ -25,7 +25,9 @@ do not depend on what else is in its batch; the final LayerNorm's gain starts at
 LLM's token embeddings (not 1), so that speech vectors enter at the scale of text embeddings; an LLM with a chat template gets its chat template
 around the same pieces (--prompt blsp forces the paper's template); default hyper-parameters are
 scaled to the toy setting (the paper: lr 5e-5, batch 768, 1000 warm-up steps, 1 epoch, clip 1.0,
-weight decay 0.05).
+weight decay 0.05): batch 32, lr 1.5e-3, 40 warm-up steps, 1700 steps (under 3 min on one CPU
+thread). Measured with the built-in models (content_acc from speech on valid): lr 3e-3 0.22 at
+800 steps, 0.39 at 1800 and 0.40 at 2000; lr 1.5e-3 0.45 at 1800.
 """
 import json
 import os
@@ -48,9 +50,9 @@ class BLSPArgs(common.Args):
     bottleneck: int = arg(512, "width of the adapter's residual bottleneck (paper: 512)")
     continuation_tokens: int = arg(64, "step 1: at most this many new tokens per continuation")
     gen_batch_size: int = arg(64, "step 1: transcripts per generation batch")
-    steps: int = arg(800, "optimizer steps")
+    steps: int = arg(1700, "optimizer steps")
     batch_size: int = arg(32, "utterances per micro-batch (per process; paper: 768 in all)")
-    lr: float = arg(3e-3, "peak learning rate (paper: 5e-5 at batch 768)")
+    lr: float = arg(1.5e-3, "peak learning rate (paper: 5e-5 at batch 768)")
     warmup: int = arg(40, "warm-up steps (paper: 1000)")
 
 

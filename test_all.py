@@ -442,6 +442,19 @@ def test_nan_loss_stops_naming_the_step(tiny, tmp_path):
     assert open(tmp_path / "latest").read().strip() == "ckpt-2"
 
 
+def test_default_llm_build_refuses_an_llm_that_cannot_copy(tmp_path):
+    """Too few steps to learn the toy tasks: every seed is tried, then the build fails loudly
+    instead of caching a broken LLM (the cached folder would be reused by every later run)."""
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match="did not learn the toy tasks in 2 tries"):
+            common._build_default_llm(str(tmp_path / "llm"), dict(common.DEFAULT_SIZES["llm"], steps=100),
+                                      tries=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert not (tmp_path / "llm").exists()
+
+
 def test_lr_schedule():
     a = common.Args(lr=1.0, warmup=10, steps=110, schedule="linear", min_lr_ratio=0.1)
     assert common.lr_at(0, a) == pytest.approx(0.1) and common.lr_at(9, a) == pytest.approx(1.0)
@@ -839,6 +852,7 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys):
                    "--continuation-tokens", "6", "--warmup", "2"]
     s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
     blsp_kd.main(common_args + ["--out", s1, "--steps", "24", "--lr", "3e-3"])
+    assert json.load(open(os.path.join(s1, "config.json")))["input_kl"] is True   # on with --llm
     rows = [json.loads(l) for l in open(os.path.join(s1, "metrics.jsonl"))]
     losses = [r["loss"] for r in rows if "loss" in r and r.get("split") != "valid"]
     assert len(losses) == 24 and sum(losses[-4:]) < sum(losses[:4])
