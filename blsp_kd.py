@@ -39,8 +39,9 @@ the speech vectors match those distributions, input KL 0.32, without being read 
 adding the response CE to the KL was worse too (0.23 vs 0.32); no rescaling of the speech vectors
 (measured after 700 steps: RMS 4.1 against 0.13 for the toy LLM's token embeddings, and
 cosine 0.05 to their own word's embedding, yet 96% of each vector's CIF weight lies within its
-word's frames: the LLM learns to read them, not as its token embeddings); CFormer layers are PyTorch's pre-norm GELU
-layers (Whisper-style) with no positional encoding of their own (the encoder frames carry it);
+word's frames: the LLM learns to read them, not as its token embeddings); CFormer layers are
+PyTorch's pre-norm GELU layers (Whisper-style) with no positional encoding of their own (the
+encoder frames carry it);
 when the encoder is unfrozen it trains in fp32. Defaults are scaled to the toy setting (paper: 4 + 4
 layers, 8 heads, stage 1 lr 1e-4, batch 768, 1000 warm-up steps, 1 epoch): 2 + 2 layers, 4 heads,
 batch 16, lr 1.5e-3, 30 warm-up steps, 1600 steps (about 2.5 min on one CPU thread).
