@@ -74,18 +74,18 @@ def build(scale, vocab, device):
 
 
 def batches(variant, n_batches, batch, rng):
-    durs = durations(n_batches * batch * 4, rng)
+    """The same n_batches x batch clips for every variant (so throughputs compare), grouped by
+    length buckets or at random; plus one warm-up batch of 10 s clips, not timed."""
+    durs = durations(n_batches * batch, rng)
     if variant == "blsp-nobucket":
         idx = list(range(len(durs)))
         rng.shuffle(idx)
         out = [idx[i:i + batch] for i in range(0, len(idx), batch)]
     else:
-        s = data.BucketBatchSampler(durs, batch, seed=0)
-        out = s.batches()
-    out = out[:n_batches]
-    real = sum(durs[i] for b in out for i in b)
+        out = data.BucketBatchSampler(durs, batch, seed=0).batches()
+    real = sum(durs)
     padded = sum(max(durs[i] for i in b) * len(b) for b in out)
-    return [[durs[i] for i in b] for b in out], 1 - real / padded
+    return [[10.0] * batch] + [[durs[i] for i in b] for b in out], 1 - real / padded
 
 
 def run_variant(variant, args):
@@ -97,7 +97,7 @@ def run_variant(variant, args):
     adapter = blsp.Adapter(enc.dim, llm.config.hidden_size).to(device)
     opt = common.make_optimizer(adapter.parameters(), common.Args(lr=1e-4), device)
     embed = llm.get_input_embeddings()
-    bl, pad = batches(variant, args.steps + 1, s["batch"], rng)
+    bl, pad = batches(variant, args.steps, s["batch"], rng)
     prompt, cont = list(range(5, 40)), 48                 # prompt tokens; continuation length
     t0, audio, tokens, flops = None, 0.0, 0, 0.0
     n_enc = sum(p.numel() for p in enc.parameters() if p.ndim == 2 or p.ndim == 3)
