@@ -18,6 +18,7 @@ Variants, measured with the same models in the same run, reported as ratios:
     blsp          real-length encoder, length-bucketed batches (this project)
     blsp-30s      the encoder run on clips padded to 30 s, cropped after (the released BLSP code)
     blsp-nobucket real length, but batches drawn at random (no length buckets)
+    blsp-ckpt     blsp with activation checkpointing of the frozen LLM (--grad-ckpt)
     kd-select     BLSP-KD-style response KL with fp32 logits only at the loss positions, chunked
     kd-full       the same KL from the full (B, T, V) fp32 logits of the whole sequence
 Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936]
@@ -93,6 +94,8 @@ def run_variant(variant, args):
     rng = random.Random(0)
     vocab = args.vocab if variant.startswith("kd") else 32000
     enc, llm = build(args.scale, vocab, device)
+    if variant == "blsp-ckpt":                            # what --grad-ckpt does (common.load_llm)
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     s = SCALES[args.scale]
     adapter = blsp.Adapter(enc.dim, llm.config.hidden_size).to(device)
     opt = common.make_optimizer(adapter.parameters(), common.Args(lr=1e-4), device)
@@ -167,7 +170,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary of the KD variants (Qwen: 151936)")
-    p.add_argument("--variants", default="blsp,blsp-30s,blsp-nobucket,kd-select,kd-full",
+    p.add_argument("--variants", default="blsp,blsp-30s,blsp-nobucket,blsp-ckpt,kd-select,kd-full",
                    help="comma-separated variants")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant
     args = p.parse_args()
@@ -200,6 +203,10 @@ def main():
         print(f"length buckets: {rows['blsp']['samples_per_s'] / rows['blsp-nobucket']['samples_per_s']:.2f}x "
               f"the throughput of random batches (padding {rows['blsp']['padding']:.1%} vs "
               f"{rows['blsp-nobucket']['padding']:.1%})")
+    if "blsp" in rows and "blsp-ckpt" in rows:
+        print(f"activation checkpointing of the LLM: peak memory {rows['blsp-ckpt'][mem]:.2f} vs "
+              f"{rows['blsp'][mem]:.2f} GiB, {rows['blsp-ckpt']['samples_per_s'] / rows['blsp']['samples_per_s']:.2f}x "
+              "the throughput")
     if "kd-select" in rows and "kd-full" in rows:
         print(f"KD logits at loss positions only: peak memory {rows['kd-select'][mem]:.2f} vs "
               f"{rows['kd-full'][mem]:.2f} GiB with full-sequence logits "

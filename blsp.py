@@ -182,7 +182,7 @@ def main(argv=None):
         return infer(args, device)
     args.out = args.out or "runs/blsp"
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
-    llm, tok = common.load_llm(args.llm, device)
+    llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args)
 
     # step 1: the LLM's own continuations are the targets (train); valid items without a

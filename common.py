@@ -12,6 +12,7 @@
     evaluation     alignment_eval(): content-token accuracy from speech vs text, zero-shot repeat
                    WER; wer() with its normaliser
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -84,6 +85,9 @@ class Args:
     threads: int = arg(0, "CPU threads for torch (0: 1 with the built-in tiny models, whose "
                           "matrices are too small to gain from more; else torch's default)")
     workers: int = arg(0, "data-loading worker processes")
+    grad_ckpt: bool = arg(False, "activation checkpointing of the frozen LLM: keep each layer's "
+                                 "input only, recompute the rest in the backward (less memory, "
+                                 "one more LLM forward)")
     log_every: int = arg(10, "log a metrics line every N steps")
     eval_every: int = arg(0, "validate every N steps (0: only at the end)")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
@@ -275,8 +279,9 @@ def load_encoder(path, device, layer=-1):
 # ============================================================================================
 # The LLM
 
-def load_llm(path, device, kind="causal"):
-    """HF causal LM or T5-family seq2seq folder (or None: built-in default) -> frozen (model, tok)."""
+def load_llm(path, device, kind="causal", grad_ckpt=False):
+    """HF causal LM or T5-family seq2seq folder (or None: built-in default) -> frozen (model, tok).
+    grad_ckpt: activation checkpointing in passes with gradients (see checkpointing())."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     quiet_transformers()
     path = path or (default_llm() if kind == "causal" else default_t5())
@@ -291,7 +296,29 @@ def load_llm(path, device, kind="causal"):
                         f"{str(e).splitlines()[0][:200]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    if grad_ckpt:
+        if not model.supports_gradient_checkpointing:
+            raise UserError(f"--grad-ckpt: {type(model).__name__} does not support checkpointing")
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return freeze(model).to(device), tok
+
+
+@contextlib.contextmanager
+def checkpointing(llm):
+    """During a pass with gradients, let a --grad-ckpt LLM checkpoint its layers. Transformers
+    checkpoints a layer only in training mode, so the flag is set on the layers alone (not on
+    their submodules: dropout stays off), and only for this pass (generation, under no_grad, keeps
+    its KV cache). Same outputs and gradients, far fewer saved activations."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    on = torch.is_grad_enabled() and getattr(llm, "is_activation_checkpointing", False)
+    layers = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)] if on else []
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
 
 
 def eos_ids(llm, tok):
@@ -421,8 +448,9 @@ def splice(embed, samples, pad_left=False):
 
 def hidden_states(llm, sp):
     """Final hidden states of a causal LM for a Spliced batch (no logits computed)."""
-    return llm.base_model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
-                          position_ids=sp.position_ids, use_cache=False).last_hidden_state
+    with checkpointing(llm):
+        return llm.base_model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                              position_ids=sp.position_ids, use_cache=False).last_hidden_state
 
 
 def logits_at(llm, hidden, index, chunk=1024):

@@ -181,8 +181,9 @@ def slm_loss(llm, samples, target_ids, eos):
     splice's own labels stay unused: in an encoder-decoder the target is a separate sequence."""
     sp = common.splice(llm.get_input_embeddings(), samples)
     labels = decoder_labels(target_ids, eos, sp.inputs_embeds.device)
-    out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, labels=labels,
-              use_cache=False)
+    with common.checkpointing(llm):                            # --grad-ckpt
+        out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, labels=labels,
+                  use_cache=False)
     loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                            reduction="sum")                    # - sum_t log p(y_t | y_<t, speech, ins)
     return loss, int((labels != -100).sum()), int(sp.attention_mask.sum())
@@ -315,7 +316,7 @@ def build(args, device):
         raise common.UserError("--stack, --layers, --width, --heads must be >= 1, and --width a "
                                "multiple of --heads")
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
-    llm, tok = common.load_llm(args.llm, device, kind="seq2seq")
+    llm, tok = common.load_llm(args.llm, device, kind="seq2seq", grad_ckpt=args.grad_ckpt)
     if not llm.config.is_encoder_decoder:
         raise common.UserError(f"--llm {args.llm}: not an encoder-decoder (T5-family) model")
     adapter = Adapter(encoder.dim, llm.config.d_model, embed_norm(llm), args.stack, args.width,

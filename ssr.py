@@ -600,7 +600,7 @@ def main(argv=None):
         return infer(args, device)
     args.out = args.out or "runs/ssr"
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
-    llm, tok = common.load_llm(args.llm, device)
+    llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     if not tok.is_fast:
         raise common.UserError("SSR needs a fast tokenizer (its offset mapping)")
     res = run_stages(args, encoder, llm, tok, device, rank, world)

@@ -478,6 +478,42 @@ def test_built_in_llm_reads_stuttered_input_and_models_its_input():
     assert float(nll) < 4.0                                                  # measured 3.06
 
 
+def test_grad_ckpt_same_loss_and_gradients_fewer_saved_activations(tiny):
+    """--grad-ckpt: the frozen LLM's pass with gradients gives the same loss and the same
+    gradient to the speech vectors, while saving far fewer activations for the backward; and
+    generation afterwards (no grad, KV cache) is unchanged."""
+    tok = common.default_tokenizer()
+    vecs = torch.randn(2, 9, 32)
+    ids = [[5, 6, 7, 8], [9, 10, 11]]
+
+    def run(grad_ckpt):
+        llm, _ = common.load_llm(tiny["llm"], cpu(), grad_ckpt=grad_ckpt)
+        v = vecs.clone().requires_grad_(True)
+        samples = [[text([2, 3]), speech(v[b]), text(ids[b], loss=True)] for b in range(2)]
+        sp = common.splice(llm.get_input_embeddings(), samples)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(0 if isinstance(t, nn.Parameter) else t.numel()) or t, lambda t: t):
+            loss, _ = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
+        loss.backward()
+        with torch.no_grad():
+            out = common.respond(llm, tok, [speech(vecs[0])], data.REPEAT_INSTRUCTIONS[0], max_new_tokens=5)
+        return float(loss.detach()), v.grad, sum(saved), out, llm
+    l0, g0, s0, o0, _ = run(False)
+    l1, g1, s1, o1, llm = run(True)
+    assert l1 == l0 and torch.allclose(g1, g0, atol=1e-6) and g0.abs().sum() > 0
+    assert s1 < s0 / 3                                    # measured: 62666 -> 12126 elements
+    assert o1 == o0 and not any(m.training for m in llm.modules())
+
+
+def test_grad_ckpt_refused_with_partial_lora(tmp_path, capsys):
+    """The PLoRA speech mask is set for the forward only; a recompute in the backward would not
+    see it, so stage 2 refuses --grad-ckpt with a one-line error."""
+    with pytest.raises(SystemExit) as e:
+        blsp_kd.main(["--stage", "2", "--init", str(tmp_path), "--grad-ckpt", "--device", "cpu"])
+    assert e.value.code == 2 and "--grad-ckpt works in stage 1 only" in capsys.readouterr().err
+
+
 def test_lr_schedule():
     a = common.Args(lr=1.0, warmup=10, steps=110, schedule="linear", min_lr_ratio=0.1)
     assert common.lr_at(0, a) == pytest.approx(0.1) and common.lr_at(9, a) == pytest.approx(1.0)
