@@ -198,6 +198,7 @@ def main(argv=None):
     embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
     adapter = Adapter(encoder.dim, llm.config.hidden_size, args.bottleneck,
                       embed_rms=float(embed.weight.float().pow(2).mean().sqrt())).to(device)
+    common.compile_adapter(adapter, args)
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
 
     def step_fn(batch):

@@ -391,6 +391,7 @@ def main(argv=None):
         it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))
 
     module, cformer, ctx = build(args, device, encoder, llm)
+    common.compile_adapter(cformer, args)
     if args.init:
         common.load_trainable(module, init_ck)
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)

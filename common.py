@@ -85,6 +85,8 @@ class Args:
     threads: int = arg(0, "CPU threads for torch (0: 1 with the built-in tiny models, whose "
                           "matrices are too small to gain from more; else torch's default)")
     workers: int = arg(0, "data-loading worker processes")
+    compile: bool = arg(False, "torch.compile the adapter (dynamic shapes; the first steps pay "
+                               "the compile time)")
     grad_ckpt: bool = arg(False, "activation checkpointing of the frozen LLM: keep each layer's "
                                  "input only, recompute the rest in the backward (less memory, "
                                  "one more LLM forward)")
@@ -162,6 +164,14 @@ def freeze(module):
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
+    return module
+
+
+def compile_adapter(module, args):
+    """--compile: torch.compile the trained adapter in place, with dynamic shapes so one compile
+    serves every length. Its parameters and checkpoints are unchanged."""
+    if args.compile:
+        module.compile(dynamic=True)
     return module
 
 

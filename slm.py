@@ -371,6 +371,7 @@ def main(argv=None):
     if not tasks or any(t not in TASKS for t in tasks):
         raise common.UserError(f"--tasks {args.tasks}: choose among {','.join(TASKS)}")
     encoder, adapter, llm, tok = build(args, device)
+    common.compile_adapter(adapter, args)
     train_items, valid_items = common.manifests(args)
     with_task_fields(train_items + valid_items)
     bad = next((it for it in train_items if not any(it[TASKS[t]] for t in tasks)), None)
