@@ -367,9 +367,6 @@ def main(argv=None):
         raise common.UserError(f"--stage must be 1 or 2, not {args.stage}")
     if args.stage == 2 and not args.init:
         raise common.UserError("--stage 2 needs --init RUN_DIR (a stage-1 run)")
-    if args.grad_ckpt and args.stage == 2:   # the PLoRA mask is set for the forward pass only
-        raise common.UserError("--grad-ckpt works in stage 1 only: Partial LoRA's speech mask is "
-                               "not in force when the backward recomputes the layers")
     args.lr = args.lr or STAGE_LR[args.stage]
     args.out = args.out or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
     if args.init:   # the stage-1 run fixes the models and the CFormer's shape

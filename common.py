@@ -536,7 +536,26 @@ def add_lora(llm, r=16, alpha=16, dropout=0.05, masked=False):
                     layers.append(lora)
     if not layers:
         raise UserError("LoRA: the LLM's blocks have no nn.Linear layers")
+    if getattr(llm, "is_activation_checkpointing", False):     # --grad-ckpt
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(
+            use_reentrant=False, context_fn=lambda: _lora_state_for_recompute(ctx)))
     return ctx, layers
+
+
+def _lora_state_for_recompute(ctx):
+    """Checkpointing context: the backward recomputes a layer with the LoRA switch and mask it
+    had in the forward (BLSP-KD sets its speech mask for the forward pass only)."""
+    state = (ctx.enabled, ctx.mask)
+
+    @contextlib.contextmanager
+    def recompute():
+        before = (ctx.enabled, ctx.mask)
+        ctx.enabled, ctx.mask = state
+        try:
+            yield
+        finally:
+            ctx.enabled, ctx.mask = before
+    return contextlib.nullcontext(), recompute()
 
 
 # ============================================================================================
