@@ -94,8 +94,8 @@ def run_variant(variant, args):
     rng = random.Random(0)
     vocab = args.vocab if variant.startswith("kd") else 32000
     enc, llm = build(args.scale, vocab, device)
-    if variant == "blsp-ckpt":                            # what --grad-ckpt does (common.load_llm)
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if variant == "blsp-ckpt":                            # what --grad-ckpt does
+        common.enable_checkpointing(llm)
     s = SCALES[args.scale]
     adapter = blsp.Adapter(enc.dim, llm.config.hidden_size).to(device)
     opt = common.make_optimizer(adapter.parameters(), common.Args(lr=1e-4), device)

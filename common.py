@@ -309,8 +309,18 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
     if grad_ckpt:
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--grad-ckpt: {type(model).__name__} does not support checkpointing")
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return freeze(model).to(device), tok
+
+
+def enable_checkpointing(llm, context_fn=None):
+    """--grad-ckpt: transformers' activation checkpointing of every layer (non-reentrant; with
+    context_fn, the context its recompute runs in). The layers are listed once, for
+    checkpointing()."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    kw = dict(use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
+    llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    llm.checkpointed_layers = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 @contextlib.contextmanager
@@ -319,16 +329,15 @@ def checkpointing(llm):
     checkpoints a layer only in training mode, so the flag is set on the layers alone (not on
     their submodules: dropout stays off), and only for this pass (generation, under no_grad, keeps
     its KV cache). Same outputs and gradients, far fewer saved activations."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    on = torch.is_grad_enabled() and getattr(llm, "is_activation_checkpointing", False)
-    layers = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)] if on else []
+    layers = getattr(llm, "checkpointed_layers", ()) if torch.is_grad_enabled() else ()
+    modes = [m.training for m in layers]
     for m in layers:
         m.training = True
     try:
         yield
     finally:
-        for m in layers:
-            m.training = False
+        for m, mode in zip(layers, modes):
+            m.training = mode
 
 
 def eos_ids(llm, tok):
@@ -536,9 +545,8 @@ def add_lora(llm, r=16, alpha=16, dropout=0.05, masked=False):
                     layers.append(lora)
     if not layers:
         raise UserError("LoRA: the LLM's blocks have no nn.Linear layers")
-    if getattr(llm, "is_activation_checkpointing", False):     # --grad-ckpt
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(
-            use_reentrant=False, context_fn=lambda: _lora_state_for_recompute(ctx)))
+    if getattr(llm, "checkpointed_layers", None):               # --grad-ckpt
+        enable_checkpointing(llm, context_fn=lambda: _lora_state_for_recompute(ctx))
     return ctx, layers
 
 
@@ -1146,7 +1154,7 @@ def default_llm(size=None):
     return _cached("default-llm", size or DEFAULT_SIZES["llm"], _build_default_llm)
 
 
-def _build_default_llm(path, size, tries=3, first_seed=0):
+def _build_default_llm(path, size, tries=3):
     """Pre-train a tiny Llama on the toy instructions: continue (copy the words, roles swapped)
     and repeat (copy), with the BLSP template (its chat template). Stops once held-out
     teacher-forced answer accuracy (clean input, answer tokens) reaches 99.8%. A run that misses
@@ -1172,7 +1180,7 @@ def _build_default_llm(path, size, tries=3, first_seed=0):
     tasks = [(i, "continue") for i in data.CONTINUE_INSTRUCTIONS] + \
             [(i, "repeat") for i in data.REPEAT_INSTRUCTIONS]
     pieces = {i: prompt_pieces(tok, i) for i, _ in tasks}
-    for seed in range(first_seed, first_seed + tries):
+    for seed in range(tries):
         torch.manual_seed(seed)
         rng = random.Random(seed)
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=size["hidden"],
