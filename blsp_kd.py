@@ -230,28 +230,30 @@ def kl(teacher_logits, student_logits, T):
 
 def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
     """Teacher (no grad, LoRA off) and student (LoRA at speech) passes -> (dict of loss-term
-    means, number of response positions). Logits only where a loss looks."""
+    means, number of response positions). Logits only where a loss looks, one checkpointed chunk
+    of rows at a time (common.per_row_loss): a 150k vocabulary never holds (rows, V) fp32 tensors."""
     embed = llm.get_input_embeddings()
     sp_t, sp_s = common.splice(embed, teacher), common.splice(embed, student)
     at = dict(response=(response_positions(sp_t), response_positions(sp_s)),
               input=(input_positions(sp_t), input_positions(sp_s)))
-    use = dict(response=args.response_kl or args.response_ce, input=args.input_kl)
     with torch.no_grad():
         h_t = llm_pass(llm, sp_t, ctx, student=False)
-        lt = {k: common.logits_at(llm, h_t, at[k][0]) for k in at if use[k]}
     h_s = llm_pass(llm, sp_s, ctx, student=True)
-    ls = {k: common.logits_at(llm, h_s, at[k][1]) for k in at if use[k]}
+    rows = {k: (h_t[t], h_s[s]) for k, (t, s) in at.items()}          # row i: the same token's position
+    T = args.temperature
     out = {}
     if args.length_loss and total is not None:
         n = n.to(total)
         out["length"] = ((total - n).abs() / n).mean()                # |sum alpha - N| / N
     if args.response_kl:
-        out["response_kl"] = kl(lt["response"], ls["response"], args.temperature).mean()
+        out["response_kl"] = common.per_row_loss(llm, lambda t, s: kl(t, s, T), rows["response"]).mean()
     if args.input_kl:
-        out["input_kl"] = kl(lt["input"], ls["input"], args.temperature).mean()
+        out["input_kl"] = common.per_row_loss(llm, lambda t, s: kl(t, s, T), rows["input"]).mean()
     if args.response_ce:
         tgt = sp_s.labels[:, 1:]
-        out["response_ce"] = F.cross_entropy(ls["response"], tgt[tgt != -100])
+        out["response_ce"] = common.per_row_loss(
+            llm, lambda s, y: F.cross_entropy(s, y, reduction="none"),
+            [rows["response"][1]], [tgt[tgt != -100]]).mean()
     return out, int(at["response"][1].sum())
 
 

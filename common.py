@@ -5,7 +5,8 @@
                    load_llm() -> (model, tokenizer); built-in tiny defaults, pre-trained once, cached
     sequences      Segment / splice(): prompt, speech and target pieces -> inputs_embeds, labels ...
                    prompt_pieces(): the chat template (or BLSP's template) around an input
-    LLM helpers    hidden_states(), logits_at(), lm_loss(): logits only where a loss needs them
+    LLM helpers    hidden_states(), logits_at(), per_row_loss(), lm_loss(): logits only where a loss
+                   needs them, one checkpointed chunk of rows at a time
                    LoRA (optionally masked per position), generate() (greedy, KV cache)
     training       train(): AdamW, warm-up + decay, token-normalised accumulation, clipping,
                    bf16 autocast, DDP (torchrun), checkpoints + exact resume, metrics.jsonl
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import data
 
@@ -474,11 +476,36 @@ def hidden_states(llm, sp):
 
 def logits_at(llm, hidden, index, chunk=1024):
     """fp32 logits at hidden[index] only (index: bool mask or (b, t) pairs), in chunks of rows so
-    that a 150k-token vocabulary never builds the whole (B, T, V) tensor."""
+    that a 150k-token vocabulary never builds the whole (B, T, V) tensor. For inference; a loss
+    goes through per_row_loss(), which never keeps more than one chunk of logits."""
     h = hidden[index]
     head = llm.get_output_embeddings()
     return torch.cat([head(h[i:i + chunk]).float() for i in range(0, h.shape[0], chunk)]) \
         if h.shape[0] else h.new_zeros(0, head.out_features).float()
+
+
+def per_row_loss(llm, fn, hiddens, extras=(), chunk_elems=2 ** 24):
+    """fn(*fp32 logits of each hidden-state matrix, *extras) -> one loss value per row, computed
+    over chunks of rows. Each chunk is checkpointed: its logits are freed after the forward and
+    recomputed in the backward, so at most one chunk of (rows, V) logits is ever alive (about
+    chunk_elems floats each) instead of (rows, V) per tensor, at the cost of a second output-layer
+    matmul. (One chunk alone is not checkpointed: its peak would be the same.)
+    hiddens: (K, d) rows (the teacher's may be without grad); extras: (K, ...) targets."""
+    head = llm.get_output_embeddings()
+    step = max(1, chunk_elems // head.out_features)
+
+    def rows(*args):
+        hs, ex = args[:len(hiddens)], args[len(hiddens):]
+        return fn(*[head(h).float() for h in hs], *ex)
+
+    out, K = [], hiddens[0].shape[0]
+    for i in range(0, K, step):
+        args = [t[i:i + step] for t in (*hiddens, *extras)]
+        if K > step and torch.is_grad_enabled() and any(h.requires_grad for h in hiddens):
+            out.append(torch.utils.checkpoint.checkpoint(rows, *args, use_reentrant=False))
+        else:
+            out.append(rows(*args))
+    return torch.cat(out) if out else hiddens[0].new_zeros(0).float()
 
 
 def lm_loss(llm, hidden, labels, reduction="sum"):
@@ -487,9 +514,9 @@ def lm_loss(llm, hidden, labels, reduction="sum"):
     tgt = labels[:, 1:]
     where = tgt != -100
     where = F.pad(where, (0, 1))            # position t predicts labels[t + 1]
-    logits = logits_at(llm, hidden, where)
-    loss = F.cross_entropy(logits, tgt[tgt != -100], reduction=reduction)
-    return loss, int(where.sum())
+    ce = per_row_loss(llm, lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
+                      [hidden[where]], [tgt[tgt != -100]])
+    return (ce.sum() if reduction == "sum" else ce.mean()), int(where.sum())
 
 
 # ============================================================================================

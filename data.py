@@ -13,7 +13,6 @@
   the words only the input sentence can tell.
 """
 import json
-import math
 import os
 import random
 import sys

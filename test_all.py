@@ -264,6 +264,41 @@ def test_lm_loss_equals_direct_cross_entropy(tiny):
     torch.testing.assert_close(loss, direct, atol=1e-4, rtol=1e-5)
 
 
+
+def test_per_row_loss_chunks_equal_one_pass_and_keep_no_logits(tiny):
+    """The chunked, checkpointed loss = the same formula on all rows at once (values and
+    gradients), and the backward keeps no (rows, V) logits: only the (rows, d) hidden states."""
+    llm, _ = common.load_llm(tiny["llm"], cpu())
+    head = llm.get_output_embeddings()
+    K, V = 10, head.out_features
+    h_t, h_s0 = torch.randn(K, head.in_features), torch.randn(K, head.in_features)
+    y = torch.randint(0, V, (K,))
+
+    def kl(t, s):                                          # KL(p_t || p_s) at T = 2, per row
+        lt, ls = (t / 2).log_softmax(-1), (s / 2).log_softmax(-1)
+        return (lt.exp() * (lt - ls)).sum(-1)
+
+    def run(chunked):
+        h_s, saved = h_s0.clone().requires_grad_(), []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(0 if isinstance(t, nn.Parameter) else t.numel()) or t, lambda t: t):
+            if chunked:                                    # 3 rows per chunk: 4 chunks
+                k = common.per_row_loss(llm, kl, [h_t, h_s], chunk_elems=3 * V)
+                ce = common.per_row_loss(llm, lambda s, y: F.cross_entropy(s, y, reduction="none"),
+                                         [h_s], [y], chunk_elems=3 * V)
+            else:
+                k = kl(head(h_t).float(), head(h_s).float())
+                ce = F.cross_entropy(head(h_s).float(), y, reduction="none")
+        (k.sum() + ce.sum()).backward()
+        return k.detach(), ce.detach(), h_s.grad, max(saved)
+    k0, ce0, g0, m0 = run(False)
+    k1, ce1, g1, m1 = run(True)
+    assert k1.shape == (K,) and k0.min() > 0
+    torch.testing.assert_close(k1, k0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ce1, ce0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
+    assert m0 >= K * V and m1 <= K * head.in_features         # the largest tensor kept for backward
+
 def test_lora_masked_and_plain(tiny):
     llm, tok = common.load_llm(tiny["llm"], cpu())
     ids = torch.randint(4, len(tok), (2, 7))
@@ -691,8 +726,10 @@ def test_bench_tiny_runs(tmp_path):
                        env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [l.split()[0] for l in r.stdout.splitlines()]
-    assert {"blsp", "blsp-30s", "blsp-nobucket", "kd-select", "kd-full"} <= set(rows)
-    assert "faster than the 30 s recipe" in r.stdout
+    assert {"blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "kd", "kd-select", "kd-full"} <= set(rows)
+    for line in ("faster than the 30 s recipe", "activation checkpointing of the LLM:", "BLSP-KD, kd:",
+                 "BLSP-KD, kd-select:"):
+        assert line in r.stdout
 
 
 # ============================================================================================
