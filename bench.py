@@ -9,19 +9,31 @@ with models built from config at a chosen scale (random weights: speed does not 
     --scale paper   a Whisper-small-sized encoder (12 x 768) and a 7B Llama-2 shape (GPU only)
 
 Reported per variant: samples/s, audio seconds per second, LLM tokens/s, padding fraction, peak memory
-(CUDA: max_memory_allocated; CPU: the process's peak RSS, each variant in its own process) and, on CUDA,
+(CUDA: max_memory_allocated; CPU: the process's peak RSS, each variant in its own process), the rise
+of memory during the steps above the built models and optimizer ("step"), and, on CUDA,
 MFU = model FLOPs / time / bf16 peak, counting 2N FLOPs per token for frozen forward-only passes
-(the encoder), 4N for frozen layers that pass gradients back (the LLM: forward + input gradients),
-6N for trained weights (the adapter), N = parameters of the matrices the token goes through.
+(the encoder, BLSP-KD's teacher pass), 4N for frozen layers that pass gradients back (the LLM's
+student pass: forward + input gradients), 6N for trained weights (the adapter, counted at the
+encoder's frame rate: an upper bound), N = parameters of the matrices the token goes through; the
+output layer counts only at the positions where logits are computed.
 
 Variants, measured with the same models in the same run, reported as ratios:
     blsp          real-length encoder, length-bucketed batches (this project)
     blsp-30s      the encoder run on clips padded to 30 s, cropped after (the released BLSP code)
     blsp-nobucket real length, but batches drawn at random (no length buckets)
     blsp-ckpt     blsp with activation checkpointing of the frozen LLM (--grad-ckpt)
-    kd-select     BLSP-KD-style response KL with fp32 logits only at the loss positions, chunked
-    kd-full       the same KL from the full (B, T, V) fp32 logits of the whole sequence
-Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936]
+    kd            BLSP-KD stage 1 (CFormer; teacher and student passes; length, response and input
+                  KL) with blsp_kd.kd_losses as it is: logits at the loss positions only, one
+                  checkpointed chunk of rows at a time (common.per_row_loss)
+    kd-ckpt       kd with --grad-ckpt
+    kd-select     the same KL terms from fp32 logits at all the loss positions at once
+    kd-full       the same KL terms from the fp32 logits of the whole sequence of both passes, kept
+                  until the step ends (as the output of an llm(...) call in a training step keeps them)
+On CPU the peak RSS also counts memory that glibc keeps after tensors are freed; --live-memory runs
+each variant with MALLOC_MMAP_THRESHOLD_=1 MiB, so that freed tensors go back to the system and the
+peak RSS follows live memory, as max_memory_allocated does on CUDA (large allocations then cost page
+faults: slower). Tokens/s counts the LLM's real tokens (teacher and student passes for BLSP-KD).
+Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936] [--live-memory]
 """
 import argparse
 import json
@@ -36,14 +48,17 @@ import torch
 import torch.nn.functional as F
 
 import blsp
+import blsp_kd
 import common
 import data
 
 SCALES = dict(
-    tiny=dict(enc=dict(d=64, layers=2, heads=2), llm=dict(d=64, layers=2, heads=2, ffn=128), batch=4),
-    small=dict(enc=dict(d=512, layers=6, heads=8), llm=dict(d=576, layers=30, heads=9, ffn=1536), batch=8),
+    tiny=dict(enc=dict(d=64, layers=2, heads=2), llm=dict(d=64, layers=2, heads=2, ffn=128), batch=4,
+              cformer=dict(pre_layers=1, post_layers=1, heads=2)),
+    small=dict(enc=dict(d=512, layers=6, heads=8), llm=dict(d=576, layers=30, heads=9, ffn=1536), batch=8,
+               cformer=dict(pre_layers=4, post_layers=4, heads=8)),
     paper=dict(enc=dict(d=768, layers=12, heads=12), llm=dict(d=4096, layers=32, heads=32, ffn=11008),
-               batch=16))
+               batch=16, cformer=dict(pre_layers=4, post_layers=4, heads=8)))
 
 
 def durations(n, rng):
@@ -89,23 +104,47 @@ def batches(variant, n_batches, batch, rng):
     return [[10.0] * batch] + [[durs[i] for i in b] for b in out], 1 - real / padded
 
 
+def kd_with_logits(llm, teacher, student, args, full):
+    """The KL terms of blsp_kd.kd_losses, the official way: logits of the loss positions all at
+    once (full=False); or (full=True) fp32 logits of the whole sequence of both passes, kept until
+    the step ends as a model's output would be, then selected. -> (loss, tensors to keep)."""
+    embed = llm.get_input_embeddings()
+    sp_t, sp_s = common.splice(embed, teacher), common.splice(embed, student)
+    at = dict(response=(blsp_kd.response_positions(sp_t), blsp_kd.response_positions(sp_s)),
+              input=(blsp_kd.input_positions(sp_t), blsp_kd.input_positions(sp_s)))
+    with torch.no_grad():
+        h_t = common.hidden_states(llm, sp_t)
+        full_t = llm.lm_head(h_t).float() if full else None
+    h_s = common.hidden_states(llm, sp_s)
+    full_s = llm.lm_head(h_s).float() if full else None
+    lt = {k: full_t[w[0]] if full else common.logits_at(llm, h_t, w[0]) for k, w in at.items()}
+    ls = {k: full_s[w[1]] if full else common.logits_at(llm, h_s, w[1]) for k, w in at.items()}
+    return sum(blsp_kd.kl(lt[k], ls[k], args.temperature).mean() for k in at), (full_t, full_s)
+
+
 def run_variant(variant, args):
     device = torch.device(args.device)
     rng = random.Random(0)
-    vocab = args.vocab if variant.startswith("kd") else 32000
+    kd = variant.startswith("kd")
+    vocab = args.vocab if kd else 32000
     enc, llm = build(args.scale, vocab, device)
-    if variant == "blsp-ckpt":                            # what --grad-ckpt does
+    if variant.endswith("-ckpt"):                         # what --grad-ckpt does
         common.enable_checkpointing(llm)
     s = SCALES[args.scale]
-    adapter = blsp.Adapter(enc.dim, llm.config.hidden_size).to(device)
+    kd_args = blsp_kd.KDArgs(**s["cformer"])             # BLSP-KD stage 1: all three losses
+    adapter = (blsp_kd.CFormer(enc.dim, llm.config.hidden_size, kd_args.pre_layers, kd_args.post_layers,
+                               kd_args.heads) if kd else blsp.Adapter(enc.dim, llm.config.hidden_size)).to(device)
     opt = common.make_optimizer(adapter.parameters(), common.Args(lr=1e-4), device)
     embed = llm.get_input_embeddings()
     bl, pad = batches(variant, args.steps, s["batch"], rng)
-    prompt, cont = list(range(5, 40)), 48                 # prompt tokens; continuation length
+    prompt, after, cont = list(range(5, 40)), list(range(40, 45)), 48   # prompt pieces; continuation
     t0, audio, tokens, flops = None, 0.0, 0, 0.0
     n_enc = sum(p.numel() for p in enc.parameters() if p.ndim == 2 or p.ndim == 3)
-    n_llm = sum(p.numel() for n, p in llm.named_parameters() if p.ndim == 2 and "embed" not in n)
+    n_llm = sum(p.numel() for n, p in llm.named_parameters() if p.ndim == 2 and "embed" not in n
+                and "lm_head" not in n)
+    n_head = llm.lm_head.weight.numel()
     n_ad = sum(p.numel() for p in adapter.parameters() if p.ndim >= 2)
+    keep, base = None, memory(device)                     # base: models and optimizer, no step yet
     for k, durs in enumerate(bl):
         if k == 1:                                        # step 0 warms up
             if device.type == "cuda":
@@ -114,6 +153,7 @@ def run_variant(variant, args):
             t0 = time.time()
         lens = torch.tensor([int(d * 16000) for d in durs], device=device)
         wave = torch.randn(len(durs), int(lens.max()), device=device) * 0.1
+        response = torch.randint(100, vocab, (len(durs), cont)).tolist()
         with common.autocast(device):
             with torch.no_grad():
                 if variant == "blsp-30s":                 # the released code: pad every clip to 30 s
@@ -124,44 +164,58 @@ def run_variant(variant, args):
                     frames = frames[:, :int(flens.max())]
                 else:
                     frames, flens = enc(wave, lens)
-            vecs, vlens = adapter(frames, flens)
-            ids = torch.randint(100, vocab, (len(durs), cont)).tolist()
-            samples = [[common.text(prompt), common.speech(v[:n]), common.text(i, loss=True)]
-                       for v, n, i in zip(vecs, vlens.tolist(), ids)]
-            sp = common.splice(embed, samples)
-            h = common.hidden_states(llm, sp)
-            if variant == "kd-full":                      # full-sequence fp32 logits, then select
-                logits = llm.lm_head(h).float()
-                sel = F.pad(sp.labels[:, 1:] != -100, (0, 1))
-                student = logits[sel]
+            if kd:                                        # a transcript of ~3 tokens/s; N vectors by CIF
+                n = torch.tensor([max(1, int(3 * d)) for d in durs], device=device)
+                vecs, n, total = adapter(frames, flens, n)
+                transcripts = [torch.randint(100, vocab, (int(m),)).tolist() for m in n]
+                pairs = [blsp_kd.kd_pair(prompt, after, t, v[:m], r)
+                         for t, v, m, r in zip(transcripts, vecs, n.tolist(), response)]
+                if variant in ("kd", "kd-ckpt"):          # this project: blsp_kd.kd_losses as it is
+                    losses, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n)
+                    loss = sum(losses.values())
+                else:
+                    loss, keep = kd_with_logits(llm, *zip(*pairs), kd_args, full=variant == "kd-full")
+                T_llm = sum(sum(len(seg) for seg in side) for pair in pairs for side in pair)
+                rows = len(durs) * cont + int(n.sum())   # logits per pass: response and input KL
             else:
-                student = common.logits_at(llm, h, F.pad(sp.labels[:, 1:] != -100, (0, 1)))
-            if variant.startswith("kd"):                  # KL against a fixed random teacher, T = 2
-                teacher = torch.randn_like(student)
-                loss = F.kl_div((student / 2).log_softmax(-1), (teacher / 2).log_softmax(-1),
-                                log_target=True, reduction="sum")
-            else:
-                loss = F.cross_entropy(student, sp.labels[:, 1:][sp.labels[:, 1:] != -100], reduction="sum")
+                vecs, vlens = adapter(frames, flens)
+                samples = [[common.text(prompt), common.speech(v[:m]), common.text(after),
+                            common.text(r, loss=True)] for v, m, r in zip(vecs, vlens.tolist(), response)]
+                sp = common.splice(embed, samples)
+                loss, _ = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
+                T_llm = int(sp.attention_mask.sum())
+                rows = len(durs) * cont
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        keep = None                                       # kd-full: the outputs live until here
         if k >= 1:
             T_enc = frames.shape[0] * frames.shape[1] * 2   # mel frames are 2x encoder frames (conv)
-            T_llm = int(sp.attention_mask.numel())
             audio += sum(durs)
             tokens += T_llm
-            flops += 2 * n_enc * T_enc / 2 + 4 * n_llm * T_llm + 6 * n_ad * frames.shape[0] * frames.shape[1]
+            # BLSP-KD's teacher pass (half of T_llm): forward only, 2N; student pass: 4N
+            flops += 2 * n_enc * T_enc / 2 + (3 if kd else 4) * n_llm * T_llm + \
+                ((2 + 4) if kd else 4) * n_head * rows + 6 * n_ad * frames.shape[0] * frames.shape[1]
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
     res = dict(variant=variant, samples_per_s=args.steps * s["batch"] / dt, audio_s_per_s=audio / dt,
                llm_tokens_per_s=tokens / dt, padding=pad, step_s=dt / args.steps)
+    res["peak_gib"], res["step_gib"] = memory(device, peak=True), memory(device, peak=True) - base
     if device.type == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         res["mfu"] = flops / dt / common.peak_flops(device)
-    else:
-        res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return res
+
+
+def memory(device, peak=False):
+    """GiB: CUDA: allocated (peak: max allocated); CPU: the process's resident set (peak: its peak;
+    each variant runs in its own process)."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2 ** 30
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
 def main():
@@ -170,8 +224,10 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary of the KD variants (Qwen: 151936)")
-    p.add_argument("--variants", default="blsp,blsp-30s,blsp-nobucket,blsp-ckpt,kd-select,kd-full",
+    p.add_argument("--variants", default="blsp,blsp-30s,blsp-nobucket,blsp-ckpt,kd,kd-ckpt,kd-select,kd-full",
                    help="comma-separated variants")
+    p.add_argument("--live-memory", action="store_true",
+                   help="CPU: MALLOC_MMAP_THRESHOLD_=1 MiB in each variant, so that peak RSS follows live memory")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant
     args = p.parse_args()
     if args.scale == "paper" and args.device == "cpu":
@@ -184,34 +240,38 @@ def main():
     for v in args.variants.split(","):                    # one process per variant: clean peak memory
         cmd = [sys.executable, __file__, "--one", v, "--scale", args.scale, "--device", args.device,
                "--steps", str(args.steps), "--vocab", str(args.vocab)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if args.live_memory else {}))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             sys.exit(f"error: variant {v} failed:\n{out.stderr[-2000:]}")
         rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
-    mem = "peak_mem_gib" if args.device == "cuda" else "peak_rss_gib"
+    cuda = args.device == "cuda"
     print(f"scale={args.scale} device={args.device} "
-          f"({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'})")
+          f"({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} CPU cores'}); memory in GiB: "
+          + ("max allocated" if cuda else "peak RSS" + (" (--live-memory)" if args.live_memory else "")) + ", and its rise during the steps above the built models")
     print(f"{'variant':15s} {'samples/s':>10s} {'audio s/s':>10s} {'tokens/s':>10s} {'padding':>8s} "
-          f"{mem:>13s}" + (f" {'MFU':>6s}" if args.device == "cuda" else ""))
+          f"{'peak':>7s} {'step':>7s}" + (f" {'MFU':>6s}" if cuda else ""))
     for v, r in rows.items():
         print(f"{v:15s} {r['samples_per_s']:10.2f} {r['audio_s_per_s']:10.1f} {r['llm_tokens_per_s']:10.0f} "
-              f"{r['padding']:8.1%} {r[mem]:13.2f}" + (f" {r['mfu']:6.1%}" if 'mfu' in r else ""))
-    if "blsp" in rows and "blsp-30s" in rows:
-        print(f"BLSP step: {rows['blsp']['samples_per_s'] / rows['blsp-30s']['samples_per_s']:.1f}x faster "
-              "than the 30 s recipe on this spread, measured")
-    if "blsp" in rows and "blsp-nobucket" in rows:
-        print(f"length buckets: {rows['blsp']['samples_per_s'] / rows['blsp-nobucket']['samples_per_s']:.2f}x "
-              f"the throughput of random batches (padding {rows['blsp']['padding']:.1%} vs "
-              f"{rows['blsp-nobucket']['padding']:.1%})")
-    if "blsp" in rows and "blsp-ckpt" in rows:
-        print(f"activation checkpointing of the LLM: peak memory {rows['blsp-ckpt'][mem]:.2f} vs "
-              f"{rows['blsp'][mem]:.2f} GiB, {rows['blsp-ckpt']['samples_per_s'] / rows['blsp']['samples_per_s']:.2f}x "
-              "the throughput")
-    if "kd-select" in rows and "kd-full" in rows:
-        print(f"KD logits at loss positions only: peak memory {rows['kd-select'][mem]:.2f} vs "
-              f"{rows['kd-full'][mem]:.2f} GiB with full-sequence logits "
-              f"({rows['kd-select'][mem] / rows['kd-full'][mem]:.2f}x)")
+              f"{r['padding']:8.1%} {r['peak_gib']:7.2f} {r['step_gib']:7.2f}"
+              + (f" {r['mfu']:6.1%}" if 'mfu' in r else ""))
 
+    def ratio(a, b, key="samples_per_s"):
+        return rows[a][key] / rows[b][key]
+    if "blsp" in rows and "blsp-30s" in rows:
+        print(f"BLSP step: {ratio('blsp', 'blsp-30s'):.1f}x faster than the 30 s recipe on this spread, measured")
+    if "blsp" in rows and "blsp-nobucket" in rows:
+        print(f"length buckets: {ratio('blsp', 'blsp-nobucket'):.2f}x the throughput of random batches "
+              f"(padding {rows['blsp']['padding']:.1%} vs {rows['blsp-nobucket']['padding']:.1%})")
+    if "blsp" in rows and "blsp-ckpt" in rows:
+        print(f"activation checkpointing of the LLM: {ratio('blsp-ckpt', 'blsp', 'peak_gib'):.2f}x the peak "
+              f"memory ({ratio('blsp-ckpt', 'blsp', 'step_gib'):.2f}x during the step), "
+              f"{ratio('blsp-ckpt', 'blsp'):.2f}x the throughput")
+    for v in ("kd", "kd-ckpt", "kd-select"):
+        if v in rows and "kd-full" in rows:
+            print(f"BLSP-KD, {v}: {ratio(v, 'kd-full', 'peak_gib'):.2f}x the peak memory of full-sequence "
+                  f"fp32 logits ({ratio(v, 'kd-full', 'step_gib'):.2f}x during the step), "
+                  f"{ratio(v, 'kd-full'):.2f}x the throughput")
 
 if __name__ == "__main__":
     main()
