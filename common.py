@@ -22,7 +22,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +35,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import data
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during train(): handled like Ctrl-C (checkpoint of the last finished step, exit)."""
 
 
 class UserError(Exception):
@@ -906,7 +912,12 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             e, b, r = at or (epoch, batch_pos, None)
             save_checkpoint(out, module, opt, step, e, b, meta, r)
 
-    interrupted = False
+    interrupted = None
+
+    def on_sigterm(signum, frame):          # a cluster's preemption or `kill`: stop as on Ctrl-C
+        raise Terminated()
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         while step < args.steps:
             start = (epoch, batch_pos, rng_state())
@@ -971,16 +982,18 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if args.save_every and step % args.save_every == 0:
                 checkpoint()
             start = None
-    except KeyboardInterrupt:       # Ctrl-C: save the last completed step, exactly resumable
-        interrupted = True
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: save the last completed step, exactly resumable
+        interrupted = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
         opt.zero_grad(set_to_none=True)
     finally:
         bar.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
     checkpoint(start)
     if interrupted:
         if rank == 0:
-            print(f"interrupted at step {step}: checkpoint saved; continue with --resume {out}")
-        sys.exit(130)
+            print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {out}")
+        sys.exit(143 if interrupted == "SIGTERM" else 130)
     if valid_fn:
         last_valid = run_valid(valid_fn, step, log, rank, None)
     if rank == 0:

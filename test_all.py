@@ -449,6 +449,25 @@ def test_resume_gives_the_same_losses(tiny, tmp_path):
     assert latest == "ckpt-6" and not any(p.name.endswith(".tmp") for p in (tmp_path / "half").iterdir())
 
 
+
+def test_sigterm_saves_the_last_finished_step(tiny, tmp_path):
+    """kill (a cluster's preemption) stops like Ctrl-C: checkpoint of the last finished step, exit 143."""
+    import signal
+    items = data.read_manifest(tiny["train"])
+    m = Toy()
+    step, calls = toy_step(m), []
+
+    def killed_in_step_3(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(batch)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        common.train(toy_args(tmp_path / "run"), m, killed_in_step_3, items, cpu(), method="toy")
+    assert e.value.code == 143 and open(tmp_path / "run" / "latest").read().strip() == "ckpt-2"
+    assert signal.getsignal(signal.SIGTERM) is before                # the handler is put back
+
 def test_resume_errors(tiny, tmp_path):
     items = data.read_manifest(tiny["train"])
     with pytest.raises(common.UserError, match="no checkpoint"):
