@@ -84,8 +84,8 @@ def build(scale, vocab, device):
     lcfg = LlamaConfig(vocab_size=vocab, hidden_size=l["d"], num_hidden_layers=l["layers"],
                        num_attention_heads=l["heads"], num_key_value_heads=l["heads"],
                        intermediate_size=l["ffn"], tie_word_embeddings=False)
-    lcfg._attn_implementation = "sdpa"
-    llm = common.freeze(LlamaForCausalLM(lcfg).to(device=device, dtype=dtype))
+    with torch.device(device):                            # a 7B model: built in place, in its dtype
+        llm = common.freeze(LlamaForCausalLM._from_config(lcfg, dtype=dtype, attn_implementation="sdpa"))
     return enc, llm
 
 
