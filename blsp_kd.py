@@ -266,7 +266,7 @@ def kd_step(encoder, cformer, llm, ctx, before, after, batch, args):
              for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
     losses, k = kd_losses(llm, ctx, *zip(*pairs), args, total, n)
     loss = sum(losses.values())
-    return loss * k, k, {name: float(v.detach()) for name, v in losses.items()}
+    return loss * k, k, {name: v.detach() for name, v in losses.items()}        # no sync here
 
 
 @torch.no_grad()

@@ -852,8 +852,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
 
     step_fn(batch) -> (loss_sum, n, logs): a micro-batch's summed loss over n units (target
     tokens, usually); the optimizer step uses sum(loss_sum) / sum(n) over the accumulated
-    micro-batches and all processes, so accumulation equals one large batch. logs: floats to
-    show (optionally "tokens" = LLM tokens processed, "flops" = model FLOPs of the micro-batch).
+    micro-batches and all processes, so accumulation equals one large batch. logs: numbers to
+    show, floats or 0-d tensors (read only when a metrics line is written, so no host-device sync
+    per micro-batch); optionally "tokens" = LLM tokens processed, "flops" = model FLOPs (ints).
     valid_fn(step) -> dict of validation metrics. Returns the last validation metrics.
     """
     from tqdm import tqdm
@@ -934,8 +935,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 seen["samples"] += len(batch["text"])
                 seen["tokens"] += lg.pop("tokens", n)
                 seen["flops"] += lg.pop("flops", 0.0)
-                for k, v in lg.items():
-                    logs[k] = logs.get(k, 0.0) + float(v) / args.grad_accum
+                for k, v in lg.items():             # floats or tensors (read at log time only)
+                    logs[k] = logs.get(k, 0.0) + v / args.grad_accum
             # token-normalised gradients: sum over micro-batches and ranks, then divide
             total = torch.tensor([float(units)], device=device)
             if world > 1:
@@ -971,7 +972,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if step % args.log_every == 0 or step == args.steps:
                 row = dict(step=step, loss=loss_val, lr=lr_at(step - 1, args), grad_norm=float(gnorm),
                            samples_per_s=seen["samples"] * world / dt,
-                           tokens_per_s=seen["tokens"] * world / dt, **logs)
+                           tokens_per_s=seen["tokens"] * world / dt, **{k: float(v) for k, v in logs.items()})
                 if device.type == "cuda":
                     row["peak_mem_gib"] = peak
                     if seen["flops"]:
