@@ -495,7 +495,7 @@ def per_row_loss(llm, fn, hiddens, extras=(), chunk_elems=2 ** 24):
     over chunks of rows. Each chunk is checkpointed: its logits are freed after the forward and
     recomputed in the backward, so at most one chunk of (rows, V) logits is ever alive (about
     chunk_elems floats each) instead of (rows, V) per tensor, at the cost of a second output-layer
-    matmul. (One chunk alone is not checkpointed: its peak would be the same.)
+    matmul. (One chunk alone is not checkpointed: its peak would be about the same.)
     hiddens: (K, d) rows (the teacher's may be without grad); extras: (K, ...) targets."""
     head = llm.get_output_embeddings()
     step = max(1, chunk_elems // head.out_features)
