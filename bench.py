@@ -110,8 +110,7 @@ def kd_with_logits(llm, teacher, student, args, full):
     the step ends as a model's output would be, then selected. -> (loss, tensors to keep)."""
     embed = llm.get_input_embeddings()
     sp_t, sp_s = common.splice(embed, teacher), common.splice(embed, student)
-    at = dict(response=(blsp_kd.response_positions(sp_t), blsp_kd.response_positions(sp_s)),
-              input=(blsp_kd.input_positions(sp_t), blsp_kd.input_positions(sp_s)))
+    at = blsp_kd.kd_positions(sp_t, sp_s)
     with torch.no_grad():
         h_t = common.hidden_states(llm, sp_t)
         full_t = llm.lm_head(h_t).float() if full else None
@@ -119,7 +118,7 @@ def kd_with_logits(llm, teacher, student, args, full):
     full_s = llm.lm_head(h_s).float() if full else None
     lt = {k: full_t[w[0]] if full else common.logits_at(llm, h_t, w[0]) for k, w in at.items()}
     ls = {k: full_s[w[1]] if full else common.logits_at(llm, h_s, w[1]) for k, w in at.items()}
-    return sum(blsp_kd.kl(lt[k], ls[k], args.temperature).mean() for k in at), (full_t, full_s)
+    return sum(blsp_kd.kl(lt[k], ls[k], args.temperature).mean() for k in at), [full_t, full_s]
 
 
 def run_variant(variant, args):
@@ -144,7 +143,7 @@ def run_variant(variant, args):
                 and "lm_head" not in n)
     n_head = llm.lm_head.weight.numel()
     n_ad = sum(p.numel() for p in adapter.parameters() if p.ndim >= 2)
-    keep, base = None, memory(device)                     # base: models and optimizer, no step yet
+    keep, base = [], memory(device)                       # base: models and optimizer, no step yet
     for k, durs in enumerate(bl):
         if k == 1:                                        # step 0 warms up
             if device.type == "cuda":
@@ -188,7 +187,7 @@ def run_variant(variant, args):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        keep = None                                       # kd-full: the outputs live until here
+        keep.clear()                                      # kd-full: the outputs live until here
         if k >= 1:
             T_enc = frames.shape[0] * frames.shape[1] * 2   # mel frames are 2x encoder frames (conv)
             audio += sum(durs)
@@ -201,7 +200,8 @@ def run_variant(variant, args):
     dt = time.time() - t0
     res = dict(variant=variant, samples_per_s=args.steps * s["batch"] / dt, audio_s_per_s=audio / dt,
                llm_tokens_per_s=tokens / dt, padding=pad, step_s=dt / args.steps)
-    res["peak_gib"], res["step_gib"] = memory(device, peak=True), memory(device, peak=True) - base
+    res["peak_gib"] = memory(device, peak=True)
+    res["step_gib"] = res["peak_gib"] - base
     if device.type == "cuda":
         res["mfu"] = flops / dt / common.peak_flops(device)
     return res
@@ -248,7 +248,8 @@ def main():
     cuda = args.device == "cuda"
     print(f"scale={args.scale} device={args.device} "
           f"({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} CPU cores'}); memory in GiB: "
-          + ("max allocated" if cuda else "peak RSS" + (" (--live-memory)" if args.live_memory else "")) + ", and its rise during the steps above the built models")
+          + ("max allocated" if cuda else "peak RSS" + (" (--live-memory)" if args.live_memory else ""))
+          + ", and its rise during the steps above the built models")
     print(f"{'variant':15s} {'samples/s':>10s} {'audio s/s':>10s} {'tokens/s':>10s} {'padding':>8s} "
           f"{'peak':>7s} {'step':>7s}" + (f" {'MFU':>6s}" if cuda else ""))
     for v, r in rows.items():
@@ -272,6 +273,7 @@ def main():
             print(f"BLSP-KD, {v}: {ratio(v, 'kd-full', 'peak_gib'):.2f}x the peak memory of full-sequence "
                   f"fp32 logits ({ratio(v, 'kd-full', 'step_gib'):.2f}x during the step), "
                   f"{ratio(v, 'kd-full'):.2f}x the throughput")
+
 
 if __name__ == "__main__":
     main()

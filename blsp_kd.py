@@ -222,6 +222,12 @@ def input_positions(sp, seg=1):
     return m
 
 
+def kd_positions(sp_t, sp_s):
+    """Where the losses look, in the teacher's and the student's batch: {term: (mask_t, mask_s)}."""
+    return dict(response=(response_positions(sp_t), response_positions(sp_s)),
+                input=(input_positions(sp_t), input_positions(sp_s)))
+
+
 def kl(teacher_logits, student_logits, T):
     """KL(p_t || p_s) per row, both distributions at temperature T (no T^2 factor)."""
     lt, ls = (teacher_logits / T).log_softmax(-1), (student_logits / T).log_softmax(-1)
@@ -234,21 +240,22 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
     of rows at a time (common.per_row_loss): a 150k vocabulary never holds (rows, V) fp32 tensors."""
     embed = llm.get_input_embeddings()
     sp_t, sp_s = common.splice(embed, teacher), common.splice(embed, student)
-    at = dict(response=(response_positions(sp_t), response_positions(sp_s)),
-              input=(input_positions(sp_t), input_positions(sp_s)))
+    at = kd_positions(sp_t, sp_s)
     with torch.no_grad():
         h_t = llm_pass(llm, sp_t, ctx, student=False)
     h_s = llm_pass(llm, sp_s, ctx, student=True)
     rows = {k: (h_t[t], h_s[s]) for k, (t, s) in at.items()}          # row i: the same token's position
-    T = args.temperature
+
+    def kl_T(t, s):
+        return kl(t, s, args.temperature)
     out = {}
     if args.length_loss and total is not None:
         n = n.to(total)
         out["length"] = ((total - n).abs() / n).mean()                # |sum alpha - N| / N
     if args.response_kl:
-        out["response_kl"] = common.per_row_loss(llm, lambda t, s: kl(t, s, T), rows["response"]).mean()
+        out["response_kl"] = common.per_row_loss(llm, kl_T, rows["response"]).mean()
     if args.input_kl:
-        out["input_kl"] = common.per_row_loss(llm, lambda t, s: kl(t, s, T), rows["input"]).mean()
+        out["input_kl"] = common.per_row_loss(llm, kl_T, rows["input"]).mean()
     if args.response_ce:
         tgt = sp_s.labels[:, 1:]
         out["response_ce"] = common.per_row_loss(
