@@ -4,9 +4,15 @@ Each method's full training step (encoder forward, adapter, LLM forward and back
 synthetic batches whose durations follow a LibriSpeech-like spread (2-20 s, log-normal around 12 s),
 with models built from config at a chosen scale (random weights: speed does not depend on them):
 
-    --scale tiny    a 2-layer 64-d Whisper-style encoder, a 2-layer 64-d Llama (CPU, seconds)
-    --scale small   a Whisper-base-sized encoder (6 x 512) and a ~135M Llama (SmolLM2-135M shape)
-    --scale paper   a Whisper-small-sized encoder (12 x 768) and a 7B Llama-2 shape (GPU only)
+    --scale tiny    a 2-layer 64-d Whisper-style encoder, a 2-layer 64-d Llama and T5 (CPU, seconds)
+    --scale small   a Whisper-base-sized encoder (6 x 512), a ~135M Llama (SmolLM2-135M shape) and,
+                    for SLM, a Flan-T5-base shape (248M)
+    --scale paper   a Whisper-small-sized encoder (12 x 768), a 7B Llama-2 shape and, for SLM, the
+                    paper's mT0-XXL shape (13B) (GPU only)
+
+Each spoken clip has a text of 3 words per second (toy words, one token each: what SSR's aligner
+and tokenizer read; BLSP-KD's transcript and SLM's target have as many tokens) and BLSP's
+48-token continuation.
 
 Reported per variant: samples/s, audio seconds per second, LLM tokens/s, padding fraction, peak memory
 (CUDA: max_memory_allocated; CPU: the process's peak RSS, each variant in its own process), the rise
@@ -14,10 +20,11 @@ of memory during the steps above the built models and optimizer ("step"), and, o
 MFU = model FLOPs / time / bf16 peak, counting 2N FLOPs per token for frozen forward-only passes
 (the encoder, BLSP-KD's teacher pass), 4N for frozen layers that pass gradients back (the LLM's
 student pass: forward + input gradients), 6N for trained weights (the adapter, counted at the
-encoder's frame rate: an upper bound), N = parameters of the matrices the token goes through; the
-output layer counts only at the positions where logits are computed.
+encoder's frame rate: an upper bound; SSR stage 2's LoRA), N = parameters of the matrices the token
+goes through; the output layer counts only at the positions where logits are computed; T5's
+cross-attention keys and values count at the encoder's tokens.
 
-Variants, measured with the same models in the same run, reported as ratios:
+Variants, measured with the same models in the same run (the official choices reported as ratios):
     blsp          real-length encoder, length-bucketed batches (this project)
     blsp-30s      the encoder run on clips padded to 30 s, cropped after (the released BLSP code)
     blsp-nobucket real length, but batches drawn at random (no length buckets)
@@ -29,6 +36,12 @@ Variants, measured with the same models in the same run, reported as ratios:
     kd-select     the same KL terms from fp32 logits at all the loss positions at once
     kd-full       the same KL terms from the fp32 logits of the whole sequence of both passes, kept
                   until the step ends (as the output of an llm(...) call in a training step keeps them)
+    ssr1          SSR stage 1: frozen aligner, CTC forced alignment of the text (on the CPU, as in
+                  ssr.py), connector (4 layers at the LLM's width), distillation; the LLM is not run
+                  ("tokens": the SSR vectors distilled)
+    ssr2          SSR stage 2: the SSR vectors (frozen connector) -> next-token prediction, LoRA
+    slm           SLM: stacking adapter, [speech ; instruction] into the frozen T5 encoder, decoder
+                  cross-entropy on a transcript-long target ("tokens": T5 encoder + decoder)
 On CPU the peak RSS also counts memory that glibc keeps after tensors are freed; --live-memory runs
 each variant with MALLOC_MMAP_THRESHOLD_=1 MiB, so that freed tensors go back to the system and the
 peak RSS follows live memory, as max_memory_allocated does on CUDA (large allocations then cost page
@@ -51,14 +64,23 @@ import blsp
 import blsp_kd
 import common
 import data
+import slm
+import ssr
 
 SCALES = dict(
     tiny=dict(enc=dict(d=64, layers=2, heads=2), llm=dict(d=64, layers=2, heads=2, ffn=128), batch=4,
-              cformer=dict(pre_layers=1, post_layers=1, heads=2)),
+              cformer=dict(pre_layers=1, post_layers=1, heads=2), connector=dict(layers=1),
+              t5=dict(d=64, layers=2, heads=4, ffn=128, vocab=2000),
+              slm=dict(width=64, layers=2, heads=2, ffn=128)),
     small=dict(enc=dict(d=512, layers=6, heads=8), llm=dict(d=576, layers=30, heads=9, ffn=1536), batch=8,
-               cformer=dict(pre_layers=4, post_layers=4, heads=8)),
+               cformer=dict(pre_layers=4, post_layers=4, heads=8), connector=dict(layers=4),
+               t5=dict(d=768, layers=12, heads=12, ffn=2048, vocab=32128),         # Flan-T5-base
+               slm=dict(width=512, layers=2, heads=8, ffn=2048)),
     paper=dict(enc=dict(d=768, layers=12, heads=12), llm=dict(d=4096, layers=32, heads=32, ffn=11008),
-               batch=16, cformer=dict(pre_layers=4, post_layers=4, heads=8)))
+               batch=16, cformer=dict(pre_layers=4, post_layers=4, heads=8), connector=dict(layers=4),
+               t5=dict(d=4096, layers=24, heads=64, ffn=10240, vocab=250112),      # mT0-XXL (13B)
+               slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
+PROMPT, AFTER, CONTINUATION = list(range(5, 40)), list(range(40, 45)), 48     # prompt pieces; targets
 
 
 def durations(n, rng):
@@ -66,27 +88,47 @@ def durations(n, rng):
     return [min(20.0, max(2.0, rng.lognormvariate(2.45, 0.45))) for _ in range(n)]
 
 
-def build(scale, vocab, device):
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
-    s = SCALES[scale]
-    e, l = s["enc"], s["llm"]
+def matrices(module, skip=("embed",)):
+    """N: parameters of the weight matrices (and conv kernels) a token goes through."""
+    return sum(p.numel() for n, p in module.named_parameters() if p.ndim >= 2 and not any(s in n for s in skip))
+
+
+def build_encoder(scale, device):
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+    e = SCALES[scale]["enc"]
     torch.manual_seed(0)
     wcfg = WhisperConfig(num_mel_bins=80, d_model=e["d"], encoder_layers=e["layers"],
                          encoder_attention_heads=e["heads"], encoder_ffn_dim=4 * e["d"], decoder_layers=1,
                          decoder_attention_heads=e["heads"], decoder_ffn_dim=64, max_source_positions=1500,
                          max_target_positions=16, vocab_size=16, pad_token_id=0, bos_token_id=1,
                          eos_token_id=2, decoder_start_token_id=1)
-    dtype = common.frozen_dtype(device)
     whisper = WhisperModel(wcfg)
     enc = common.SpeechEncoder(whisper.encoder, "whisper", WhisperFeatureExtractor(feature_size=80).mel_filters)
-    enc = common.freeze(enc).to(device=device, dtype=dtype)
+    enc = common.freeze(enc).to(device=device, dtype=common.frozen_dtype(device))
     enc.mel_filters = enc.mel_filters.float()
+    return enc
+
+
+def build_llm(scale, vocab, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    l = SCALES[scale]["llm"]
     lcfg = LlamaConfig(vocab_size=vocab, hidden_size=l["d"], num_hidden_layers=l["layers"],
                        num_attention_heads=l["heads"], num_key_value_heads=l["heads"],
                        intermediate_size=l["ffn"], tie_word_embeddings=False)
     with torch.device(device):                            # a 7B model: built in place, in its dtype
-        llm = common.freeze(LlamaForCausalLM._from_config(lcfg, dtype=dtype, attn_implementation="sdpa"))
-    return enc, llm
+        return common.freeze(LlamaForCausalLM._from_config(lcfg, dtype=common.frozen_dtype(device),
+                                                           attn_implementation="sdpa"))
+
+
+def build_t5(scale, device):
+    from transformers import T5Config, T5ForConditionalGeneration
+    t = SCALES[scale]["t5"]
+    cfg = T5Config(vocab_size=t["vocab"], d_model=t["d"], d_kv=64 if t["d"] >= 512 else 16, d_ff=t["ffn"],
+                   num_layers=t["layers"], num_decoder_layers=t["layers"], num_heads=t["heads"],
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1)
+    with torch.device(device):
+        return common.freeze(T5ForConditionalGeneration._from_config(cfg, dtype=common.frozen_dtype(device)))
 
 
 def batches(variant, n_batches, batch, rng):
@@ -102,6 +144,54 @@ def batches(variant, n_batches, batch, rng):
     real = sum(durs)
     padded = sum(max(durs[i] for i in b) * len(b) for b in out)
     return [[10.0] * batch] + [[durs[i] for i in b] for b in out], 1 - real / padded
+
+
+def make_batch(durs, vocab, rng, device):
+    """Random audio of the given durations; per clip a spoken text of 3 words per second (toy
+    words: one token each, for SSR's aligner) and a 48-token continuation."""
+    lens = torch.tensor([int(d * 16000) for d in durs], device=device)
+    words = sorted(data.toy_vocabulary())
+    return dict(wave=torch.randn(len(durs), int(lens.max()), device=device) * 0.1, wave_lens=lens, durs=durs,
+                text=[" ".join(rng.choice(words) for _ in range(max(1, int(3 * d)))) for d in durs],
+                response=torch.randint(100, vocab, (len(durs), CONTINUATION)).tolist())
+
+
+def encoder_frames(batch):
+    """Frames the encoder runs over: the batch's longest clip at 50 frames/s, times the batch."""
+    return len(batch["durs"]) * ((int(16000 * max(batch["durs"])) // 160 - 1) // 2 + 1)
+
+
+def encode(enc, batch, pad30=False):
+    """Frozen encoder frames at real length; or (pad30) of clips padded to 30 s, cropped after."""
+    wave, lens = batch["wave"], batch["wave_lens"]
+    with torch.no_grad():
+        if not pad30:
+            return enc(wave, lens)
+        w30 = F.pad(wave, (0, 480000 - wave.shape[1]))   # the released BLSP code: every clip 30 s
+        feats, flens = data.whisper_log_mel(w30, torch.full_like(lens, 480000), enc.mel_filters)
+        frames, _ = enc.whisper_forward(feats.to(next(enc.parameters()).dtype), flens)
+        flens = (lens // 160 - 1) // 2 + 1
+        return frames[:, :int(flens.max())], flens
+
+
+# ----------------------------------------------------------------------------------------------
+# One maker per method: -> (trained module, step(batch) -> (loss, LLM tokens, model FLOPs))
+
+def blsp_method(variant, enc, llm, s):
+    adapter = blsp.Adapter(enc.dim, llm.config.hidden_size)
+    embed, n_enc, n_ad = llm.get_input_embeddings(), matrices(enc), matrices(adapter)
+    n_llm, n_head = matrices(llm, ("embed", "lm_head")), llm.lm_head.weight.numel()
+
+    def step(batch):
+        frames, flens = encode(enc, batch, variant == "blsp-30s")
+        vecs, vlens = adapter(frames, flens)
+        samples = [[common.text(PROMPT), common.speech(v[:m]), common.text(AFTER), common.text(r, loss=True)]
+                   for v, m, r in zip(vecs, vlens.tolist(), batch["response"])]
+        sp = common.splice(embed, samples)
+        loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
+        T, F_enc = int(sp.attention_mask.sum()), encoder_frames(batch)
+        return loss, T, 2 * n_enc * F_enc + 6 * n_ad * F_enc + 4 * n_llm * T + 4 * n_head * rows
+    return adapter, step
 
 
 def kd_with_logits(llm, teacher, student, args, full):
@@ -121,80 +211,129 @@ def kd_with_logits(llm, teacher, student, args, full):
     return sum(blsp_kd.kl(lt[k], ls[k], args.temperature).mean() for k in at), [full_t, full_s]
 
 
+def kd_method(variant, enc, llm, s, keep):
+    """BLSP-KD stage 1: all three losses; `keep` holds kd-full's outputs until the step ends."""
+    kd_args = blsp_kd.KDArgs(**s["cformer"])
+    adapter = blsp_kd.CFormer(enc.dim, llm.config.hidden_size, kd_args.pre_layers, kd_args.post_layers,
+                              kd_args.heads)
+    vocab, n_enc, n_ad = llm.config.vocab_size, matrices(enc), matrices(adapter)
+    n_llm, n_head = matrices(llm, ("embed", "lm_head")), llm.lm_head.weight.numel()
+
+    def step(batch):
+        frames, flens = encode(enc, batch)
+        n = torch.tensor([max(1, int(3 * d)) for d in batch["durs"]], device=frames.device)
+        vecs, n, total = adapter(frames, flens, n)      # a transcript of ~3 tokens/s; N vectors by CIF
+        transcripts = [torch.randint(100, vocab, (int(m),)).tolist() for m in n]
+        pairs = [blsp_kd.kd_pair(PROMPT, AFTER, t, v[:m], r)
+                 for t, v, m, r in zip(transcripts, vecs, n.tolist(), batch["response"])]
+        if variant in ("kd", "kd-ckpt"):                  # this project: blsp_kd.kd_losses as it is
+            losses, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n)
+            loss = sum(losses.values())
+        else:
+            loss, kept = kd_with_logits(llm, *zip(*pairs), kd_args, full=variant == "kd-full")
+            keep.extend(kept)
+        T = sum(sum(len(seg) for seg in side) for pair in pairs for side in pair)
+        rows, F_enc = len(pairs) * CONTINUATION + int(n.sum()), encoder_frames(batch)   # response + input KL
+        # the teacher pass (half of T) is forward only: 2N; the student pass 4N
+        return loss, T, 2 * n_enc * F_enc + 6 * n_ad * F_enc + 3 * n_llm * T + (2 + 4) * n_head * rows
+    return adapter, step
+
+
+def ssr_method(variant, enc, llm, s):
+    """SSR stage 1 (ssr1: CTC forced alignment, connector, distillation; the LLM is not run) or
+    stage 2 (ssr2: next-token prediction from the SSR vectors, LoRA on the LLM)."""
+    tok, embed = common.default_tokenizer(), llm.get_input_embeddings()
+    aligner = common.freeze(ssr.Aligner(enc.dim, 1, s["enc"]["heads"])).to(embed.weight.device)
+    connector = ssr.Connector(enc.dim, llm.config.hidden_size, s["connector"]["layers"], s["llm"]["heads"],
+                              0.1).to(embed.weight.device)
+    n_enc, n_al, n_conn = matrices(enc), matrices(aligner), matrices(connector)
+    n_llm, n_head = matrices(llm, ("embed", "lm_head")), llm.lm_head.weight.numel()
+    if variant == "ssr2":
+        common.freeze(connector)
+        trained = common.add_lora(llm, masked=False)[1]
+    n_lora = sum(p.numel() for p in trained.parameters() if p.requires_grad) if variant == "ssr2" else 0
+
+    def step(batch):
+        vecs, ids, _, _ = ssr.ssr_vectors(enc, aligner, connector, tok, batch, "forced")
+        F_enc = encoder_frames(batch)
+        if variant == "ssr1":                             # ssr.py's stage1_step
+            e = embed.weight[torch.tensor([i for x in ids for i in x], device=embed.weight.device)]
+            loss, n = ssr.distill_loss(torch.cat(vecs).float(), e.float(), 5.0)
+            return loss, n, 2 * (n_enc + n_al) * F_enc + 6 * n_conn * F_enc
+        sp = ssr.ntp_splice(embed, [common.speech(v) for v in vecs], ids, [tok.bos_token_id], tok.eos_token_id)
+        loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)    # ssr.py's stage2_step
+        T = int(sp.attention_mask.sum())
+        return loss, T, 2 * (n_enc + n_al + n_conn) * F_enc + (4 * n_llm + 6 * n_lora) * T + 4 * n_head * rows
+    return (connector if variant == "ssr1" else trained), step
+
+
+def slm_method(variant, enc, t5, s):
+    """SLM: adapter -> [speech ; instruction] into the frozen T5 encoder, decoder CE on the
+    transcript (~3 tokens/s)."""
+    a = s["slm"]
+    adapter = slm.Adapter(enc.dim, t5.config.d_model, slm.embed_norm(t5), 4, a["width"], a["layers"],
+                          a["heads"], a["ffn"])
+    vocab, eos, instruction = t5.config.vocab_size, 1, list(range(5, 13))
+    kv = ("EncDecAttention.k.", "EncDecAttention.v.")     # cross-attention keys/values: encoder rate
+    n_enc, n_ad, n_head = matrices(enc), matrices(adapter), t5.lm_head.weight.numel()
+    n_t5enc = matrices(t5.encoder, ("embed", "relative_attention_bias"))
+    n_kv = sum(p.numel() for n, p in t5.decoder.named_parameters() if any(k in n for k in kv))
+    n_t5dec = matrices(t5.decoder, ("embed", "relative_attention_bias")) - n_kv
+
+    def step(batch):
+        vecs = slm.speech_vectors(enc, adapter, batch)
+        samples = [slm.encoder_sample(common.speech(v), instruction, eos) for v in vecs]
+        targets = [torch.randint(100, vocab, (max(1, int(3 * d)),)).tolist() for d in batch["durs"]]
+        loss, n, T_in = slm.slm_loss(t5, samples, targets, eos)
+        F_enc = encoder_frames(batch)
+        return loss, T_in + n, 2 * n_enc * F_enc + 6 * n_ad * F_enc / 4 + \
+            4 * ((n_t5enc + n_kv) * T_in + (n_t5dec + n_head) * n)
+    return adapter, step
+
+
 def run_variant(variant, args):
     device = torch.device(args.device)
     rng = random.Random(0)
-    kd = variant.startswith("kd")
-    vocab = args.vocab if kd else 32000
-    enc, llm = build(args.scale, vocab, device)
-    if variant.endswith("-ckpt"):                         # what --grad-ckpt does
-        common.enable_checkpointing(llm)
     s = SCALES[args.scale]
-    kd_args = blsp_kd.KDArgs(**s["cformer"])             # BLSP-KD stage 1: all three losses
-    adapter = (blsp_kd.CFormer(enc.dim, llm.config.hidden_size, kd_args.pre_layers, kd_args.post_layers,
-                               kd_args.heads) if kd else blsp.Adapter(enc.dim, llm.config.hidden_size)).to(device)
-    opt = common.make_optimizer(adapter.parameters(), common.Args(lr=1e-4), device)
-    embed = llm.get_input_embeddings()
+    torch.manual_seed(0)
+    enc = build_encoder(args.scale, device)
+    keep = []                                              # kd-full: the outputs live until step end
+    if variant.startswith("slm"):
+        llm = build_t5(args.scale, device)
+        module, step = slm_method(variant, enc, llm, s)
+    else:
+        vocab = args.vocab if variant.startswith("kd") else 32000
+        llm = build_llm(args.scale, vocab, device)
+        if variant.endswith("-ckpt"):                     # what --grad-ckpt does
+            common.enable_checkpointing(llm)
+        if variant.startswith("kd"):
+            module, step = kd_method(variant, enc, llm, s, keep)
+        elif variant.startswith("ssr"):
+            module, step = ssr_method(variant, enc, llm, s)
+        else:
+            module, step = blsp_method(variant, enc, llm, s)
+    module.to(device).train()
+    opt = common.make_optimizer([p for p in module.parameters() if p.requires_grad], common.Args(lr=1e-4),
+                                device)
     bl, pad = batches(variant, args.steps, s["batch"], rng)
-    prompt, after, cont = list(range(5, 40)), list(range(40, 45)), 48   # prompt pieces; continuation
+    text_rng = random.Random(1)                           # the same texts in every variant
     t0, audio, tokens, flops = None, 0.0, 0, 0.0
-    n_enc = sum(p.numel() for p in enc.parameters() if p.ndim == 2 or p.ndim == 3)
-    n_llm = sum(p.numel() for n, p in llm.named_parameters() if p.ndim == 2 and "embed" not in n
-                and "lm_head" not in n)
-    n_head = llm.lm_head.weight.numel()
-    n_ad = sum(p.numel() for p in adapter.parameters() if p.ndim >= 2)
-    keep, base = [], memory(device)                       # base: models and optimizer, no step yet
+    base = memory(device)                                 # models and optimizer, no step yet
     for k, durs in enumerate(bl):
         if k == 1:                                        # step 0 warms up
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
-        lens = torch.tensor([int(d * 16000) for d in durs], device=device)
-        wave = torch.randn(len(durs), int(lens.max()), device=device) * 0.1
-        response = torch.randint(100, vocab, (len(durs), cont)).tolist()
+        batch = make_batch(durs, llm.config.vocab_size, text_rng, device)
         with common.autocast(device):
-            with torch.no_grad():
-                if variant == "blsp-30s":                 # the released code: pad every clip to 30 s
-                    w30 = F.pad(wave, (0, 480000 - wave.shape[1]))
-                    feats, flens = data.whisper_log_mel(w30, torch.full_like(lens, 480000), enc.mel_filters)
-                    frames, _ = enc.whisper_forward(feats.to(next(enc.parameters()).dtype), flens)
-                    flens = (lens // 160 - 1) // 2 + 1
-                    frames = frames[:, :int(flens.max())]
-                else:
-                    frames, flens = enc(wave, lens)
-            if kd:                                        # a transcript of ~3 tokens/s; N vectors by CIF
-                n = torch.tensor([max(1, int(3 * d)) for d in durs], device=device)
-                vecs, n, total = adapter(frames, flens, n)
-                transcripts = [torch.randint(100, vocab, (int(m),)).tolist() for m in n]
-                pairs = [blsp_kd.kd_pair(prompt, after, t, v[:m], r)
-                         for t, v, m, r in zip(transcripts, vecs, n.tolist(), response)]
-                if variant in ("kd", "kd-ckpt"):          # this project: blsp_kd.kd_losses as it is
-                    losses, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n)
-                    loss = sum(losses.values())
-                else:
-                    loss, keep = kd_with_logits(llm, *zip(*pairs), kd_args, full=variant == "kd-full")
-                T_llm = sum(sum(len(seg) for seg in side) for pair in pairs for side in pair)
-                rows = len(durs) * cont + int(n.sum())   # logits per pass: response and input KL
-            else:
-                vecs, vlens = adapter(frames, flens)
-                samples = [[common.text(prompt), common.speech(v[:m]), common.text(after),
-                            common.text(r, loss=True)] for v, m, r in zip(vecs, vlens.tolist(), response)]
-                sp = common.splice(embed, samples)
-                loss, _ = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
-                T_llm = int(sp.attention_mask.sum())
-                rows = len(durs) * cont
+            loss, T, fl = step(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        keep.clear()                                      # kd-full: the outputs live until here
+        keep.clear()
         if k >= 1:
-            T_enc = frames.shape[0] * frames.shape[1] * 2   # mel frames are 2x encoder frames (conv)
-            audio += sum(durs)
-            tokens += T_llm
-            # BLSP-KD's teacher pass (half of T_llm): forward only, 2N; student pass: 4N
-            flops += 2 * n_enc * T_enc / 2 + (3 if kd else 4) * n_llm * T_llm + \
-                ((2 + 4) if kd else 4) * n_head * rows + 6 * n_ad * frames.shape[0] * frames.shape[1]
+            audio, tokens, flops = audio + sum(durs), tokens + T, flops + fl
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
@@ -224,7 +363,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary of the KD variants (Qwen: 151936)")
-    p.add_argument("--variants", default="blsp,blsp-30s,blsp-nobucket,blsp-ckpt,kd,kd-ckpt,kd-select,kd-full",
+    p.add_argument("--variants", default="blsp,blsp-30s,blsp-nobucket,blsp-ckpt,kd,kd-ckpt,kd-select,kd-full,"
+                   "ssr1,ssr2,slm",
                    help="comma-separated variants")
     p.add_argument("--live-memory", action="store_true",
                    help="CPU: MALLOC_MMAP_THRESHOLD_=1 MiB in each variant, so that peak RSS follows live memory")

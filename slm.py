@@ -182,11 +182,12 @@ def slm_loss(llm, samples, target_ids, eos):
     sp = common.splice(llm.get_input_embeddings(), samples)
     labels = decoder_labels(target_ids, eos, sp.inputs_embeds.device)
     with common.checkpointing(llm):                            # --grad-ckpt
-        out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, labels=labels,
-                  use_cache=False)
-    loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+        out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, use_cache=False,
+                  decoder_input_ids=llm.prepare_decoder_input_ids_from_labels(labels=labels))
+    real = labels != -100                # no labels= above: HF would add its own CE over all (B, T, V)
+    loss = F.cross_entropy(out.logits[real].float(), labels[real],
                            reduction="sum")                    # - sum_t log p(y_t | y_<t, speech, ins)
-    return loss, int((labels != -100).sum()), int(sp.attention_mask.sum())
+    return loss, int(real.sum()), int(sp.attention_mask.sum())
 
 
 @torch.no_grad()
