@@ -1331,6 +1331,50 @@ def _build_default_t5(path, size):
 CTC_CHARS = ["<blank>", " "] + list(data.LETTERS)
 
 
+def load_ctc_head(encoder_path):
+    """The encoder folder's pre-trained linear CTC head over CTC_CHARS (the built-in default
+    encoder has one: ctc_head.safetensors), as a state dict, or None."""
+    from safetensors.torch import load_file
+    path = encoder_path or default_encoder()
+    f, c = os.path.join(path, "ctc_head.safetensors"), os.path.join(path, "ctc_chars.json")
+    ok = os.path.isfile(f) and os.path.isfile(c) and json.load(open(c)) == CTC_CHARS
+    return load_file(f) if ok else None
+
+
+def ctc_forced_align(logp, targets, blank=0):
+    """Best CTC path of `targets` through log-probs (T, C) -> frame labels (list of T):
+    torchaudio's forced_align, or viterbi_align where torchaudio lacks it."""
+    try:
+        from torchaudio.functional import forced_align
+    except ImportError:
+        return viterbi_align(logp, targets, blank)
+    labels, _ = forced_align(logp[None].float().cpu(), torch.tensor([targets], dtype=torch.int32), blank=blank)
+    return labels[0].tolist()
+
+
+def viterbi_align(logp, targets, blank=0):
+    """Pure-torch CTC Viterbi over (blank, y1, blank, y2, ..., blank) -> best frame labels."""
+    T = logp.shape[0]
+    ext = torch.tensor([blank] + [x for y in targets for x in (y, blank)])
+    S, ninf = len(ext), torch.tensor([-math.inf])
+    skip = torch.zeros(S, dtype=torch.bool)
+    skip[2:] = (ext[2:] != blank) & (ext[2:] != ext[:-2])          # y_{k-1} -> y_k over no blank
+    emit = logp[:, ext].float().cpu()
+    score = torch.full((S,), -math.inf)
+    score[:2] = emit[0, :2]
+    back = torch.zeros(T, S, dtype=torch.long)
+    for t in range(1, T):
+        s2 = torch.where(skip, torch.cat([ninf, ninf, score[:-2]]), ninf)
+        best, back[t] = torch.stack([score, torch.cat([ninf, score[:-1]]), s2]).max(0)
+        score = best + emit[t]
+    s = S - 1 if S == 1 or score[S - 1] >= score[S - 2] else S - 2
+    labels = [0] * T
+    for t in range(T - 1, -1, -1):
+        labels[t] = int(ext[s])
+        s -= int(back[t, s])
+    return labels
+
+
 def default_encoder(size=None):
     return _cached("default-encoder", size or DEFAULT_SIZES["encoder"], _build_default_encoder)
 

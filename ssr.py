@@ -10,8 +10,8 @@ read them almost like text: their nearest-token readout is already a zero-shot A
 
 Paper step                                              -> code
   aligner: character CTC on the frozen encoder frames   -> Aligner, aligner_loss (F.ctc_loss)
-  character frames, transcript known (training)         -> char_frames: forced_align (torchaudio;
-                                                            viterbi_align: pure-torch fallback)
+  character frames, transcript known (training)         -> char_frames (common.ctc_forced_align:
+                                                            torchaudio, or a pure-torch Viterbi)
   character frames, no transcript (inference)           -> greedy_decode
   characters -> LLM tokens: frame of the last character -> token_boundaries
   connector: Linear(d_enc->d_llm, no bias) -> L layers  -> Connector, causal_mask, blockwise_mask
@@ -145,15 +145,6 @@ class Aligner(nn.Module):
         return self.head(x).float().log_softmax(-1)
 
 
-def load_ctc_head(encoder_path):
-    """The encoder folder's pre-trained linear CTC head (the built-in default has one), or None."""
-    from safetensors.torch import load_file
-    path = encoder_path or common.default_encoder()
-    f, c = os.path.join(path, "ctc_head.safetensors"), os.path.join(path, "ctc_chars.json")
-    ok = os.path.isfile(f) and os.path.isfile(c) and json.load(open(c)) == common.CTC_CHARS
-    return load_file(f) if ok else None
-
-
 def ctc_targets(txt):
     """Characters of " " + txt that the aligner emits -> (their positions, their CTC ids).
     Lower-cased; characters outside CTC_CHARS skipped; no leading, double or final space."""
@@ -191,47 +182,13 @@ def runs(labels):
     return out
 
 
-def viterbi_align(logp, targets):
-    """Pure-torch CTC Viterbi over (blank, y1, blank, y2, ..., blank) -> best frame labels."""
-    T = logp.shape[0]
-    ext = torch.tensor([BLANK] + [x for y in targets for x in (y, BLANK)])
-    S, ninf = len(ext), torch.tensor([-math.inf])
-    skip = torch.zeros(S, dtype=torch.bool)
-    skip[2:] = (ext[2:] != BLANK) & (ext[2:] != ext[:-2])          # y_{k-1} -> y_k over no blank
-    emit = logp[:, ext].float().cpu()
-    score = torch.full((S,), -math.inf)
-    score[:2] = emit[0, :2]
-    back = torch.zeros(T, S, dtype=torch.long)
-    for t in range(1, T):
-        s2 = torch.where(skip, torch.cat([ninf, ninf, score[:-2]]), ninf)
-        best, back[t] = torch.stack([score, torch.cat([ninf, score[:-1]]), s2]).max(0)
-        score = best + emit[t]
-    s = S - 1 if S == 1 or score[S - 1] >= score[S - 2] else S - 2
-    labels = [0] * T
-    for t in range(T - 1, -1, -1):
-        labels[t] = int(ext[s])
-        s -= int(back[t, s])
-    return labels
-
-
-def forced_align(logp, targets):
-    """Best CTC path of `targets` through log-probs (T, C) -> frame labels (list of T)."""
-    try:
-        from torchaudio.functional import forced_align as ta_forced_align
-    except ImportError:
-        return viterbi_align(logp, targets)
-    labels, _ = ta_forced_align(logp[None].float().cpu(), torch.tensor([targets], dtype=torch.int32),
-                                blank=BLANK)
-    return labels[0].tolist()
-
-
 def char_frames(logp, txt):
     """Forced alignment -> {position in " " + txt: last frame} of each aligned non-space
     character, or None when the transcript cannot fit in the frames."""
     pos, ids = ctc_targets(txt)
     if logp.shape[0] < len(ids) + sum(a == b for a, b in zip(ids, ids[1:])):
         return None
-    ends = [t for _, t in runs(forced_align(logp, ids))] if ids else []
+    ends = [t for _, t in runs(common.ctc_forced_align(logp, ids))] if ids else []
     return {p: t for p, k, t in zip(pos, ids, ends) if k != SPACE}
 
 
@@ -444,7 +401,7 @@ def load_stage(module, out, name, required=None):
 
 
 def build(args, encoder, llm, device):
-    aligner = Aligner(encoder.dim, args.aligner_layers, args.heads, load_ctc_head(args.encoder))
+    aligner = Aligner(encoder.dim, args.aligner_layers, args.heads, common.load_ctc_head(args.encoder))
     connector = Connector(encoder.dim, llm.config.hidden_size, args.layers, args.heads, args.dropout,
                           args.blockwise)
     return aligner.to(device), connector.to(device)

@@ -1125,7 +1125,7 @@ def test_ssr_forced_align_equals_brute_force(targets):
     for _ in range(3):
         logp = torch.randn(6, 4, generator=g).log_softmax(-1)
         best, path = ssr_brute_force(logp, targets)
-        for fn in (ssr.forced_align, ssr.viterbi_align):
+        for fn in (common.ctc_forced_align, common.viterbi_align):
             labels = fn(logp, targets)
             assert labels == path, fn.__name__
             assert abs(sum(float(logp[t, k]) for t, k in enumerate(labels)) - best) < 1e-5
