@@ -15,7 +15,7 @@ Paper step                                              -> code
   character frames, no transcript (inference)           -> greedy_decode
   characters -> LLM tokens: frame of the last character -> token_boundaries
   connector: Linear(d_enc->d_llm, no bias) -> L layers  -> Connector, causal_mask, blockwise_mask
-             -> select the boundary frames: 1 per token
+             -> select the boundary frames: 1 per token    (the last layer runs at those frames only)
   stage 1: mean_tok sum_d (z-e)^2 + 5 mean_tok(1-cos)   -> distill_loss
   nearest-token accuracy: argmax_v cos(z, E_v)          -> readout, distill_eval
   stage 2: next-token prediction from SSR vectors       -> ntp_splice (LoRA, or --finetune full)
@@ -98,12 +98,16 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, rows=None):
+        """rows (B, K): compute only these frames' outputs (keys and values from all frames)."""
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if rows is not None:
+            at = (torch.arange(B, device=x.device)[:, None], rows)
+            x, mask, q = x[at], mask[at], q.transpose(1, 2)[at].transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                            dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, T, d)))
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, -1, d)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -247,12 +251,15 @@ class Connector(nn.Module):
     def forward(self, frames, boundaries):
         x = self.proj(frames)
         B, T, _ = x.shape
-        mask = torch.stack([blockwise_mask(b, T) for b in boundaries]) if self.blockwise else \
-            causal_mask(T).expand(B, T, T)
-        for blk in self.blocks:
-            x = blk(x, mask.to(x.device))
-        return [x[i, torch.tensor(b, dtype=torch.long, device=x.device)]        # selection
-                for i, b in enumerate(boundaries)]
+        mask = (torch.stack([blockwise_mask(b, T) for b in boundaries]) if self.blockwise else
+                causal_mask(T).expand(B, T, T)).to(x.device)
+        K = max(map(len, boundaries), default=0)
+        rows = torch.tensor([b + [0] * (K - len(b)) for b in boundaries], dtype=torch.long, device=x.device)
+        for blk in self.blocks[:-1]:
+            x = blk(x, mask)
+        # selection: the last layer runs only at the boundary frames (the only outputs used)
+        x = self.blocks[-1](x, mask, rows) if len(self.blocks) else x[torch.arange(B)[:, None], rows]
+        return [x[i, :len(b)] for i, b in enumerate(boundaries)]
 
 
 def encode(encoder, aligner, batch):

@@ -1176,6 +1176,32 @@ def test_ssr_connector_one_vector_per_token_and_mask_used(blockwise):
         assert torch.allclose(full[1][[0, 4]], out[1], atol=1e-6)
 
 
+def ssr_connector_slow(con, frames, bnds):
+    """Every layer at every frame, one utterance at a time, then the boundary frames."""
+    x, T, out = con.proj(frames), frames.shape[1], []
+    for i, b in enumerate(bnds):
+        xi, m = x[i:i + 1], (ssr.blockwise_mask(b, T) if con.blockwise else ssr.causal_mask(T))[None]
+        for blk in con.blocks:
+            xi = blk(xi, m)
+        out.append(xi[0, b])
+    return out
+
+
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_ssr_connector_last_layer_at_boundaries_equals_all_frames(blockwise):
+    torch.manual_seed(0)
+    con = ssr.Connector(12, 8, layers=3, heads=2, dropout=0.0, blockwise=blockwise)
+    frames, bnds = torch.randn(3, 9, 12), [[1, 3, 6], [0, 4], []]
+    got, want = con(frames, bnds), ssr_connector_slow(con, frames, bnds)
+    assert [tuple(z.shape) for z in got] == [(3, 8), (2, 8), (0, 8)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    grads = [torch.autograd.grad(sum((z * z.detach().sign()).sum() for z in out), list(con.parameters()))
+             for out in (got, want)]
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
 def test_ssr_distill_loss_equals_direct():
     torch.manual_seed(0)
     z, e = torch.randn(7, 5), torch.randn(7, 5)
