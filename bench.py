@@ -80,6 +80,8 @@ SCALES = dict(
                batch=16, cformer=dict(pre_layers=4, post_layers=4, heads=8), connector=dict(layers=4),
                t5=dict(d=4096, layers=24, heads=64, ffn=10240, vocab=250112),      # mT0-XXL (13B)
                slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
+VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1",
+            "ssr2", "slm")
 PROMPT, AFTER, CONTINUATION = list(range(5, 40)), list(range(40, 45)), 48     # prompt pieces; targets
 
 
@@ -363,15 +365,16 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary of the KD variants (Qwen: 151936)")
-    p.add_argument("--variants", default="blsp,blsp-30s,blsp-nobucket,blsp-ckpt,kd,kd-ckpt,kd-select,kd-full,"
-                   "ssr1,ssr2,slm",
-                   help="comma-separated variants")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument("--live-memory", action="store_true",
                    help="CPU: MALLOC_MMAP_THRESHOLD_=1 MiB in each variant, so that peak RSS follows live memory")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant
     args = p.parse_args()
     if args.scale == "paper" and args.device == "cpu":
         sys.exit("error: --scale paper needs a GPU (--device cuda)")
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: --variants: unknown {','.join(unknown)} (choose among {','.join(VARIANTS)})")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.one:
         print(json.dumps(run_variant(args.one, args)))
