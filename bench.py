@@ -130,7 +130,11 @@ def build_t5(scale, device):
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
                    pad_token_id=0, eos_token_id=1)
     with torch.device(device):
-        return common.freeze(T5ForConditionalGeneration._from_config(cfg, dtype=common.frozen_dtype(device)))
+        t5 = T5ForConditionalGeneration._from_config(cfg, dtype=common.frozen_dtype(device))
+        # transformers 5 ties T5's output layer to the embedding when built from a config (it unties
+        # when a file holds both, as Flan-T5's and mT0's do): give it its own, as those models have
+        t5.lm_head.weight = torch.nn.Parameter(t5.lm_head.weight.detach().clone())
+    return common.freeze(t5)
 
 
 def batches(variant, n_batches, batch, rng):
