@@ -82,6 +82,7 @@ SCALES = dict(
                slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
 VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1",
             "ssr2", "slm")
+WORDS = sorted(data.toy_vocabulary())                  # the spoken texts' words
 PROMPT, AFTER, CONTINUATION = list(range(5, 40)), list(range(40, 45)), 48     # prompt pieces; targets
 
 
@@ -156,15 +157,19 @@ def make_batch(durs, vocab, rng, device):
     """Random audio of the given durations; per clip a spoken text of 3 words per second (toy
     words: one token each, for SSR's aligner) and a 48-token continuation."""
     lens = torch.tensor([int(d * 16000) for d in durs], device=device)
-    words = sorted(data.toy_vocabulary())
     return dict(wave=torch.randn(len(durs), int(lens.max()), device=device) * 0.1, wave_lens=lens, durs=durs,
-                text=[" ".join(rng.choice(words) for _ in range(max(1, int(3 * d)))) for d in durs],
+                text=[" ".join(rng.choice(WORDS) for _ in range(max(1, int(3 * d)))) for d in durs],
                 response=torch.randint(100, vocab, (len(durs), CONTINUATION)).tolist())
 
 
+def whisper_frames(samples):
+    """Encoder frames of a clip of this many 16 kHz samples: 10 ms mel frames, conv stride 2."""
+    return (samples // 160 - 1) // 2 + 1
+
+
 def encoder_frames(batch):
-    """Frames the encoder runs over: the batch's longest clip at 50 frames/s, times the batch."""
-    return len(batch["durs"]) * ((int(16000 * max(batch["durs"])) // 160 - 1) // 2 + 1)
+    """Frames the encoder runs over: the batch's longest clip, times the batch."""
+    return len(batch["durs"]) * whisper_frames(int(16000 * max(batch["durs"])))
 
 
 def encode(enc, batch, pad30=False):
@@ -176,7 +181,7 @@ def encode(enc, batch, pad30=False):
         w30 = F.pad(wave, (0, 480000 - wave.shape[1]))   # the released BLSP code: every clip 30 s
         feats, flens = data.whisper_log_mel(w30, torch.full_like(lens, 480000), enc.mel_filters)
         frames, _ = enc.whisper_forward(feats.to(next(enc.parameters()).dtype), flens)
-        flens = (lens // 160 - 1) // 2 + 1
+        flens = whisper_frames(lens)
         return frames[:, :int(flens.max())], flens
 
 

@@ -258,7 +258,7 @@ class Connector(nn.Module):
         for blk in self.blocks[:-1]:
             x = blk(x, mask)
         # selection: the last layer runs only at the boundary frames (the only outputs used)
-        x = self.blocks[-1](x, mask, rows) if len(self.blocks) else x[torch.arange(B)[:, None], rows]
+        x = self.blocks[-1](x, mask, rows) if len(self.blocks) else x[torch.arange(B, device=x.device)[:, None], rows]
         return [x[i, :len(b)] for i, b in enumerate(boundaries)]
 
 
