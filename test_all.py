@@ -745,11 +745,24 @@ def test_bench_tiny_runs(tmp_path):
                        env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [l.split()[0] for l in r.stdout.splitlines()]
-    assert {"blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "kd", "kd-select", "kd-full", "ssr1", "ssr2",
-            "slm"} <= set(rows)
+    assert {"blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "kd", "kd-select", "kd-full",
+            "ssr1", "ssr2", "slm"} <= set(rows)
+    assert "FAILED" not in r.stdout
     for line in ("faster than the 30 s recipe", "activation checkpointing of the LLM:", "BLSP-KD, kd:",
                  "BLSP-KD, kd-select:"):
         assert line in r.stdout
+
+
+def test_cuda_settings_turn_off_cudnn_attention():
+    """cuDNN's SDPA plans every new length: seconds a step with real-length batches on an H100."""
+    was = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        common.cuda_settings(torch.device("cuda"))        # no index: no set_device (runs on CPU too)
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was[0])
+        torch.backends.cuda.matmul.allow_tf32 = was[1]
 
 
 # ============================================================================================
