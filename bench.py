@@ -29,6 +29,8 @@ Variants, measured with the same models in the same run (the official choices re
     blsp-30s      the encoder run on clips padded to 30 s, cropped after (the released BLSP code)
     blsp-nobucket real length, but batches drawn at random (no length buckets)
     blsp-ckpt     blsp with activation checkpointing of the frozen LLM (--grad-ckpt)
+    blsp-compile  blsp with the adapter compiled (--compile: torch.compile, dynamic shapes; the
+                  compile happens in the untimed warm-up step)
     kd            BLSP-KD stage 1 (CFormer; teacher and student passes; length, response and input
                   KL) with blsp_kd.kd_losses as it is: logits at the loss positions only, one
                   checkpointed chunk of rows at a time (common.per_row_loss)
@@ -46,7 +48,8 @@ On CPU the peak RSS also counts memory that glibc keeps after tensors are freed;
 each variant with MALLOC_MMAP_THRESHOLD_=1 MiB, so that freed tensors go back to the system and the
 peak RSS follows live memory, as max_memory_allocated does on CUDA (large allocations then cost page
 faults: slower). Tokens/s counts the LLM's real tokens (teacher and student passes for BLSP-KD).
-Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936] [--live-memory]
+Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936] [--batch 16] [--live-memory]
+                       [--variants blsp,kd] [--json rows.json]
 """
 import argparse
 import json
@@ -80,7 +83,7 @@ SCALES = dict(
                batch=16, cformer=dict(pre_layers=4, post_layers=4, heads=8), connector=dict(layers=4),
                t5=dict(d=4096, layers=24, heads=64, ffn=10240, vocab=250112),      # mT0-XXL (13B)
                slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
-VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1",
+VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1",
             "ssr2", "slm")
 WORDS = sorted(data.toy_vocabulary())                  # the spoken texts' words
 PROMPT, AFTER, CONTINUATION = list(range(5, 40)), list(range(40, 45)), 48     # prompt pieces; targets
@@ -140,7 +143,8 @@ def build_t5(scale, device):
 
 def batches(variant, n_batches, batch, rng):
     """The same n_batches x batch clips for every variant (so throughputs compare), grouped by
-    length buckets or at random; plus one warm-up batch of 10 s clips, not timed."""
+    length buckets or at random; after warm-up batches of 10 s clips (and 12 s clips for a compiled
+    adapter, whose dynamic-shape compile recompiles once), not timed."""
     durs = durations(n_batches * batch, rng)
     if variant == "blsp-nobucket":
         idx = list(range(len(durs)))
@@ -150,7 +154,8 @@ def batches(variant, n_batches, batch, rng):
         out = data.BucketBatchSampler(durs, batch, seed=0).batches()
     real = sum(durs)
     padded = sum(max(durs[i] for i in b) * len(b) for b in out)
-    return [[10.0] * batch] + [[durs[i] for i in b] for b in out], 1 - real / padded
+    warm = [[10.0] * batch] + ([[12.0] * batch] if variant.endswith("-compile") else [])
+    return warm, [[durs[i] for i in b] for b in out], 1 - real / padded
 
 
 def make_batch(durs, vocab, rng, device):
@@ -304,8 +309,10 @@ def slm_method(variant, enc, t5, s):
 
 def run_variant(variant, args):
     device = torch.device(args.device)
+    if device.type == "cuda":
+        common.cuda_settings(device)                      # what common.setup does
     rng = random.Random(0)
-    s = SCALES[args.scale]
+    s = dict(SCALES[args.scale], **({"batch": args.batch} if args.batch else {}))
     torch.manual_seed(0)
     enc = build_encoder(args.scale, device)
     keep = []                                              # kd-full: the outputs live until step end
@@ -324,14 +331,16 @@ def run_variant(variant, args):
         else:
             module, step = blsp_method(variant, enc, llm, s)
     module.to(device).train()
+    if variant.endswith("-compile"):
+        common.compile_adapter(module, common.Args(compile=True))
     opt = common.make_optimizer([p for p in module.parameters() if p.requires_grad], common.Args(lr=1e-4),
                                 device)
-    bl, pad = batches(variant, args.steps, s["batch"], rng)
+    warm, timed, pad = batches(variant, args.steps, s["batch"], rng)
     text_rng = random.Random(1)                           # the same texts in every variant
     t0, audio, tokens, flops = None, 0.0, 0, 0.0
     base = memory(device)                                 # models and optimizer, no step yet
-    for k, durs in enumerate(bl):
-        if k == 1:                                        # step 0 warms up
+    for k, durs in enumerate(warm + timed):
+        if k == len(warm):                                # the warm-up steps are not timed
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -343,7 +352,7 @@ def run_variant(variant, args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         keep.clear()
-        if k >= 1:
+        if k >= len(warm):
             audio, tokens, flops = audio + sum(durs), tokens + T, flops + fl
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -375,6 +384,9 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary of the KD variants (Qwen: 151936)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--batch", type=int, default=None, help="clips per batch (default: the scale's)")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to one variant")
     p.add_argument("--live-memory", action="store_true",
                    help="CPU: MALLOC_MMAP_THRESHOLD_=1 MiB in each variant, so that peak RSS follows live memory")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant
@@ -388,15 +400,25 @@ def main():
     if args.one:
         print(json.dumps(run_variant(args.one, args)))
         return
-    rows = {}
+    rows, failed = {}, {}
     for v in args.variants.split(","):                    # one process per variant: clean peak memory
         cmd = [sys.executable, __file__, "--one", v, "--scale", args.scale, "--device", args.device,
-               "--steps", str(args.steps), "--vocab", str(args.vocab)]
+               "--steps", str(args.steps), "--vocab", str(args.vocab)] + \
+              (["--batch", str(args.batch)] if args.batch else [])
         env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if args.live_memory else {}))
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            sys.exit(f"error: variant {v} failed:\n{out.stderr[-2000:]}")
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            out = subprocess.CompletedProcess(cmd, 1, "", f"timed out after {args.timeout:.0f} s")
+        if out.returncode != 0:                           # report it, go on with the other variants
+            failed[v] = out.stderr.strip().splitlines()[-1:] or ["(no message)"]
+            print(f"{v}: failed: {out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            continue
         rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(rows[v]), file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(scale=args.scale, device=args.device, batch=args.batch, rows=rows), f, indent=1)
     cuda = args.device == "cuda"
     print(f"scale={args.scale} device={args.device} "
           f"({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} CPU cores'}); memory in GiB: "
@@ -425,6 +447,12 @@ def main():
             print(f"BLSP-KD, {v}: {ratio(v, 'kd-full', 'peak_gib'):.2f}x the peak memory of full-sequence "
                   f"fp32 logits ({ratio(v, 'kd-full', 'step_gib'):.2f}x during the step), "
                   f"{ratio(v, 'kd-full'):.2f}x the throughput")
+    if "blsp" in rows and "blsp-compile" in rows:
+        print(f"compiled adapter: {ratio('blsp-compile', 'blsp'):.2f}x the throughput of blsp")
+    for v, msg in failed.items():
+        print(f"{v}: FAILED: {msg[0]}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
