@@ -83,8 +83,8 @@ SCALES = dict(
                batch=16, cformer=dict(pre_layers=4, post_layers=4, heads=8), connector=dict(layers=4),
                t5=dict(d=4096, layers=24, heads=64, ffn=10240, vocab=250112),      # mT0-XXL (13B)
                slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
-VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1",
-            "ssr2", "slm")
+VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "kd", "kd-ckpt", "kd-select",
+            "kd-full", "ssr1", "ssr2", "slm")
 WORDS = sorted(data.toy_vocabulary())                  # the spoken texts' words
 PROMPT, AFTER, CONTINUATION = list(range(5, 40)), list(range(40, 45)), 48     # prompt pieces; targets
 
@@ -92,11 +92,6 @@ PROMPT, AFTER, CONTINUATION = list(range(5, 40)), list(range(40, 45)), 48     # 
 def durations(n, rng):
     """LibriSpeech-like: log-normal around 12 s, clipped to 2-20 s."""
     return [min(20.0, max(2.0, rng.lognormvariate(2.45, 0.45))) for _ in range(n)]
-
-
-def matrices(module, skip=("embed",)):
-    """N: parameters of the weight matrices (and conv kernels) a token goes through."""
-    return sum(p.numel() for n, p in module.named_parameters() if p.ndim >= 2 and not any(s in n for s in skip))
 
 
 def build_encoder(scale, device):
@@ -195,8 +190,8 @@ def encode(enc, batch, pad30=False):
 
 def blsp_method(variant, enc, llm, s):
     adapter = blsp.Adapter(enc.dim, llm.config.hidden_size)
-    embed, n_enc, n_ad = llm.get_input_embeddings(), matrices(enc), matrices(adapter)
-    n_llm, n_head = matrices(llm, ("embed", "lm_head")), llm.lm_head.weight.numel()
+    embed, n_enc, n_ad = llm.get_input_embeddings(), common.matrices(enc), common.matrices(adapter)
+    n_llm, n_head = common.llm_matrices(llm)
 
     def step(batch):
         frames, flens = encode(enc, batch, variant == "blsp-30s")
@@ -232,8 +227,8 @@ def kd_method(variant, enc, llm, s, keep):
     kd_args = blsp_kd.KDArgs(**s["cformer"])
     adapter = blsp_kd.CFormer(enc.dim, llm.config.hidden_size, kd_args.pre_layers, kd_args.post_layers,
                               kd_args.heads)
-    vocab, n_enc, n_ad = llm.config.vocab_size, matrices(enc), matrices(adapter)
-    n_llm, n_head = matrices(llm, ("embed", "lm_head")), llm.lm_head.weight.numel()
+    vocab, n_enc, n_ad = llm.config.vocab_size, common.matrices(enc), common.matrices(adapter)
+    n_llm, n_head = common.llm_matrices(llm)
 
     def step(batch):
         frames, flens = encode(enc, batch)
@@ -262,12 +257,12 @@ def ssr_method(variant, enc, llm, s):
     aligner = common.freeze(ssr.Aligner(enc.dim, 1, s["enc"]["heads"])).to(embed.weight.device)
     connector = ssr.Connector(enc.dim, llm.config.hidden_size, s["connector"]["layers"], s["llm"]["heads"],
                               0.1).to(embed.weight.device)
-    n_enc, n_al, n_conn = matrices(enc), matrices(aligner), matrices(connector)
-    n_llm, n_head = matrices(llm, ("embed", "lm_head")), llm.lm_head.weight.numel()
+    n_enc, n_al, n_conn = common.matrices(enc), common.matrices(aligner), common.matrices(connector)
+    n_llm, n_head = common.llm_matrices(llm)
     if variant == "ssr2":
         common.freeze(connector)
         trained = common.add_lora(llm, masked=False)[1]
-    n_lora = sum(p.numel() for p in trained.parameters() if p.requires_grad) if variant == "ssr2" else 0
+    n_lora = common.matrices(trained, trained=True) if variant == "ssr2" else 0
 
     def step(batch):
         vecs, ids, _, _ = ssr.ssr_vectors(enc, aligner, connector, tok, batch, "forced")
@@ -291,10 +286,10 @@ def slm_method(variant, enc, t5, s):
                           a["heads"], a["ffn"])
     vocab, eos, instruction = t5.config.vocab_size, 1, list(range(5, 13))
     kv = ("EncDecAttention.k.", "EncDecAttention.v.")     # cross-attention keys/values: encoder rate
-    n_enc, n_ad, n_head = matrices(enc), matrices(adapter), t5.lm_head.weight.numel()
-    n_t5enc = matrices(t5.encoder, ("embed", "relative_attention_bias"))
+    n_enc, n_ad, n_head = common.matrices(enc), common.matrices(adapter), t5.lm_head.weight.numel()
+    n_t5enc = common.matrices(t5.encoder, ("embed", "relative_attention_bias"))
     n_kv = sum(p.numel() for n, p in t5.decoder.named_parameters() if any(k in n for k in kv))
-    n_t5dec = matrices(t5.decoder, ("embed", "relative_attention_bias")) - n_kv
+    n_t5dec = common.matrices(t5.decoder, ("embed", "relative_attention_bias")) - n_kv
 
     def step(batch):
         vecs = slm.speech_vectors(enc, adapter, batch)

@@ -201,12 +201,16 @@ def main(argv=None):
     common.compile_adapter(adapter, args)
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
 
+    n_enc, n_ad, (n_llm, n_head) = common.matrices(encoder), common.matrices(adapter), common.llm_matrices(llm)
+
     def step_fn(batch):
         vecs = speech_vectors(encoder, adapter, batch)
         samples = [behaviour_sample(before, v, after, ids, eos)
                    for v, ids in zip(vecs, batch["continuation_ids"])]
         loss, n, tokens = behaviour_loss(llm, embed, samples)
-        return loss, n, dict(tokens=tokens)
+        F = encoder.frames                  # model FLOPs (common.matrices); adapter at the frame rate
+        return loss, n, dict(tokens=tokens, flops=2 * n_enc * F + 6 * n_ad * F + 4 * n_llm * tokens
+                             + 4 * n_head * n)
 
     def valid_fn(step):
         adapter.eval()

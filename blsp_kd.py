@@ -264,16 +264,31 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
     return out, int(at["response"][1].sum())
 
 
-def kd_step(encoder, cformer, llm, ctx, before, after, batch, args):
+def flop_matrices(encoder, cformer, module, llm):
+    """The N of each part for kd_step's model FLOPs (common.matrices)."""
+    N = dict(encoder=common.matrices(encoder), cformer=common.matrices(cformer),
+             lora=common.matrices(module["lora"], trained=True) if "lora" in module else 0)
+    N["llm"], N["head"] = common.llm_matrices(llm)
+    N["llm"] -= N["lora"]                                # LoRA's matrices sit inside the LLM's layers
+    return N
+
+
+def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, N):
     """One training micro-batch -> (loss_sum, n_units, logs) for common.train: the sum of the
-    term means (weight 1 each) times k, over k = number of response positions."""
+    term means (weight 1 each) times k, over k = number of response positions. N: the models'
+    matrix parameters (common.matrices), for the step's model FLOPs."""
     n = [len(t) for t in batch["transcript_ids"]]                      # N: transcript tokens
     vecs, n, total = speech_vectors(encoder, cformer, batch, n, args.unfreeze_encoder)
     pairs = [kd_pair(before, after, t, v, r)
              for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
     losses, k = kd_losses(llm, ctx, *zip(*pairs), args, total, n)
     loss = sum(losses.values())
-    return loss * k, k, {name: v.detach() for name, v in losses.items()}        # no sync here
+    T_t, T_s = (sum(len(seg) for pair in pairs for seg in pair[i]) for i in (0, 1))
+    F, rows = encoder.frames, k + sum(len(t) for t in batch["transcript_ids"])   # response + input rows
+    flops = ((6 if args.unfreeze_encoder else 2) * N["encoder"] + 6 * N["cformer"]) * F \
+        + 2 * N["llm"] * T_t + (4 * N["llm"] + 6 * N["lora"]) * T_s + (2 + 4) * N["head"] * rows
+    return loss * k, k, dict(tokens=T_t + T_s, flops=flops,
+                             **{name: v.detach() for name, v in losses.items()})   # no sync here
 
 
 @torch.no_grad()
@@ -402,8 +417,10 @@ def main(argv=None):
         common.load_trainable(module, init_ck)
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
 
+    N = flop_matrices(encoder, cformer, module, llm)
+
     def step_fn(batch):
-        return kd_step(encoder, cformer, llm, ctx, before, after, batch, args)
+        return kd_step(encoder, cformer, llm, ctx, before, after, batch, args, N)
 
     def valid_fn(step):
         module.eval()

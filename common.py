@@ -232,6 +232,11 @@ class SpeechEncoder(nn.Module):
         return data.normalized_wave(wave, wave_lens)
 
     def forward(self, wave, wave_lens):
+        h, lens = self.encode(wave, wave_lens)
+        self.frames = h.shape[0] * h.shape[1]        # B x longest: the FLOP count of the step reads it
+        return h, lens
+
+    def encode(self, wave, wave_lens):
         feats, flens = self.features(wave, wave_lens)
         dtype = next(self.model.parameters()).dtype
         if self.kind == "whisper":
@@ -983,6 +988,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             show = dict(loss=f"{loss_val:.4f}", lr=f"{lr_at(step - 1, args):.2e}",
                         samples_s=f"{seen['samples'] * world / dt:.1f}",
                         tokens_s=f"{seen['tokens'] * world / dt:.0f}")
+            if device.type == "cuda" and seen["flops"]:
+                show["mfu"] = f"{seen['flops'] / dt / peak_flops(device):.1%}"
             bar.set_postfix(show, refresh=False)
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
@@ -992,7 +999,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 if device.type == "cuda":
                     row["peak_mem_gib"] = peak
                     if seen["flops"]:
-                        row["mfu"] = seen["flops"] * world / dt / (peak_flops(device) * world)
+                        row["mfu"] = seen["flops"] / dt / peak_flops(device)    # per GPU
                 log(**row)
             if valid_fn and args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 last_valid = run_valid(valid_fn, step, log, rank, bar)
@@ -1011,12 +1018,14 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         if rank == 0:
             print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {out}")
         sys.exit(143 if interrupted == "SIGTERM" else 130)
+    dt = time.time() - t0                               # training time, without the final validation
     if valid_fn:
         last_valid = run_valid(valid_fn, step, log, rank, None)
     if rank == 0:
-        dt = time.time() - t0
+        mfu = seen["flops"] / dt / peak_flops(device) if device.type == "cuda" and seen["flops"] else 0
         print(f"{method}: {step} steps in {dt:.0f} s, {seen['samples'] * world / dt:.1f} samples/s, "
-              f"{seen['tokens'] * world / dt:.0f} tokens/s" + (f", peak {peak:.1f} GiB" if peak else ""))
+              f"{seen['tokens'] * world / dt:.0f} tokens/s" + (f", peak {peak:.1f} GiB" if peak else "")
+              + (f", MFU {mfu:.1%}" if mfu else ""))
     return last_valid
 
 
@@ -1029,6 +1038,22 @@ def run_valid(valid_fn, step, log, rank, bar):
                                          for k, v in res.items())
     (bar.write if bar else print)(msg)
     return res
+
+
+def matrices(module, skip=("embed",), trained=False):
+    """N of MFU's model FLOPs: parameters of the weight matrices (and conv kernels) a token goes
+    through (only the trained ones with trained=True: LoRA layers hold their frozen base too);
+    embeddings are lookups. Per token, a frozen forward-only pass costs 2N FLOPs, frozen layers
+    that pass gradients back 4N (forward + input gradients), trained weights 6N. A method's step
+    logs its sum as "flops" and the loop reports MFU = flops / time / peak on CUDA."""
+    return sum(p.numel() for n, p in module.named_parameters()
+               if p.ndim >= 2 and not any(s in n for s in skip) and (p.requires_grad or not trained))
+
+
+def llm_matrices(llm):
+    """(N of a causal LM's layers, N of its output layer): the output layer counts only at the
+    rows whose logits are computed."""
+    return matrices(llm, ("embed", "lm_head")), llm.get_output_embeddings().weight.numel()
 
 
 def peak_flops(device):

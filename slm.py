@@ -384,13 +384,24 @@ def main(argv=None):
     print(f"slm: adapter {n_adapter / 1e6:.2f}M trainable parameters of {n_total / 1e6:.2f}M in "
           f"all ({n_adapter / n_total:.1%}; paper: 156M, about 1%)")
 
+    # model FLOPs (common.matrices): T5 encoder and cross-attention keys/values at the encoder's
+    # tokens, the rest of the decoder and the output layer at the targets
+    kv = ("EncDecAttention.k.", "EncDecAttention.v.")
+    n_enc, n_ad, n_head = common.matrices(encoder), common.matrices(adapter), llm.lm_head.weight.numel()
+    n_t5enc = common.matrices(llm.encoder, ("embed", "relative_attention_bias"))
+    n_kv = sum(p.numel() for k, p in llm.decoder.named_parameters() if any(s in k for s in kv))
+    n_t5dec = common.matrices(llm.decoder, ("embed", "relative_attention_bias")) - n_kv
+
     def step_fn(batch):
         vecs = speech_vectors(encoder, adapter, batch)
         drawn = draw_tasks(batch, tasks, args.language)
         samples = [encoder_sample(speech(v), ids_of(tok, ins), eos, args.order)
                    for v, (_, ins, _) in zip(vecs, drawn)]
         loss, n, tokens = slm_loss(llm, samples, [ids_of(tok, tgt) for _, _, tgt in drawn], eos)
-        return loss, n, dict(tokens=tokens + n)
+        F = encoder.frames                              # the adapter runs at F / stack
+        flops = 2 * n_enc * F + 6 * n_ad * F / args.stack \
+            + 4 * ((n_t5enc + n_kv) * tokens + (n_t5dec + n_head) * n)
+        return loss, n, dict(tokens=tokens + n, flops=flops)
 
     eval_tasks = [t for t in TASKS if any(it.get(TASKS[t]) for it in valid_items)]
 

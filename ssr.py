@@ -434,12 +434,14 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
     train_mode = "oracle" if args.aligner == "oracle" else "forced"
     fields, res = ("llm", "encoder", "encoder_layer", "aligner_layers", "heads"), {}
 
+    # model FLOPs per frame or token (common.matrices): 2N frozen forward, 4N frozen backward, 6N trained
+    n_enc, n_al, n_conn = common.matrices(encoder), common.matrices(aligner), common.matrices(connector)
     if "aligner" in stages:
         def aligner_step(batch):
             with torch.no_grad():
                 frames, lens = encoder(batch["wave"], batch["wave_lens"])
             loss, n = aligner_loss(aligner(frames.float(), lens), lens, batch["text"])
-            return loss, n, {}
+            return loss, n, dict(flops=(2 * n_enc + 6 * n_al) * encoder.frames)
 
         def aligner_valid(step):                          # character error rate of greedy CTC
             err = n = 0
@@ -465,7 +467,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
             if not vecs:
                 return connector.proj.weight.sum() * 0, 0, {}
             e = embed.weight[torch.tensor([i for x in ids for i in x], device=device)]   # the rows
-            return (*distill_loss(torch.cat(vecs).float(), e.float(), args.cos_weight), {})
+            flops = (2 * (n_enc + n_al) + 6 * n_conn) * encoder.frames      # connector: an upper bound
+            return (*distill_loss(torch.cat(vecs).float(), e.float(), args.cos_weight), dict(flops=flops))
 
         res = common.train(stage_args(args, "stage1", args.steps, args.lr), connector, stage1_step,
                            train_items, device, rank, world, lambda step: distill_eval(
@@ -480,17 +483,24 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
     if "2" in stages:
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         module, rng = stage2_module(args, llm).train(), random.Random(args.seed)
+        full = args.finetune == "full"
+        n_llm, n_head = common.llm_matrices(llm)
+        n_lora = 0 if full else common.matrices(module, trained=True)
 
         def stage2_step(batch):
+            flops = 0
             if rng.random() < args.text_mix:                # a text-only batch: the transcripts
                 ids = [common.input_ids(tok, t) for t in batch["text"]]
                 inputs = [text(x) for x in ids]
             else:
                 vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, train_mode)
                 inputs = [speech(v) for v in vecs]
+                flops = 2 * (n_enc + n_al + n_conn) * encoder.frames
             sp = ntp_splice(embed, inputs, ids, bos, eos)
             loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
-            return loss, n, dict(tokens=int(sp.attention_mask.sum()))
+            T, k = int(sp.attention_mask.sum()), (6 if full else 4)
+            flops += (k * (n_llm - n_lora) + 6 * n_lora) * T + k * n_head * n
+            return loss, n, dict(tokens=T, flops=flops)
 
         def stage2_valid(step):
             module.eval()

@@ -753,6 +753,44 @@ def test_bench_tiny_runs(tmp_path):
         assert line in r.stdout
 
 
+def test_model_flops_match_torch_flop_counter():
+    """MFU's model FLOPs (common.matrices, llm_matrices): per token 2N for a frozen forward, 4N
+    with the backward through frozen layers, 6N for trained weights (here LoRA's), and the output
+    layer only at the rows whose logits are computed: what torch's FLOP counter counts for the
+    matrix products (it leaves attention's score products out, as the model FLOPs do)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=False)
+    llm = common.freeze(LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa"))
+    n_llm, n_head = common.llm_matrices(llm)
+    assert n_head == 300 * 64 and n_llm == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96)   # GQA: k, v 32 wide
+    x, T, rows = torch.randn(2, 7, 64, requires_grad=True), 14, torch.tensor([[0, 1], [3, 6]])   # (b, t)
+    with FlopCounterMode(display=False) as fwd:
+        logits = common.logits_at(llm, llm.base_model(inputs_embeds=x).last_hidden_state, tuple(rows))
+    assert fwd.get_total_flops() == 2 * n_llm * T + 2 * n_head * 2
+    with FlopCounterMode(display=False) as both:
+        common.logits_at(llm, llm.base_model(inputs_embeds=x).last_hidden_state, tuple(rows)).sum().backward()
+    assert both.get_total_flops() == 4 * n_llm * T + 4 * n_head * 2
+    _, lora = common.add_lora(llm, masked=False)
+    n_lora, n_all = common.matrices(lora, trained=True), common.llm_matrices(llm)[0]
+    assert n_lora > 0 and n_all == n_llm + n_lora
+    with FlopCounterMode(display=False) as trained:
+        llm.base_model(inputs_embeds=x).last_hidden_state.sum().backward()
+    assert trained.get_total_flops() == 4 * n_llm * T + 6 * n_lora * T
+    assert logits.shape == (2, 300)
+
+
+def test_speech_encoder_records_frames_for_the_flop_count():
+    w = blsp_kd_tiny_whisper()
+    from transformers import WhisperFeatureExtractor
+    mel = WhisperFeatureExtractor(feature_size=80).mel_filters
+    enc = common.freeze(common.SpeechEncoder(w.encoder, "whisper", mel))
+    h, lens = enc(torch.randn(3, 16000), torch.tensor([16000, 8000, 12000]))
+    assert enc.frames == 3 * h.shape[1] == 3 * 50 and lens.tolist() == [50, 25, 38]
+
+
 def test_cuda_settings_turn_off_cudnn_attention():
     """cuDNN's SDPA plans every new length: seconds a step with real-length batches on an H100."""
     was = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32
@@ -973,9 +1011,10 @@ def test_blsp_kd_only_trained_parts_get_gradients(stage, unfreeze):
     module, cformer, ctx = blsp_kd.build(args, torch.device("cpu"), encoder, llm)
     before, after = common.prompt_pieces(tok, blsp_kd.CONTINUE_INSTRUCTION)
     batch = blsp_kd_toy_batch(tok, ["the cat sees the dog", "the old king helps the small bird"])
-    loss, k, logs = blsp_kd.kd_step(encoder, cformer, llm, ctx, before, after, batch, args)
+    N = blsp_kd.flop_matrices(encoder, cformer, module, llm)
+    loss, k, logs = blsp_kd.kd_step(encoder, cformer, llm, ctx, before, after, batch, args, N)
     (loss / k).backward()
-    assert set(logs) == {"length", "response_kl", "input_kl", "response_ce"}
+    assert set(logs) == {"length", "response_kl", "input_kl", "response_ce", "tokens", "flops"}
     trained = {id(p) for p in module.parameters() if p.requires_grad}
     assert all(p.grad is not None for p in cformer.parameters())
     assert any(float(p.grad.abs().sum()) > 0 for p in cformer.pre.parameters())
