@@ -21,8 +21,9 @@ MFU = model FLOPs / time / bf16 peak, counting 2N FLOPs per token for frozen for
 (the encoder, BLSP-KD's teacher pass), 4N for frozen layers that pass gradients back (the LLM's
 student pass: forward + input gradients), 6N for trained weights (the adapter, counted at the
 encoder's frame rate: an upper bound; SSR stage 2's LoRA), N = parameters of the matrices the token
-goes through; the output layer counts only at the positions where logits are computed; T5's
-cross-attention keys and values count at the encoder's tokens.
+goes through (common.matrices; the training scripts count the same way); the output layer counts
+only at the positions where logits are computed; T5's cross-attention keys and values count at the
+encoder's tokens.
 
 Variants, measured with the same models in the same run (the official choices reported as ratios):
     blsp          real-length encoder, length-bucketed batches (this project)
