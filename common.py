@@ -929,7 +929,19 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
 
     start = None   # (epoch, batch position, RNG) at the start of the current step
 
+    fused = all(g.get("fused") for g in opt.param_groups)      # CUDA (as resumed: groups keep it)
+    nonfinite, checked, loss_val = torch.zeros((), device=device), step, None
+
+    def check_finite():
+        """Fused: were any of the steps since the last check non-finite? (one host sync)"""
+        nonlocal checked
+        if fused and float(nonfinite) > 0:
+            raise UserError(f"non-finite loss or gradients at a step from {checked} to {step - 1}: "
+                            f"its update was skipped; stopped, the last good checkpoint in {out} is kept")
+        checked = step
+
     def checkpoint(at=None):
+        check_finite()
         if rank == 0:
             e, b, r = at or (epoch, batch_pos, None)
             save_checkpoint(out, module, opt, step, e, b, meta, r)
@@ -959,8 +971,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 for k, v in lg.items():             # floats or tensors (read at log time only)
                     logs[k] = logs.get(k, 0.0) + v / args.grad_accum
             # token-normalised gradients: sum over micro-batches and ranks, then divide
-            total = torch.tensor([float(units)], device=device)
+            total = float(units)
             if world > 1:
+                total = torch.tensor([total], device=device)
                 flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
                                   for p in params] + [total, loss_sum[None]])
                 torch.distributed.all_reduce(flat)
@@ -970,22 +983,28 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     g = flat[offset:offset + p.numel()].view_as(p)
                     p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
                     offset += p.numel()
-            scale = 1.0 / total.clamp(min=1.0)
+            scale = 1.0 / total.clamp(min=1.0) if world > 1 else 1.0 / max(total, 1.0)
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip) if args.clip > 0 else torch.zeros(())
-            loss_val = float(loss_sum * scale)            # one host sync per optimizer step
-            if not math.isfinite(loss_val):
-                raise UserError(f"non-finite loss ({loss_val}) at step {step}; stopped, the last "
-                                f"good checkpoint in {out} is kept")
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip) if args.clip > 0 else \
+                torch.zeros((), device=device)
+            loss_dev = loss_sum * scale
+            if fused:       # no host sync: the fused AdamW skips a non-finite step on the device
+                opt.found_inf = (~(torch.isfinite(loss_dev) & torch.isfinite(gnorm))).float()
+                nonfinite += opt.found_inf                  # read at logging and checkpoint time
+            else:
+                loss_val = float(loss_dev)                  # CPU: reading it costs nothing
+                if not math.isfinite(loss_val):
+                    raise UserError(f"non-finite loss ({loss_val}) at step {step}; stopped, the last "
+                                    f"good checkpoint in {out} is kept")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - t0
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            show = dict(loss=f"{loss_val:.4f}", lr=f"{lr_at(step - 1, args):.2e}",
+            show = dict(loss=f"{loss_val:.4f}" if loss_val is not None else "-", lr=f"{lr_at(step - 1, args):.2e}",
                         samples_s=f"{seen['samples'] * world / dt:.1f}",
                         tokens_s=f"{seen['tokens'] * world / dt:.0f}")
             if device.type == "cuda" and seen["flops"]:
@@ -993,6 +1012,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             bar.set_postfix(show, refresh=False)
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
+                check_finite()
+                loss_val = float(loss_dev)
                 row = dict(step=step, loss=loss_val, lr=lr_at(step - 1, args), grad_norm=float(gnorm),
                            samples_per_s=seen["samples"] * world / dt,
                            tokens_per_s=seen["tokens"] * world / dt, **{k: float(v) for k, v in logs.items()})

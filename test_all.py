@@ -496,6 +496,33 @@ def test_nan_loss_stops_naming_the_step(tiny, tmp_path):
     assert open(tmp_path / "latest").read().strip() == "ckpt-2"
 
 
+def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tmp_path, monkeypatch):
+    """CUDA's path (fused AdamW), run with the CPU's fused AdamW: a non-finite step is skipped on
+    the device (found_inf) and reported at the next checkpoint; the weights stay those of the last
+    good step."""
+    make = common.make_optimizer
+
+    def fused(params, args, device):
+        opt = make(params, args, device)
+        groups = [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in opt.param_groups]
+        return torch.optim.AdamW(groups, lr=args.lr, betas=opt.defaults["betas"], fused=True)
+    monkeypatch.setattr(common, "make_optimizer", fused)
+    items = data.read_manifest(tiny["train"])
+    m, calls, weights = Toy(), [], []
+    step = toy_step(m)
+
+    def bad(batch):
+        calls.append(1)
+        if len(calls) == 3:                               # step 2 (0-based): its weights are step 2's
+            weights.append({k: v.clone() for k, v in m.state_dict().items()})
+        loss, n, lg = step(batch)
+        return (loss * float("nan") if len(calls) == 3 else loss), n, lg
+    with pytest.raises(common.UserError, match="non-finite loss or gradients at a step from 2 to 2"):
+        common.train(toy_args(tmp_path, save_every=1, log_every=5), m, bad, items, cpu(), method="toy")
+    assert open(tmp_path / "latest").read().strip() == "ckpt-2"
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights[0].items())
+
+
 def test_default_llm_build_refuses_an_llm_that_cannot_copy(tmp_path):
     """Too few steps to learn the toy tasks: every seed is tried, then the build fails loudly
     instead of caching a broken LLM (the cached folder would be reused by every later run)."""
