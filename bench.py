@@ -30,8 +30,8 @@ Variants, measured with the same models in the same run (the official choices re
     blsp-30s      the encoder run on clips padded to 30 s, cropped after (the released BLSP code)
     blsp-nobucket real length, but batches drawn at random (no length buckets)
     blsp-ckpt     blsp with activation checkpointing of the frozen LLM (--grad-ckpt)
-    blsp-compile  blsp with the adapter compiled (--compile: torch.compile, dynamic shapes; the
-                  compile happens in the untimed warm-up step)
+    blsp-compile  blsp with the adapter compiled (--compile: torch.compile, dynamic shapes; it
+                  compiles in two untimed warm-up steps, of 10 s and 12 s clips)
     kd            BLSP-KD stage 1 (CFormer; teacher and student passes; length, response and input
                   KL) with blsp_kd.kd_losses as it is: logits at the loss positions only, one
                   checkpointed chunk of rows at a time (common.per_row_loss)
@@ -286,11 +286,7 @@ def slm_method(variant, enc, t5, s):
     adapter = slm.Adapter(enc.dim, t5.config.d_model, slm.embed_norm(t5), 4, a["width"], a["layers"],
                           a["heads"], a["ffn"])
     vocab, eos, instruction = t5.config.vocab_size, 1, list(range(5, 13))
-    kv = ("EncDecAttention.k.", "EncDecAttention.v.")     # cross-attention keys/values: encoder rate
-    n_enc, n_ad, n_head = common.matrices(enc), common.matrices(adapter), t5.lm_head.weight.numel()
-    n_t5enc = common.matrices(t5.encoder, ("embed", "relative_attention_bias"))
-    n_kv = sum(p.numel() for n, p in t5.decoder.named_parameters() if any(k in n for k in kv))
-    n_t5dec = common.matrices(t5.decoder, ("embed", "relative_attention_bias")) - n_kv
+    N = slm.flop_matrices(enc, adapter, t5)
 
     def step(batch):
         vecs = slm.speech_vectors(enc, adapter, batch)
@@ -298,8 +294,8 @@ def slm_method(variant, enc, t5, s):
         targets = [torch.randint(100, vocab, (max(1, int(3 * d)),)).tolist() for d in batch["durs"]]
         loss, n, T_in = slm.slm_loss(t5, samples, targets, eos)
         F_enc = encoder_frames(batch)
-        return loss, T_in + n, 2 * n_enc * F_enc + 6 * n_ad * F_enc / 4 + \
-            4 * ((n_t5enc + n_kv) * T_in + (n_t5dec + n_head) * n)
+        return loss, T_in + n, 2 * N["encoder"] * F_enc + 6 * N["adapter"] * F_enc / 4 + \
+            4 * ((N["t5_encoder"] + N["cross_kv"]) * T_in + (N["t5_decoder"] + N["head"]) * n)
     return adapter, step
 
 

@@ -191,6 +191,17 @@ def slm_loss(llm, samples, target_ids, eos):
 
 
 @torch.no_grad()
+def flop_matrices(encoder, adapter, t5):
+    """The N of each part for the step's model FLOPs (common.matrices): T5's encoder and its
+    cross-attention keys/values run at the encoder's tokens, the rest of the decoder and the
+    output layer at the targets."""
+    kv, skip = ("EncDecAttention.k.", "EncDecAttention.v."), ("embed", "relative_attention_bias")
+    cross_kv = sum(p.numel() for k, p in t5.decoder.named_parameters() if any(s in k for s in kv))
+    return dict(encoder=common.matrices(encoder), adapter=common.matrices(adapter), cross_kv=cross_kv,
+                t5_encoder=common.matrices(t5.encoder, skip), head=t5.lm_head.weight.numel(),
+                t5_decoder=common.matrices(t5.decoder, skip) - cross_kv)
+
+
 def generate_ids(llm, tok, samples, max_new_tokens=32):
     """Greedy decoding from the encoder's spliced embeddings -> token ids (cut at EOS)."""
     sp = common.splice(llm.get_input_embeddings(), samples)
@@ -384,13 +395,7 @@ def main(argv=None):
     print(f"slm: adapter {n_adapter / 1e6:.2f}M trainable parameters of {n_total / 1e6:.2f}M in "
           f"all ({n_adapter / n_total:.1%}; paper: 156M, about 1%)")
 
-    # model FLOPs (common.matrices): T5 encoder and cross-attention keys/values at the encoder's
-    # tokens, the rest of the decoder and the output layer at the targets
-    kv = ("EncDecAttention.k.", "EncDecAttention.v.")
-    n_enc, n_ad, n_head = common.matrices(encoder), common.matrices(adapter), llm.lm_head.weight.numel()
-    n_t5enc = common.matrices(llm.encoder, ("embed", "relative_attention_bias"))
-    n_kv = sum(p.numel() for k, p in llm.decoder.named_parameters() if any(s in k for s in kv))
-    n_t5dec = common.matrices(llm.decoder, ("embed", "relative_attention_bias")) - n_kv
+    N = flop_matrices(encoder, adapter, llm)
 
     def step_fn(batch):
         vecs = speech_vectors(encoder, adapter, batch)
@@ -399,8 +404,8 @@ def main(argv=None):
                    for v, (_, ins, _) in zip(vecs, drawn)]
         loss, n, tokens = slm_loss(llm, samples, [ids_of(tok, tgt) for _, _, tgt in drawn], eos)
         F = encoder.frames                              # the adapter runs at F / stack
-        flops = 2 * n_enc * F + 6 * n_ad * F / args.stack \
-            + 4 * ((n_t5enc + n_kv) * tokens + (n_t5dec + n_head) * n)
+        flops = 2 * N["encoder"] * F + 6 * N["adapter"] * F / args.stack \
+            + 4 * ((N["t5_encoder"] + N["cross_kv"]) * tokens + (N["t5_decoder"] + N["head"]) * n)
         return loss, n, dict(tokens=tokens + n, flops=flops)
 
     eval_tasks = [t for t in TASKS if any(it.get(TASKS[t]) for it in valid_items)]
