@@ -8,7 +8,8 @@ with models built from config at a chosen scale (random weights: speed does not 
     --scale small   a Whisper-base-sized encoder (6 x 512), a ~135M Llama (SmolLM2-135M shape) and,
                     for SLM, a Flan-T5-base shape (248M)
     --scale paper   a Whisper-small-sized encoder (12 x 768), a 7B Llama-2 shape and, for SLM, the
-                    paper's mT0-XXL shape (13B) (GPU only)
+                    paper's mT0-XXL shape (13B) (GPU only); --encoder large-v2 gives BLSP-KD's
+                    encoder shape (32 x 1280) instead
 
 Each spoken clip has a text of 3 words per second (toy words, one token each: what SSR's aligner
 and tokenizer read; BLSP-KD's transcript and SLM's target have as many tokens) and BLSP's
@@ -95,9 +96,12 @@ def durations(n, rng):
     return [min(20.0, max(2.0, rng.lognormvariate(2.45, 0.45))) for _ in range(n)]
 
 
-def build_encoder(scale, device):
+ENCODERS = {"large-v2": dict(d=1280, layers=32, heads=20)}     # BLSP-KD's encoder (635M)
+
+
+def build_encoder(e, device):
+    """A Whisper-style encoder of shape e = dict(d, layers, heads), random weights."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
-    e = SCALES[scale]["enc"]
     torch.manual_seed(0)
     wcfg = WhisperConfig(num_mel_bins=80, d_model=e["d"], encoder_layers=e["layers"],
                          encoder_attention_heads=e["heads"], encoder_ffn_dim=4 * e["d"], decoder_layers=1,
@@ -304,9 +308,10 @@ def run_variant(variant, args):
     if device.type == "cuda":
         common.cuda_settings(device)                      # what common.setup does
     rng = random.Random(0)
-    s = dict(SCALES[args.scale], **({"batch": args.batch} if args.batch else {}))
+    s = dict(SCALES[args.scale], **({"batch": args.batch} if args.batch else {}),
+             **({"enc": ENCODERS[args.encoder]} if args.encoder else {}))
     torch.manual_seed(0)
-    enc = build_encoder(args.scale, device)
+    enc = build_encoder(s["enc"], device)
     keep = []                                              # kd-full: the outputs live until step end
     if variant.startswith("slm"):
         llm = build_t5(args.scale, device)
@@ -377,6 +382,8 @@ def main():
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary of the KD variants (Qwen: 151936)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument("--batch", type=int, default=None, help="clips per batch (default: the scale's)")
+    p.add_argument("--encoder", default=None, choices=list(ENCODERS),
+                   help="encoder shape instead of the scale's (large-v2: BLSP-KD's paper encoder)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to one variant")
     p.add_argument("--live-memory", action="store_true",
@@ -396,7 +403,8 @@ def main():
     for v in args.variants.split(","):                    # one process per variant: clean peak memory
         cmd = [sys.executable, __file__, "--one", v, "--scale", args.scale, "--device", args.device,
                "--steps", str(args.steps), "--vocab", str(args.vocab)] + \
-              (["--batch", str(args.batch)] if args.batch else [])
+              (["--batch", str(args.batch)] if args.batch else []) + \
+              (["--encoder", args.encoder] if args.encoder else [])
         env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if args.live_memory else {}))
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -410,9 +418,10 @@ def main():
         print(json.dumps(rows[v]), file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(scale=args.scale, device=args.device, batch=args.batch, rows=rows), f, indent=1)
+                json.dump(dict(scale=args.scale, device=args.device, batch=args.batch, encoder=args.encoder,
+                               rows=rows), f, indent=1)
     cuda = args.device == "cuda"
-    print(f"scale={args.scale} device={args.device} "
+    print(f"scale={args.scale}" + (f" encoder={args.encoder}" if args.encoder else "") + f" device={args.device} "
           f"({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} CPU cores'}); memory in GiB: "
           + ("max allocated" if cuda else "peak RSS" + (" (--live-memory)" if args.live_memory else ""))
           + ", and its rise during the steps above the built models")
