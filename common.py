@@ -1013,7 +1013,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
                 check_finite()
-                loss_val = float(loss_dev)
+                if fused:
+                    loss_val = float(loss_dev)              # read only here (CPU: read above)
                 row = dict(step=step, loss=loss_val, lr=lr_at(step - 1, args), grad_norm=float(gnorm),
                            samples_per_s=seen["samples"] * world / dt,
                            tokens_per_s=seen["tokens"] * world / dt, **{k: float(v) for k, v in logs.items()})

@@ -190,7 +190,6 @@ def slm_loss(llm, samples, target_ids, eos):
     return loss, int(real.sum()), int(sp.attention_mask.sum())
 
 
-@torch.no_grad()
 def flop_matrices(encoder, adapter, t5):
     """The N of each part for the step's model FLOPs (common.matrices): T5's encoder and its
     cross-attention keys/values run at the encoder's tokens, the rest of the decoder and the
@@ -202,6 +201,7 @@ def flop_matrices(encoder, adapter, t5):
                 t5_decoder=common.matrices(t5.decoder, skip) - cross_kv)
 
 
+@torch.no_grad()
 def generate_ids(llm, tok, samples, max_new_tokens=32):
     """Greedy decoding from the encoder's spliced embeddings -> token ids (cut at EOS)."""
     sp = common.splice(llm.get_input_embeddings(), samples)
