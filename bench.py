@@ -50,8 +50,10 @@ On CPU the peak RSS also counts memory that glibc keeps after tensors are freed;
 each variant with MALLOC_MMAP_THRESHOLD_=1 MiB, so that freed tensors go back to the system and the
 peak RSS follows live memory, as max_memory_allocated does on CUDA (large allocations then cost page
 faults: slower). Tokens/s counts the LLM's real tokens (teacher and student passes for BLSP-KD).
+Frozen models run in bf16 with bf16 autocast on CUDA and in fp32 on CPU, as in the scripts; --precision
+bf16 runs the CPU in bf16 too (fast on CPUs with AVX512-BF16 or AMX).
 Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936] [--batch 16] [--live-memory]
-                       [--variants blsp,kd] [--json rows.json]
+                       [--precision bf16] [--variants blsp,kd] [--json rows.json]
 """
 import argparse
 import json
@@ -305,8 +307,9 @@ def slm_method(variant, enc, t5, s):
 
 def run_variant(variant, args):
     device = torch.device(args.device)
+    common.set_precision(args.precision, device)          # what common.setup does
     if device.type == "cuda":
-        common.cuda_settings(device)                      # what common.setup does
+        common.cuda_settings(device)
     rng = random.Random(0)
     s = dict(SCALES[args.scale], **({"batch": args.batch} if args.batch else {}),
              **({"enc": ENCODERS[args.encoder]} if args.encoder else {}))
@@ -384,6 +387,8 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="clips per batch (default: the scale's)")
     p.add_argument("--encoder", default=None, choices=list(ENCODERS),
                    help="encoder shape instead of the scale's (large-v2: BLSP-KD's paper encoder)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="frozen models and autocast, as the scripts' --precision (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to one variant")
     p.add_argument("--live-memory", action="store_true",
@@ -402,7 +407,7 @@ def main():
     rows, failed = {}, {}
     for v in args.variants.split(","):                    # one process per variant: clean peak memory
         cmd = [sys.executable, __file__, "--one", v, "--scale", args.scale, "--device", args.device,
-               "--steps", str(args.steps), "--vocab", str(args.vocab)] + \
+               "--steps", str(args.steps), "--vocab", str(args.vocab), "--precision", args.precision] + \
               (["--batch", str(args.batch)] if args.batch else []) + \
               (["--encoder", args.encoder] if args.encoder else [])
         env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if args.live_memory else {}))
@@ -418,11 +423,13 @@ def main():
         print(json.dumps(rows[v]), file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(scale=args.scale, device=args.device, batch=args.batch, encoder=args.encoder,
-                               rows=rows), f, indent=1)
+                json.dump(dict(scale=args.scale, device=args.device, precision=args.precision, batch=args.batch,
+                               encoder=args.encoder, rows=rows), f, indent=1)
     cuda = args.device == "cuda"
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     print(f"scale={args.scale}" + (f" encoder={args.encoder}" if args.encoder else "") + f" device={args.device} "
-          f"({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} CPU cores'}); memory in GiB: "
+          f"({torch.cuda.get_device_name() if cuda else f'{os.cpu_count()} CPU cores'}), frozen models in "
+          f"{'bf16' if bf16 else 'fp32'}; memory in GiB: "
           + ("max allocated" if cuda else "peak RSS" + (" (--live-memory)" if args.live_memory else ""))
           + ", and its rise during the steps above the built models")
     print(f"{'variant':15s} {'samples/s':>10s} {'audio s/s':>10s} {'tokens/s':>10s} {'padding':>8s} "
