@@ -903,6 +903,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     show, floats or 0-d tensors (read only when a metrics line is written, so no host-device sync
     per micro-batch); optionally "tokens" = LLM tokens processed, "flops" = model FLOPs (ints).
     valid_fn(step) -> dict of validation metrics. Returns the last validation metrics.
+    Rates leave validation out; data_wait = the share of the time spent waiting for batches.
     """
     from tqdm import tqdm
     out = args.out
@@ -953,7 +954,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     it = micro_batches()
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
                mininterval=1.0, file=sys.stdout if not sys.stderr.isatty() else sys.stderr)
-    last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0)
+    # throughput counters; the time spent waiting for data and in validation (left out of the rates)
+    last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0, data_s=0.0, valid_s=0.0)
     peak = 0.0
 
     start = None   # (epoch, batch position, RNG) at the start of the current step
@@ -988,7 +990,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 g["lr"] = lr_at(step, args)
             loss_sum, units, logs = torch.zeros((), device=device), 0, {}
             for _ in range(args.grad_accum):
+                t_data = time.time()
                 batch = to_device(next(it), device)
+                seen["data_s"] += time.time() - t_data
                 with autocast(device):
                     loss, n, lg = step_fn(batch)
                 loss.backward()
@@ -1030,7 +1034,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            dt = time.time() - t0
+            dt = time.time() - t0 - seen["valid_s"]
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
             show = dict(loss=f"{loss_val:.4f}" if loss_val is not None else "-", lr=f"{lr_at(step - 1, args):.2e}",
@@ -1046,14 +1050,17 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     loss_val = float(loss_dev)              # read only here (CPU: read above)
                 row = dict(step=step, loss=loss_val, lr=lr_at(step - 1, args), grad_norm=float(gnorm),
                            samples_per_s=seen["samples"] * world / dt,
-                           tokens_per_s=seen["tokens"] * world / dt, **{k: float(v) for k, v in logs.items()})
+                           tokens_per_s=seen["tokens"] * world / dt, data_wait=seen["data_s"] / dt,
+                           **{k: float(v) for k, v in logs.items()})
                 if device.type == "cuda":
                     row["peak_mem_gib"] = peak
                     if seen["flops"]:
                         row["mfu"] = seen["flops"] / dt / peak_flops(device)    # per GPU
                 log(**row)
             if valid_fn and args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                t_valid = time.time()
                 last_valid = run_valid(valid_fn, step, log, rank, bar)
+                seen["valid_s"] += time.time() - t_valid
             if args.save_every and step % args.save_every == 0:
                 checkpoint()
             start = None
@@ -1069,14 +1076,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         if rank == 0:
             print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {out}")
         sys.exit(143 if interrupted == "SIGTERM" else 130)
-    dt = time.time() - t0                               # training time, without the final validation
+    dt = time.time() - t0 - seen["valid_s"]             # training time, without validations
     if valid_fn:
         last_valid = run_valid(valid_fn, step, log, rank, None)
     if rank == 0:
         mfu = seen["flops"] / dt / peak_flops(device) if device.type == "cuda" and seen["flops"] else 0
         print(f"{method}: {step} steps in {dt:.0f} s, {seen['samples'] * world / dt:.1f} samples/s, "
               f"{seen['tokens'] * world / dt:.0f} tokens/s" + (f", peak {peak:.1f} GiB" if peak else "")
-              + (f", MFU {mfu:.1%}" if mfu else ""))
+              + (f", MFU {mfu:.1%}" if mfu else "") + f"; waiting for data {seen['data_s'] / dt:.1%} of it"
+              + (" (more --workers?)" if seen["data_s"] > 0.2 * dt else ""))
     return last_valid
 
 

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -549,6 +550,43 @@ def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tm
         common.train(toy_args(tmp_path, save_every=1, log_every=5), m, bad, items, cpu(), method="toy")
     assert open(tmp_path / "latest").read().strip() == "ckpt-2"
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights[0].items())
+
+
+def test_data_wait_and_validation_time_are_measured_apart(tiny, tmp_path, monkeypatch, capsys):
+    """Slow audio reading shows as the share of time spent waiting for data; validation time is
+    left out of the throughput."""
+    items = data.read_manifest(tiny["train"])
+    load = data.load_audio
+
+    def slow(*a, **k):
+        time.sleep(0.05)                                  # 0.2 s a batch of 4
+        return load(*a, **k)
+
+    for sleepy in (False, True):
+        if sleepy:
+            monkeypatch.setattr(data, "load_audio", slow)
+        m = Toy()
+        step = toy_step(m)
+
+        def slow_step(batch):                             # 0.05 s of "compute" a step
+            time.sleep(0.05)
+            return step(batch)
+
+        def valid(step):
+            time.sleep(1.0)
+            return dict(x=1.0)
+        out = tmp_path / str(sleepy)
+        common.train(toy_args(out, steps=4, eval_every=2), m, slow_step, items, cpu(), valid_fn=valid,
+                     method="toy")
+        rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
+        wait, rate = rows[-1]["data_wait"], rows[-1]["samples_per_s"]
+        closing = capsys.readouterr().out.strip().splitlines()[-1]
+        assert "waiting for data" in closing
+        if sleepy:
+            assert wait > 0.6 and "more --workers?" in closing
+        else:
+            assert wait < 0.2 and "more --workers?" not in closing
+            assert rate > 16 / 1.0  # 16 samples in about 0.2 s; with the 1 s validation under 16/s
 
 
 def test_default_llm_build_refuses_an_llm_that_cannot_copy(tmp_path):
