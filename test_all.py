@@ -859,8 +859,8 @@ def test_bench_tiny_runs(tmp_path):
                        env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [l.split()[0] for l in r.stdout.splitlines()]
-    assert {"blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "kd", "kd-select", "kd-full",
-            "ssr1", "ssr2", "slm"} <= set(rows)
+    assert {"blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "blsp-compile-llm", "kd",
+            "kd-select", "kd-full", "ssr1", "ssr2", "slm"} <= set(rows)
     assert "FAILED" not in r.stdout
     for line in ("faster than the 30 s recipe", "activation checkpointing of the LLM:", "BLSP-KD, kd:",
                  "BLSP-KD, kd-select:"):
