@@ -427,7 +427,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
     if args.aligner == "oracle" and not all("chars" in it for it in train_items):
         raise common.UserError("--aligner oracle: the training manifest has no `chars` field")
     aligner, connector = build(args, encoder, llm, device)
-    common.compile_adapter(connector, args)
+    for blk in connector.blocks:              # --compile: the layers; masks and rows are built
+        common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
     stages = ["aligner", "1", "2"] if args.stage == "all" else [args.stage]
     modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]

@@ -1455,6 +1455,22 @@ def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_ssr_compile_compiles_the_connector_a_bounded_number_of_times(ssr_tiny, tmp_path, monkeypatch):
+    """--compile: the connector's layers take tensors, so the graphs do not grow with the batches
+    (compiling the whole connector, whose masks come from Python lists of boundaries, gave a new
+    graph for nearly every batch until dynamo's limit)."""
+    graphs, real = [], torch.compile
+
+    def counting(gm, inputs):
+        graphs.append(1)
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: real(fn, **{**k, "backend": counting}))
+    torch._dynamo.reset()
+    ssr.main(ssr_base_args(ssr_tiny, tmp_path / "run") + ["--aligner-steps", "1", "--steps", "12",
+                                                          "--stage2-steps", "0", "--compile"])
+    assert 0 < len(graphs) <= 6
+
+
 def test_ssr_stage1_never_runs_llm_and_keeps_its_weights(ssr_tiny, tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM, LlamaModel
     loaded = []
