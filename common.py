@@ -92,7 +92,7 @@ class Args:
     device: str = arg(None, "cuda | cpu (default: cuda when available)")
     precision: str = arg("auto", "frozen models' weights and autocast: auto (bf16 on CUDA, fp32 on "
                                  "CPU) | bf16 | fp32. bf16 pays on a CPU with bf16 instructions "
-                                 "(AVX512-BF16, AMX): 2.1x the BLSP step on a 2-core EPYC (README)",
+                                 "(AVX512-BF16, AMX): about 2x the training step on a 2-core EPYC (README)",
                          choices=("auto", "bf16", "fp32"))
     threads: int = arg(0, "CPU threads for torch (0: 1 with the built-in tiny models, whose "
                           "matrices are too small to gain from more; else torch's default)")
