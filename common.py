@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,8 +182,8 @@ def set_precision(precision, device):
     global BF16
     BF16 = None if precision == "auto" else precision == "bf16"
     if BF16 and device.type == "cpu" and not cpu_has_bf16():
-        print("warning: --precision bf16: this CPU has no bf16 instructions (AVX512-BF16, AMX); "
-              "bf16 will be slower than fp32 here", file=sys.stderr)
+        warnings.warn("--precision bf16: this CPU has no bf16 instructions (AVX512-BF16, AMX); "
+                      "bf16 will be slower than fp32 here", stacklevel=2)
 
 
 def cpu_has_bf16():

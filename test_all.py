@@ -346,6 +346,10 @@ def test_precision_bf16_on_cpu_loss_and_lora_gradients_match_fp32(tiny, monkeypa
     assert l16 != l32                                              # bf16 really ran
     assert abs(l16 - l32) < 0.02 * abs(l32)
     assert F.cosine_similarity(g16, g32, dim=0) > 0.99
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)     # a CPU without bf16 instructions
+    with pytest.warns(UserWarning, match="no bf16 instructions"):
+        common.set_precision("bf16", cpu())
+    assert common.frozen_dtype(cpu()) == torch.bfloat16            # warned, not refused
 
 
 def test_generate_batched_equals_one_at_a_time(tiny):
