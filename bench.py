@@ -56,7 +56,7 @@ faults: slower). Tokens/s counts the LLM's real tokens (teacher and student pass
 Frozen models run in bf16 with bf16 autocast on CUDA and in fp32 on CPU, as in the scripts; --precision
 bf16 runs the CPU in bf16 too (fast on CPUs with AVX512-BF16 or AMX).
 Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936] [--batch 16] [--live-memory]
-                       [--precision bf16] [--variants blsp,kd] [--json rows.json]
+                       [--precision bf16] [--variants blsp,kd] [--json rows.json] [--profile]
 """
 import argparse
 import json
@@ -347,12 +347,8 @@ def run_variant(variant, args):
     text_rng = random.Random(1)                           # the same texts in every variant
     t0, audio, tokens, flops = None, 0.0, 0, 0.0
     base = memory(device)                                 # models and optimizer, no step yet
-    for k, durs in enumerate(warm + timed):
-        if k == len(warm):                                # the warm-up steps are not timed
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.time()
+
+    def train_step(durs):
         batch = make_batch(durs, llm.config.vocab_size, text_rng, device)
         with common.autocast(device):
             loss, T, fl = step(batch)
@@ -360,6 +356,15 @@ def run_variant(variant, args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         keep.clear()
+        return T, fl
+
+    for k, durs in enumerate(warm + timed):
+        if k == len(warm):                                # the warm-up steps are not timed
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+        T, fl = train_step(durs)
         if k >= len(warm):
             audio, tokens, flops = audio + sum(durs), tokens + T, flops + fl
     if device.type == "cuda":
@@ -371,7 +376,36 @@ def run_variant(variant, args):
     res["step_gib"] = res["peak_gib"] - base
     if device.type == "cuda":
         res["mfu"] = flops / dt / common.peak_flops(device)
+    if args.profile:                                      # one more step of the last timed lengths
+        res["profile"] = profile(lambda: train_step(timed[-1]), device)
     return res
+
+
+KINDS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "nvjet", "cutlass",
+                     "xmma", "cublas")),
+         ("attention", ("attention", "flash", "fmha", "efficient")),
+         ("convolution", ("conv", "implicit")),)
+
+
+def profile(run, device):
+    """Where one step's time goes: the profiler's self time (GPU kernels on CUDA, ATen operators
+    on CPU) by kind (matrix products, attention, convolutions, the rest: element-wise, copies,
+    reductions), and the 10 largest entries."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = device.type == "cuda"
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count)
+              for e in prof.key_averages()]
+    events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
+    total = sum(ms for _, ms, _ in events)
+    kinds = {}
+    for name, ms, _ in events:
+        kind = next((k for k, keys in KINDS if any(x in name.lower() for x in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms / total
+    return dict(total_ms=total, kinds=kinds, top=[dict(name=n[:80], ms=ms, calls=c) for n, ms, c in events[:10]])
 
 
 def memory(device, peak=False):
@@ -397,6 +431,9 @@ def main():
                    help="encoder shape instead of the scale's (large-v2: BLSP-KD's paper encoder)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="frozen models and autocast, as the scripts' --precision (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step per variant: time by kind (matmul, attention, convolution, "
+                        "other) and the top entries")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to one variant")
     p.add_argument("--live-memory", action="store_true",
@@ -417,7 +454,7 @@ def main():
         cmd = [sys.executable, __file__, "--one", v, "--scale", args.scale, "--device", args.device,
                "--steps", str(args.steps), "--vocab", str(args.vocab), "--precision", args.precision] + \
               (["--batch", str(args.batch)] if args.batch else []) + \
-              (["--encoder", args.encoder] if args.encoder else [])
+              (["--encoder", args.encoder] if args.encoder else []) + (["--profile"] if args.profile else [])
         env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if args.live_memory else {}))
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -467,6 +504,13 @@ def main():
         print(f"compiled adapter: {ratio('blsp-compile', 'blsp'):.2f}x the throughput of blsp")
     if "blsp" in rows and "blsp-compile-llm" in rows:
         print(f"compiled LLM layers: {ratio('blsp-compile-llm', 'blsp'):.2f}x the throughput of blsp")
+    for v, r in rows.items():
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"profile {v}: {pr['total_ms']:.0f} ms of {'GPU kernels' if cuda else 'CPU operators'}: "
+                  + ", ".join(f"{k} {x:.0%}" for k, x in sorted(pr["kinds"].items(), key=lambda kv: -kv[1])))
+            for e in pr["top"]:
+                print(f"    {e['ms']:9.1f} ms {e['calls']:6d}x  {e['name']}")
     for v, msg in failed.items():
         print(f"{v}: FAILED: {msg[0]}")
     if failed:

@@ -859,7 +859,8 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
 
 def test_bench_tiny_runs(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
-                        "--vocab", "2000"], capture_output=True, text=True, timeout=300,
+                        "--vocab", "2000", "--profile", "--json", str(tmp_path / "rows.json")],
+                       capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [l.split()[0] for l in r.stdout.splitlines()]
@@ -869,6 +870,9 @@ def test_bench_tiny_runs(tmp_path):
     for line in ("faster than the 30 s recipe", "activation checkpointing of the LLM:", "BLSP-KD, kd:",
                  "BLSP-KD, kd-select:"):
         assert line in r.stdout
+    prof = json.load(open(tmp_path / "rows.json"))["rows"]["blsp"]["profile"]     # --profile
+    assert prof["total_ms"] > 0 and abs(sum(prof["kinds"].values()) - 1) < 1e-6
+    assert prof["kinds"]["matmul"] > 0 and "profile blsp:" in r.stdout
 
 
 def test_model_flops_match_torch_flop_counter():
