@@ -381,10 +381,10 @@ def run_variant(variant, args):
     return res
 
 
-KINDS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "nvjet", "cutlass",
-                     "xmma", "cublas")),
-         ("attention", ("attention", "flash", "fmha", "efficient")),
-         ("convolution", ("conv", "implicit")),)
+KINDS = (("attention", ("attention", "flash", "fmha", "efficient")),        # first: "fmha_cutlass..."
+         ("convolution", ("conv", "implicit")),                             # before: "..implicit_gemm.."
+         ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "nvjet", "cutlass",
+                     "xmma", "cublas")))
 
 
 def profile(run, device):
