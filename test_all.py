@@ -875,6 +875,17 @@ def test_bench_tiny_runs(tmp_path):
     assert prof["kinds"]["matmul"] > 0 and "profile blsp:" in r.stdout
 
 
+def test_bench_tiny_bf16_on_cpu_runs_the_other_methods():
+    """--precision bf16 on a CPU through BLSP-KD (fp32 KL from bf16 logits), SSR stage 2 (LoRA under
+    autocast) and SLM (T5 in bf16)."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
+                        "--vocab", "2000", "--precision", "bf16", "--variants", "kd,ssr2,slm"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=HERE))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "frozen models in bf16" in r.stdout and "FAILED" not in r.stdout
+    assert {"kd", "ssr2", "slm"} <= {l.split()[0] for l in r.stdout.splitlines() if l.strip()}
+
+
 def test_model_flops_match_torch_flop_counter():
     """MFU's model FLOPs (common.matrices, llm_matrices): per token 2N for a frozen forward, 4N
     with the backward through frozen layers, 6N for trained weights (here LoRA's), and the output
