@@ -56,7 +56,7 @@ faults: slower). Tokens/s counts the LLM's real tokens (teacher and student pass
 Frozen models run in bf16 with bf16 autocast on CUDA and in fp32 on CPU, as in the scripts; --precision
 bf16 runs the CPU in bf16 too (fast on CPUs with AVX512-BF16 or AMX).
 Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936] [--batch 16] [--live-memory]
-                       [--precision bf16] [--variants blsp,kd] [--json rows.json] [--profile]
+                       [--precision bf16] [--variants blsp,kd] [--json rows.json] [--profile] [--again]
 """
 import argparse
 import json
@@ -376,6 +376,13 @@ def run_variant(variant, args):
     res["step_gib"] = res["peak_gib"] - base
     if device.type == "cuda":
         res["mfu"] = flops / dt / common.peak_flops(device)
+    if args.again:                                        # the same batches once more: lengths seen
+        t1 = time.time()
+        for durs in timed:
+            train_step(durs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        res["step_s_again"] = (time.time() - t1) / args.steps
     if args.profile:                                      # one more step of the last timed lengths
         res["profile"] = profile(lambda: train_step(timed[-1]), device)
     return res
@@ -431,6 +438,9 @@ def main():
                    help="encoder shape instead of the scale's (large-v2: BLSP-KD's paper encoder)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="frozen models and autocast, as the scripts' --precision (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--again", action="store_true",
+                   help="time the same batches a second time: the cost of new lengths (kernel plans, "
+                        "compiles, allocator growth) shows as the difference")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step per variant: time by kind (matmul, attention, convolution, "
                         "other) and the top entries")
@@ -454,7 +464,8 @@ def main():
         cmd = [sys.executable, __file__, "--one", v, "--scale", args.scale, "--device", args.device,
                "--steps", str(args.steps), "--vocab", str(args.vocab), "--precision", args.precision] + \
               (["--batch", str(args.batch)] if args.batch else []) + \
-              (["--encoder", args.encoder] if args.encoder else []) + (["--profile"] if args.profile else [])
+              (["--encoder", args.encoder] if args.encoder else []) + (["--profile"] if args.profile else []) + \
+              (["--again"] if args.again else [])
         env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if args.live_memory else {}))
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -504,6 +515,10 @@ def main():
         print(f"compiled adapter: {ratio('blsp-compile', 'blsp'):.2f}x the throughput of blsp")
     if "blsp" in rows and "blsp-compile-llm" in rows:
         print(f"compiled LLM layers: {ratio('blsp-compile-llm', 'blsp'):.2f}x the throughput of blsp")
+    for v, r in rows.items():
+        if "step_s_again" in r:
+            print(f"again {v}: {r['step_s']:.3f} s a step over new lengths, {r['step_s_again']:.3f} s over "
+                  f"the same batches again ({r['step_s'] / r['step_s_again']:.2f}x)")
     for v, r in rows.items():
         if "profile" in r:
             pr = r["profile"]

@@ -859,7 +859,7 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
 
 def test_bench_tiny_runs(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
-                        "--vocab", "2000", "--profile", "--json", str(tmp_path / "rows.json")],
+                        "--vocab", "2000", "--profile", "--again", "--json", str(tmp_path / "rows.json")],
                        capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -873,6 +873,7 @@ def test_bench_tiny_runs(tmp_path):
     prof = json.load(open(tmp_path / "rows.json"))["rows"]["blsp"]["profile"]     # --profile
     assert prof["total_ms"] > 0 and abs(sum(prof["kinds"].values()) - 1) < 1e-6
     assert prof["kinds"]["matmul"] > 0 and "profile blsp:" in r.stdout
+    assert "again blsp:" in r.stdout                                                 # --again
 
 
 def test_bench_tiny_bf16_on_cpu_runs_the_other_methods():
