@@ -22,9 +22,9 @@ MFU = model FLOPs / time / bf16 peak, counting 2N FLOPs per token for frozen for
 (the encoder, BLSP-KD's teacher pass), 4N for frozen layers that pass gradients back (the LLM's
 student pass: forward + input gradients), 6N for trained weights (the adapter, counted at the
 encoder's frame rate: an upper bound; SSR stage 2's LoRA), N = parameters of the matrices the token
-goes through (common.matrices; the training scripts count the same way); the output layer counts
-only at the positions where logits are computed; T5's cross-attention keys and values count at the
-encoder's tokens.
+goes through (common.matrices); the output layer counts only at the positions where logits are
+computed; T5's cross-attention keys and values count at the encoder's tokens. Each method's
+step_flops holds its count, which its training script logs too.
 
 Variants, measured with the same models in the same run (the official choices reported as ratios):
     blsp          real-length encoder, length-bucketed batches (this project)
@@ -198,12 +198,12 @@ def encode(enc, batch, pad30=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# One maker per method: -> (trained module, step(batch) -> (loss, LLM tokens, model FLOPs))
+# One maker per method: -> (trained module, step(batch) -> (loss, LLM tokens, model FLOPs)); the
+# FLOPs come from each method's own step_flops, the count its training script logs
 
 def blsp_method(variant, enc, llm, s):
     adapter = blsp.Adapter(enc.dim, llm.config.hidden_size)
-    embed, n_enc, n_ad = llm.get_input_embeddings(), common.matrices(enc), common.matrices(adapter)
-    n_llm, n_head = common.llm_matrices(llm)
+    embed, flops = llm.get_input_embeddings(), blsp.step_flops(enc, adapter, llm)
 
     def step(batch):
         frames, flens = encode(enc, batch, variant == "blsp-30s")
@@ -212,8 +212,8 @@ def blsp_method(variant, enc, llm, s):
                    for v, m, r in zip(vecs, vlens.tolist(), batch["response"])]
         sp = common.splice(embed, samples)
         loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
-        T, F_enc = int(sp.attention_mask.sum()), encoder_frames(batch)
-        return loss, T, 2 * n_enc * F_enc + 6 * n_ad * F_enc + 4 * n_llm * T + 4 * n_head * rows
+        T = int(sp.attention_mask.sum())
+        return loss, T, flops(encoder_frames(batch), T, rows)
     return adapter, step
 
 
@@ -239,8 +239,7 @@ def kd_method(variant, enc, llm, s, keep):
     kd_args = blsp_kd.KDArgs(**s["cformer"])
     adapter = blsp_kd.CFormer(enc.dim, llm.config.hidden_size, kd_args.pre_layers, kd_args.post_layers,
                               kd_args.heads)
-    vocab, n_enc, n_ad = llm.config.vocab_size, common.matrices(enc), common.matrices(adapter)
-    n_llm, n_head = common.llm_matrices(llm)
+    vocab, flops = llm.config.vocab_size, blsp_kd.step_flops(enc, adapter, {}, llm)
 
     def step(batch):
         frames, flens = encode(enc, batch)
@@ -255,10 +254,9 @@ def kd_method(variant, enc, llm, s, keep):
         else:
             loss, kept = kd_with_logits(llm, *zip(*pairs), kd_args, full=variant == "kd-full")
             keep.extend(kept)
-        T = sum(sum(len(seg) for seg in side) for pair in pairs for side in pair)
-        rows, F_enc = len(pairs) * CONTINUATION + int(n.sum()), encoder_frames(batch)   # response + input KL
-        # the teacher pass (half of T) is forward only: 2N; the student pass 4N
-        return loss, T, 2 * n_enc * F_enc + 6 * n_ad * F_enc + 3 * n_llm * T + (2 + 4) * n_head * rows
+        T_t, T_s = (sum(len(seg) for pair in pairs for seg in pair[i]) for i in (0, 1))
+        rows = len(pairs) * CONTINUATION + int(n.sum())   # response + input KL
+        return loss, T_t + T_s, flops(encoder_frames(batch), T_t, T_s, rows)
     return adapter, step
 
 
@@ -269,24 +267,21 @@ def ssr_method(variant, enc, llm, s):
     aligner = common.freeze(ssr.Aligner(enc.dim, 1, s["enc"]["heads"])).to(embed.weight.device)
     connector = ssr.Connector(enc.dim, llm.config.hidden_size, s["connector"]["layers"], s["llm"]["heads"],
                               0.1).to(embed.weight.device)
-    n_enc, n_al, n_conn = common.matrices(enc), common.matrices(aligner), common.matrices(connector)
-    n_llm, n_head = common.llm_matrices(llm)
     if variant == "ssr2":
         common.freeze(connector)
         trained = common.add_lora(llm, masked=False)[1]
-    n_lora = common.matrices(trained, trained=True) if variant == "ssr2" else 0
+    flops = ssr.step_flops(enc, aligner, connector, llm, "1" if variant == "ssr1" else "2")
 
     def step(batch):
         vecs, ids, _, _ = ssr.ssr_vectors(enc, aligner, connector, tok, batch, "forced")
-        F_enc = encoder_frames(batch)
         if variant == "ssr1":                             # ssr.py's stage1_step
             e = embed.weight[torch.tensor([i for x in ids for i in x], device=embed.weight.device)]
             loss, n = ssr.distill_loss(torch.cat(vecs).float(), e.float(), 5.0)
-            return loss, n, 2 * (n_enc + n_al) * F_enc + 6 * n_conn * F_enc
+            return loss, n, flops(encoder_frames(batch))
         sp = ssr.ntp_splice(embed, [common.speech(v) for v in vecs], ids, [tok.bos_token_id], tok.eos_token_id)
         loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)    # ssr.py's stage2_step
         T = int(sp.attention_mask.sum())
-        return loss, T, 2 * (n_enc + n_al + n_conn) * F_enc + (4 * n_llm + 6 * n_lora) * T + 4 * n_head * rows
+        return loss, T, flops(encoder_frames(batch), T, rows)
     return (connector if variant == "ssr1" else trained), step
 
 
@@ -297,16 +292,14 @@ def slm_method(variant, enc, t5, s):
     adapter = slm.Adapter(enc.dim, t5.config.d_model, slm.embed_norm(t5), 4, a["width"], a["layers"],
                           a["heads"], a["ffn"])
     vocab, eos, instruction = t5.config.vocab_size, 1, list(range(5, 13))
-    N = slm.flop_matrices(enc, adapter, t5)
+    flops = slm.step_flops(enc, adapter, t5, 4)
 
     def step(batch):
         vecs = slm.speech_vectors(enc, adapter, batch)
         samples = [slm.encoder_sample(common.speech(v), instruction, eos) for v in vecs]
         targets = [torch.randint(100, vocab, (max(1, int(3 * d)),)).tolist() for d in batch["durs"]]
         loss, n, T_in = slm.slm_loss(t5, samples, targets, eos)
-        F_enc = encoder_frames(batch)
-        return loss, T_in + n, 2 * N["encoder"] * F_enc + 6 * N["adapter"] * F_enc / 4 + \
-            4 * ((N["t5_encoder"] + N["cross_kv"]) * T_in + (N["t5_decoder"] + N["head"]) * n)
+        return loss, T_in + n, flops(encoder_frames(batch), T_in, n)
     return adapter, step
 
 

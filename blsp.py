@@ -134,6 +134,14 @@ def behaviour_loss(llm, embed, samples):
     return loss, n, int(sp.attention_mask.sum())
 
 
+def step_flops(encoder, adapter, llm):
+    """-> flops(frames, tokens, rows): a step's model FLOPs (common.matrices): the frozen encoder's
+    forward (2N), the trained adapter (6N, counted at the frame rate: an upper bound), the frozen
+    LLM's forward and input gradients (4N), its output layer at the loss rows only."""
+    n_enc, n_ad, (n_llm, n_head) = common.matrices(encoder), common.matrices(adapter), common.llm_matrices(llm)
+    return lambda frames, tokens, rows: (2 * n_enc + 6 * n_ad) * frames + 4 * n_llm * tokens + 4 * n_head * rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Inference and evaluation of a trained adapter
 
@@ -201,16 +209,14 @@ def main(argv=None):
     common.compile_adapter(adapter, args)
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
 
-    n_enc, n_ad, (n_llm, n_head) = common.matrices(encoder), common.matrices(adapter), common.llm_matrices(llm)
+    flops = step_flops(encoder, adapter, llm)
 
     def step_fn(batch):
         vecs = speech_vectors(encoder, adapter, batch)
         samples = [behaviour_sample(before, v, after, ids, eos)
                    for v, ids in zip(vecs, batch["continuation_ids"])]
         loss, n, tokens = behaviour_loss(llm, embed, samples)
-        F = encoder.frames                  # model FLOPs (common.matrices); adapter at the frame rate
-        return loss, n, dict(tokens=tokens, flops=2 * n_enc * F + 6 * n_ad * F + 4 * n_llm * tokens
-                             + 4 * n_head * n)
+        return loss, n, dict(tokens=tokens, flops=flops(encoder.frames, tokens, n))
 
     def valid_fn(step):
         adapter.eval()

@@ -264,19 +264,22 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
     return out, int(at["response"][1].sum())
 
 
-def flop_matrices(encoder, cformer, module, llm):
-    """The N of each part for kd_step's model FLOPs (common.matrices)."""
-    N = dict(encoder=common.matrices(encoder), cformer=common.matrices(cformer),
-             lora=common.matrices(module["lora"], trained=True) if "lora" in module else 0)
-    N["llm"], N["head"] = common.llm_matrices(llm)
-    N["llm"] -= N["lora"]                                # LoRA's matrices sit inside the LLM's layers
-    return N
+def step_flops(encoder, cformer, module, llm, train_encoder=False):
+    """-> flops(frames, T_t, T_s, rows): a step's model FLOPs (common.matrices): the encoder (2N
+    frozen, 6N with --unfreeze-encoder), the trained CFormer (6N per frame), the teacher pass
+    forward only (2N), the student pass forward and input gradients (4N; 6N for its LoRA), the
+    output layer at the KL rows in both passes (2N + 4N)."""
+    n_enc, n_cf = common.matrices(encoder), common.matrices(cformer)
+    n_lora = common.matrices(module["lora"], trained=True) if "lora" in module else 0
+    n_llm, n_head = common.llm_matrices(llm)
+    n_llm -= n_lora                                      # LoRA's matrices sit inside the LLM's layers
+    return lambda frames, T_t, T_s, rows: ((6 if train_encoder else 2) * n_enc + 6 * n_cf) * frames \
+        + 2 * n_llm * T_t + (4 * n_llm + 6 * n_lora) * T_s + (2 + 4) * n_head * rows
 
 
-def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, N):
+def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops):
     """One training micro-batch -> (loss_sum, n_units, logs) for common.train: the sum of the
-    term means (weight 1 each) times k, over k = number of response positions. N: the models'
-    matrix parameters (common.matrices), for the step's model FLOPs."""
+    term means (weight 1 each) times k, over k = number of response positions. flops: step_flops."""
     n = [len(t) for t in batch["transcript_ids"]]                      # N: transcript tokens
     vecs, n, total = speech_vectors(encoder, cformer, batch, n, args.unfreeze_encoder)
     pairs = [kd_pair(before, after, t, v, r)
@@ -284,10 +287,8 @@ def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, N):
     losses, k = kd_losses(llm, ctx, *zip(*pairs), args, total, n)
     loss = sum(losses.values())
     T_t, T_s = (sum(len(seg) for pair in pairs for seg in pair[i]) for i in (0, 1))
-    F, rows = encoder.frames, k + sum(len(t) for t in batch["transcript_ids"])   # response + input rows
-    flops = ((6 if args.unfreeze_encoder else 2) * N["encoder"] + 6 * N["cformer"]) * F \
-        + 2 * N["llm"] * T_t + (4 * N["llm"] + 6 * N["lora"]) * T_s + (2 + 4) * N["head"] * rows
-    return loss * k, k, dict(tokens=T_t + T_s, flops=flops,
+    rows = k + sum(len(t) for t in batch["transcript_ids"])          # response + input KL rows
+    return loss * k, k, dict(tokens=T_t + T_s, flops=flops(encoder.frames, T_t, T_s, rows),
                              **{name: v.detach() for name, v in losses.items()})   # no sync here
 
 
@@ -417,10 +418,10 @@ def main(argv=None):
         common.load_trainable(module, init_ck)
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
 
-    N = flop_matrices(encoder, cformer, module, llm)
+    flops = step_flops(encoder, cformer, module, llm, args.unfreeze_encoder)
 
     def step_fn(batch):
-        return kd_step(encoder, cformer, llm, ctx, before, after, batch, args, N)
+        return kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops)
 
     def valid_fn(step):
         module.eval()

@@ -190,15 +190,17 @@ def slm_loss(llm, samples, target_ids, eos):
     return loss, int(real.sum()), int(sp.attention_mask.sum())
 
 
-def flop_matrices(encoder, adapter, t5):
-    """The N of each part for the step's model FLOPs (common.matrices): T5's encoder and its
-    cross-attention keys/values run at the encoder's tokens, the rest of the decoder and the
-    output layer at the targets."""
+def step_flops(encoder, adapter, t5, stack):
+    """-> flops(frames, enc_tokens, targets): a step's model FLOPs (common.matrices): the frozen
+    speech encoder (2N a frame), the trained adapter (6N at frames / stack), the frozen T5 passing
+    gradients back (4N): its encoder and the decoder's cross-attention keys/values at the encoder's
+    tokens, the rest of the decoder and the output layer at the targets."""
     kv, skip = ("EncDecAttention.k.", "EncDecAttention.v."), ("embed", "relative_attention_bias")
     cross_kv = sum(p.numel() for k, p in t5.decoder.named_parameters() if any(s in k for s in kv))
-    return dict(encoder=common.matrices(encoder), adapter=common.matrices(adapter), cross_kv=cross_kv,
-                t5_encoder=common.matrices(t5.encoder, skip), head=t5.lm_head.weight.numel(),
-                t5_decoder=common.matrices(t5.decoder, skip) - cross_kv)
+    n_enc, n_ad, head = common.matrices(encoder), common.matrices(adapter), t5.lm_head.weight.numel()
+    t5_enc, t5_dec = common.matrices(t5.encoder, skip) + cross_kv, common.matrices(t5.decoder, skip) - cross_kv
+    return lambda frames, enc_tokens, targets: 2 * n_enc * frames + 6 * n_ad * frames / stack \
+        + 4 * (t5_enc * enc_tokens + (t5_dec + head) * targets)
 
 
 @torch.no_grad()
@@ -395,7 +397,7 @@ def main(argv=None):
     print(f"slm: adapter {n_adapter / 1e6:.2f}M trainable parameters of {n_total / 1e6:.2f}M in "
           f"all ({n_adapter / n_total:.1%}; paper: 156M, about 1%)")
 
-    N = flop_matrices(encoder, adapter, llm)
+    flops = step_flops(encoder, adapter, llm, args.stack)
 
     def step_fn(batch):
         vecs = speech_vectors(encoder, adapter, batch)
@@ -403,10 +405,7 @@ def main(argv=None):
         samples = [encoder_sample(speech(v), ids_of(tok, ins), eos, args.order)
                    for v, (_, ins, _) in zip(vecs, drawn)]
         loss, n, tokens = slm_loss(llm, samples, [ids_of(tok, tgt) for _, _, tgt in drawn], eos)
-        F = encoder.frames                              # the adapter runs at F / stack
-        flops = 2 * N["encoder"] * F + 6 * N["adapter"] * F / args.stack \
-            + 4 * ((N["t5_encoder"] + N["cross_kv"]) * tokens + (N["t5_decoder"] + N["head"]) * n)
-        return loss, n, dict(tokens=tokens + n, flops=flops)
+        return loss, n, dict(tokens=tokens + n, flops=flops(encoder.frames, tokens, n))
 
     eval_tasks = [t for t in TASKS if any(it.get(TASKS[t]) for it in valid_items)]
 

@@ -388,6 +388,23 @@ def ntp_eval(llm, tok, items, args, device, vec_fn, bos, eos):
     return dict(speech_loss=s["speech"] / max(s["n_speech"], 1), text_loss=s["text"] / max(s["n_text"], 1))
 
 
+def step_flops(encoder, aligner, connector, llm, stage, full=False):
+    """-> flops(frames, tokens=0, rows=0): model FLOPs of a stage's step (common.matrices: 2N a
+    frozen forward, 4N frozen layers passing gradients back, 6N trained). aligner: encoder 2N,
+    aligner 6N; "1": encoder and aligner 2N, connector 6N at every frame (an upper bound); "2"
+    (once its trained parts exist): encoder, aligner, connector 2N (frames = 0 for a text batch),
+    the LLM 4N with 6N for its LoRA (6N for all of it with full), its output layer at the rows."""
+    n_enc, n_al, n_conn = common.matrices(encoder), common.matrices(aligner), common.matrices(connector)
+    if stage == "aligner":
+        return lambda frames, tokens=0, rows=0: (2 * n_enc + 6 * n_al) * frames
+    if stage == "1":
+        return lambda frames, tokens=0, rows=0: (2 * (n_enc + n_al) + 6 * n_conn) * frames
+    (n_llm, n_head), k = common.llm_matrices(llm), (6 if full else 4)
+    n_lora = 0 if full else common.matrices(llm, trained=True)         # LoRA's A and B
+    return lambda frames, tokens=0, rows=0: 2 * (n_enc + n_al + n_conn) * frames \
+        + (k * (n_llm - n_lora) + 6 * n_lora) * tokens + k * n_head * rows
+
+
 # ----------------------------------------------------------------------------------------------
 # The stages, each through common.train in its own subdirectory of --out
 
@@ -435,14 +452,14 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
     train_mode = "oracle" if args.aligner == "oracle" else "forced"
     fields, res = ("llm", "encoder", "encoder_layer", "aligner_layers", "heads"), {}
 
-    # model FLOPs per frame or token (common.matrices): 2N frozen forward, 4N frozen backward, 6N trained
-    n_enc, n_al, n_conn = common.matrices(encoder), common.matrices(aligner), common.matrices(connector)
     if "aligner" in stages:
+        flops = step_flops(encoder, aligner, connector, llm, "aligner")
+
         def aligner_step(batch):
             with torch.no_grad():
                 frames, lens = encoder(batch["wave"], batch["wave_lens"])
             loss, n = aligner_loss(aligner(frames.float(), lens), lens, batch["text"])
-            return loss, n, dict(flops=(2 * n_enc + 6 * n_al) * encoder.frames)
+            return loss, n, dict(flops=flops(encoder.frames))
 
         def aligner_valid(step):                          # character error rate of greedy CTC
             err = n = 0
@@ -463,13 +480,15 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
 
     fields += ("layers", "blockwise")
     if "1" in stages:
+        flops = step_flops(encoder, aligner, connector, llm, "1")
+
         def stage1_step(batch):
             vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, train_mode)
             if not vecs:
                 return connector.proj.weight.sum() * 0, 0, {}
             e = embed.weight[torch.tensor([i for x in ids for i in x], device=device)]   # the rows
-            flops = (2 * (n_enc + n_al) + 6 * n_conn) * encoder.frames      # connector: an upper bound
-            return (*distill_loss(torch.cat(vecs).float(), e.float(), args.cos_weight), dict(flops=flops))
+            return (*distill_loss(torch.cat(vecs).float(), e.float(), args.cos_weight),
+                    dict(flops=flops(encoder.frames)))
 
         res = common.train(stage_args(args, "stage1", args.steps, args.lr), connector, stage1_step,
                            train_items, device, rank, world, lambda step: distill_eval(
@@ -484,24 +503,21 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
     if "2" in stages:
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         module, rng = stage2_module(args, llm).train(), random.Random(args.seed)
-        full = args.finetune == "full"
-        n_llm, n_head = common.llm_matrices(llm)
-        n_lora = 0 if full else common.matrices(module, trained=True)
+        flops = step_flops(encoder, aligner, connector, llm, "2", args.finetune == "full")
 
         def stage2_step(batch):
-            flops = 0
+            frames = 0                                      # no speech in a text-only batch
             if rng.random() < args.text_mix:                # a text-only batch: the transcripts
                 ids = [common.input_ids(tok, t) for t in batch["text"]]
                 inputs = [text(x) for x in ids]
             else:
                 vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, train_mode)
                 inputs = [speech(v) for v in vecs]
-                flops = 2 * (n_enc + n_al + n_conn) * encoder.frames
+                frames = encoder.frames
             sp = ntp_splice(embed, inputs, ids, bos, eos)
             loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
-            T, k = int(sp.attention_mask.sum()), (6 if full else 4)
-            flops += (k * (n_llm - n_lora) + 6 * n_lora) * T + k * n_head * n
-            return loss, n, dict(tokens=T, flops=flops)
+            T = int(sp.attention_mask.sum())
+            return loss, n, dict(tokens=T, flops=flops(frames, T, n))
 
         def stage2_valid(step):
             module.eval()

@@ -1145,8 +1145,8 @@ def test_blsp_kd_only_trained_parts_get_gradients(stage, unfreeze):
     module, cformer, ctx = blsp_kd.build(args, torch.device("cpu"), encoder, llm)
     before, after = common.prompt_pieces(tok, blsp_kd.CONTINUE_INSTRUCTION)
     batch = blsp_kd_toy_batch(tok, ["the cat sees the dog", "the old king helps the small bird"])
-    N = blsp_kd.flop_matrices(encoder, cformer, module, llm)
-    loss, k, logs = blsp_kd.kd_step(encoder, cformer, llm, ctx, before, after, batch, args, N)
+    flops = blsp_kd.step_flops(encoder, cformer, module, llm, unfreeze)
+    loss, k, logs = blsp_kd.kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops)
     (loss / k).backward()
     assert set(logs) == {"length", "response_kl", "input_kl", "response_ce", "tokens", "flops"}
     trained = {id(p) for p in module.parameters() if p.requires_grad}
