@@ -603,8 +603,8 @@ class LoRALinear(nn.Module):
         ctx = self.ctx
         if not ctx.enabled or (ctx.masked and ctx.mask is None):
             return y
-        a = self.lora_A.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else self.lora_A
-        b = self.lora_B.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else self.lora_B
+        cast = not torch.is_autocast_enabled(x.device.type)     # autocast casts them itself
+        a, b = (self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)) if cast else (self.lora_A, self.lora_B)
         update = F.linear(F.linear(self.dropout(x), a), b) * self.scale
         if ctx.masked:
             update = update * ctx.mask[..., None].to(update.dtype)
