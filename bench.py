@@ -36,6 +36,12 @@ Variants, measured with the same models in the same run (the official choices re
     blsp-compile-llm  blsp with each layer of the frozen LLM compiled (torch.compile, dynamic shapes;
                   one compile serves all the layers): it fuses the element-wise kernels (RMSNorm,
                   rotary, gating) around the matrix products; not an option of the scripts yet
+    blsp-fused-norm  blsp with the frozen LLM's RMSNorms as one F.rms_norm call each (torch 2.11 has
+                  fused CUDA kernels for its forward and backward; HF's LlamaRMSNorm runs about 7
+                  kernels forward, more backward); not an option of the scripts yet
+    blsp-1s       blsp with each batch's audio padded to a whole second: at most 19 encoder and
+                  adapter lengths over the spread, so per-shape convolution plans are reused (with
+                  --again: is the cost of new lengths in the convolutions?)
     kd            BLSP-KD stage 1 (CFormer; teacher and student passes; length, response and input
                   KL) with blsp_kd.kd_losses as it is: logits at the loss positions only, one
                   checkpointed chunk of rows at a time (common.per_row_loss)
@@ -60,6 +66,7 @@ Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936]
 """
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -90,8 +97,8 @@ SCALES = dict(
                batch=16, cformer=dict(pre_layers=4, post_layers=4, heads=8), connector=dict(layers=4),
                t5=dict(d=4096, layers=24, heads=64, ffn=10240, vocab=250112),      # mT0-XXL (13B)
                slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
-VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "blsp-compile-llm", "kd", "kd-ckpt",
-            "kd-select", "kd-full", "ssr1", "ssr2", "slm")
+VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "blsp-compile-llm",
+            "blsp-fused-norm", "blsp-1s", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1", "ssr2", "slm")
 WORDS = sorted(data.toy_vocabulary())                  # the spoken texts' words
 PROMPT, AFTER, CONTINUATION = list(range(5, 40)), list(range(40, 45)), 48     # prompt pieces; targets
 
@@ -158,18 +165,22 @@ def batches(variant, n_batches, batch, rng):
     else:
         out = data.BucketBatchSampler(durs, batch, seed=0).batches()
     real = sum(durs)
-    padded = sum(max(durs[i] for i in b) * len(b) for b in out)
+    longest = (lambda b: math.ceil(max(durs[i] for i in b))) if variant.endswith("-1s") else \
+        (lambda b: max(durs[i] for i in b))
+    padded = sum(longest(b) * len(b) for b in out)
     # one clip shorter: a padded batch, as the timed ones (a compiled HF layer compiles apart
     # for batches without padding, where the attention mask is None)
     warm = [[10.0] * (batch - 1) + [9.0]] + ([[12.0] * (batch - 1) + [11.0]] if "-compile" in variant else [])
     return warm, [[durs[i] for i in b] for b in out], 1 - real / padded
 
 
-def make_batch(durs, vocab, rng, device):
-    """Random audio of the given durations; per clip a spoken text of 3 words per second (toy
-    words: one token each, for SSR's aligner) and a 48-token continuation."""
+def make_batch(durs, vocab, rng, device, whole_seconds=False):
+    """Random audio of the given durations (whole_seconds: padded to a whole second); per clip a
+    spoken text of 3 words per second (toy words: one token each, for SSR's aligner) and a 48-token
+    continuation."""
     lens = torch.tensor([int(d * 16000) for d in durs], device=device)
-    return dict(wave=torch.randn(len(durs), int(lens.max()), device=device) * 0.1, wave_lens=lens, durs=durs,
+    S = -(-int(lens.max()) // 16000) * 16000 if whole_seconds else int(lens.max())
+    return dict(wave=torch.randn(len(durs), S, device=device) * 0.1, wave_lens=lens, durs=durs,
                 text=[" ".join(rng.choice(WORDS) for _ in range(max(1, int(3 * d)))) for d in durs],
                 response=torch.randint(100, vocab, (len(durs), CONTINUATION)).tolist())
 
@@ -180,8 +191,8 @@ def whisper_frames(samples):
 
 
 def encoder_frames(batch):
-    """Frames the encoder runs over: the batch's longest clip, times the batch."""
-    return len(batch["durs"]) * whisper_frames(int(16000 * max(batch["durs"])))
+    """Frames the encoder runs over: the batch's padded length, times the batch."""
+    return len(batch["durs"]) * whisper_frames(batch["wave"].shape[1])
 
 
 def encode(enc, batch, pad30=False):
@@ -334,6 +345,8 @@ def run_variant(variant, args):
     if variant.endswith("-compile-llm"):
         for layer in llm.model.layers:
             common.compile_adapter(layer, common.Args(compile=True))
+    if variant.endswith("-fused-norm"):
+        fuse_rms_norms(llm)
     opt = common.make_optimizer([p for p in module.parameters() if p.requires_grad], common.Args(lr=1e-4),
                                 device)
     warm, timed, pad = batches(variant, args.steps, s["batch"], rng)
@@ -342,7 +355,7 @@ def run_variant(variant, args):
     base = memory(device)                                 # models and optimizer, no step yet
 
     def train_step(durs):
-        batch = make_batch(durs, llm.config.vocab_size, text_rng, device)
+        batch = make_batch(durs, llm.config.vocab_size, text_rng, device, variant.endswith("-1s"))
         with common.autocast(device):
             loss, T, fl = step(batch)
         loss.backward()
@@ -379,6 +392,16 @@ def run_variant(variant, args):
     if args.profile:                                      # one more step of the last timed lengths
         res["profile"] = profile(lambda: train_step(timed[-1]), device)
     return res
+
+
+def fuse_rms_norms(llm):
+    """Each Llama-style RMSNorm of the LLM as one F.rms_norm call: the same function up to
+    rounding (the weight multiplies before the one rounding to bf16, where HF rounds, then
+    multiplies). -> how many were replaced."""
+    norms = [m for m in llm.modules() if type(m).__name__ in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")]
+    for m in norms:
+        m.forward = lambda x, m=m: F.rms_norm(x, m.weight.shape, m.weight, m.variance_epsilon)
+    return len(norms)
 
 
 KINDS = (("attention", ("attention", "flash", "fmha", "efficient")),        # first: "fmha_cutlass..."
@@ -508,6 +531,10 @@ def main():
         print(f"compiled adapter: {ratio('blsp-compile', 'blsp'):.2f}x the throughput of blsp")
     if "blsp" in rows and "blsp-compile-llm" in rows:
         print(f"compiled LLM layers: {ratio('blsp-compile-llm', 'blsp'):.2f}x the throughput of blsp")
+    if "blsp" in rows and "blsp-fused-norm" in rows:
+        print(f"fused RMSNorm: {ratio('blsp-fused-norm', 'blsp'):.2f}x the throughput of blsp")
+    if "blsp" in rows and "blsp-1s" in rows:
+        print(f"audio padded to whole seconds: {ratio('blsp-1s', 'blsp'):.2f}x the throughput of blsp")
     for v, r in rows.items():
         if "step_s_again" in r:
             print(f"again {v}: {r['step_s']:.3f} s a step over new lengths, {r['step_s_again']:.3f} s over "

@@ -856,6 +856,7 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
 
 # ============================================================================================
 # bench.py cannot rot
+import bench  # noqa: E402
 
 def test_bench_tiny_runs(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
@@ -864,8 +865,7 @@ def test_bench_tiny_runs(tmp_path):
                        env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [l.split()[0] for l in r.stdout.splitlines()]
-    assert {"blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "blsp-compile-llm", "kd",
-            "kd-select", "kd-full", "ssr1", "ssr2", "slm"} <= set(rows)
+    assert set(bench.VARIANTS) <= set(rows)
     assert "FAILED" not in r.stdout
     for line in ("faster than the 30 s recipe", "activation checkpointing of the LLM:", "BLSP-KD, kd:",
                  "BLSP-KD, kd-select:"):
@@ -874,6 +874,43 @@ def test_bench_tiny_runs(tmp_path):
     assert prof["total_ms"] > 0 and abs(sum(prof["kinds"].values()) - 1) < 1e-6
     assert prof["kinds"]["matmul"] > 0 and "profile blsp:" in r.stdout
     assert "again blsp:" in r.stdout                                                 # --again
+
+
+def test_bench_fused_rms_norm_is_the_same_function_and_whole_seconds_pad(monkeypatch):
+    """blsp-fused-norm: the LLM with F.rms_norm computes HF's RMSNorm (fp32: to float rounding; bf16:
+    within bf16 rounding), with the same input gradients; blsp-1s pads the audio to whole seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128)
+    ref = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():                                    # weights away from 1, as trained ones are
+        for m in ref.modules():
+            if type(m).__name__ == "LlamaRMSNorm":
+                m.weight.uniform_(0.5, 1.5)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 0.03)):
+        a = copy.deepcopy(ref).to(dtype)
+        b = copy.deepcopy(a)
+        assert bench.fuse_rms_norms(b) == 2 * 2 + 1          # two per layer and the final one
+        x = torch.randn(2, 7, 64, dtype=dtype)
+        outs = []
+        for m in (a, b):
+            xi = x.clone().requires_grad_(True)
+            h = m.model(inputs_embeds=xi).last_hidden_state
+            h.float().pow(2).sum().backward()
+            outs.append((h.detach().float(), xi.grad.float()))
+        (h1, g1), (h2, g2) = outs
+        assert (h1 - h2).abs().max() <= tol * h1.abs().max(), dtype
+        assert (g1 - g2).abs().max() <= tol * g1.abs().max(), dtype
+        calls = []                                           # the patch took: b calls F.rms_norm
+        monkeypatch.setattr(F, "rms_norm", lambda *a, f=F.rms_norm: calls.append(1) or f(*a))
+        b.model(inputs_embeds=x), a.model(inputs_embeds=x)
+        monkeypatch.undo()
+        assert len(calls) == 5
+    rng = random.Random(0)
+    batch = bench.make_batch([2.5, 3.2], 1000, rng, torch.device("cpu"), whole_seconds=True)
+    assert batch["wave"].shape[1] == 4 * 16000 and batch["wave_lens"].tolist() == [40000, 51200]
+    assert bench.make_batch([2.5, 3.2], 1000, rng, torch.device("cpu"))["wave"].shape[1] == 51200
 
 
 def test_bench_tiny_bf16_on_cpu_runs_the_other_methods():
