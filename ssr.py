@@ -75,7 +75,7 @@ class SSRArgs(common.Args):
     cos_weight: float = arg(5.0, "stage 1: lambda, weight of mean(1 - cos(z, e))")
     steps: int = arg(120, "stage 1: optimizer steps")
     lr: float = arg(3e-3, "stage 1: peak learning rate (prototype: 1e-4)")
-    stage2_steps: int = arg(20, "stage 2: optimizer steps")
+    stage2_steps: int = arg(20, "stage 2: optimizer steps (0 with --stage all: no stage 2)")
     stage2_lr: float = arg(1e-3, "stage 2: peak learning rate")
     finetune: str = arg("lora", "stage 2: lora (common.add_lora, unmasked) | full", choices=["lora", "full"])
     text_mix: float = arg(0.0, "stage 2: fraction of text-only batches (the transcripts)")
@@ -447,7 +447,7 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
     for blk in connector.blocks:              # --compile: the layers; masks and rows are built
         common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
-    stages = ["aligner", "1", "2"] if args.stage == "all" else [args.stage]
+    stages = (["aligner", "1"] + (["2"] if args.stage2_steps else [])) if args.stage == "all" else [args.stage]
     modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]
     train_mode = "oracle" if args.aligner == "oracle" else "forced"
     fields, res = ("llm", "encoder", "encoder_layer", "aligner_layers", "heads"), {}

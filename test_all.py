@@ -1549,6 +1549,7 @@ def test_ssr_compile_compiles_the_connector_a_bounded_number_of_times(ssr_tiny, 
     ssr.main(ssr_base_args(ssr_tiny, tmp_path / "run") + ["--aligner-steps", "1", "--steps", "12",
                                                           "--stage2-steps", "0", "--compile"])
     assert 0 < len(graphs) <= 6
+    assert not (tmp_path / "run" / "stage2").exists()        # --stage2-steps 0: no stage 2 at all
 
 
 def test_ssr_stage1_never_runs_llm_and_keeps_its_weights(ssr_tiny, tmp_path, monkeypatch):
