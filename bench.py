@@ -66,7 +66,6 @@ Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936]
 """
 import argparse
 import json
-import math
 import os
 import random
 import resource
@@ -164,14 +163,19 @@ def batches(variant, n_batches, batch, rng):
         out = [idx[i:i + batch] for i in range(0, len(idx), batch)]
     else:
         out = data.BucketBatchSampler(durs, batch, seed=0).batches()
-    real = sum(durs)
-    longest = (lambda b: math.ceil(max(durs[i] for i in b))) if variant.endswith("-1s") else \
-        (lambda b: max(durs[i] for i in b))
-    padded = sum(longest(b) * len(b) for b in out)
+    real = sum(durs) * 16000
+    padded = sum(batch_samples([durs[i] for i in b], variant.endswith("-1s")) * len(b) for b in out)
     # one clip shorter: a padded batch, as the timed ones (a compiled HF layer compiles apart
     # for batches without padding, where the attention mask is None)
     warm = [[10.0] * (batch - 1) + [9.0]] + ([[12.0] * (batch - 1) + [11.0]] if "-compile" in variant else [])
     return warm, [[durs[i] for i in b] for b in out], 1 - real / padded
+
+
+def batch_samples(durs, whole_seconds=False):
+    """Width of a batch's padded audio in 16 kHz samples: its longest clip (or, whole_seconds, that
+    rounded up to a whole second)."""
+    longest = max(int(d * 16000) for d in durs)
+    return -(-longest // 16000) * 16000 if whole_seconds else longest
 
 
 def make_batch(durs, vocab, rng, device, whole_seconds=False):
@@ -179,8 +183,7 @@ def make_batch(durs, vocab, rng, device, whole_seconds=False):
     spoken text of 3 words per second (toy words: one token each, for SSR's aligner) and a 48-token
     continuation."""
     lens = torch.tensor([int(d * 16000) for d in durs], device=device)
-    S = -(-int(lens.max()) // 16000) * 16000 if whole_seconds else int(lens.max())
-    return dict(wave=torch.randn(len(durs), S, device=device) * 0.1, wave_lens=lens, durs=durs,
+    return dict(wave=torch.randn(len(durs), batch_samples(durs, whole_seconds), device=device) * 0.1, wave_lens=lens, durs=durs,
                 text=[" ".join(rng.choice(WORDS) for _ in range(max(1, int(3 * d)))) for d in durs],
                 response=torch.randint(100, vocab, (len(durs), CONTINUATION)).tolist())
 
