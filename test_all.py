@@ -707,9 +707,9 @@ common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device
 """)
     env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
     run = lambda *a: subprocess.run([*a], env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
-    r = run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    r = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",   # a free port
             str(script), str(tmp_path / "ddp"), "1")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-1000:]     # the workers' error first
     r = run(sys.executable, str(script), str(tmp_path / "one"), "2")
     assert r.returncode == 0, r.stderr[-2000:]
     l2, l1 = losses(tmp_path / "ddp"), losses(tmp_path / "one")
