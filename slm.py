@@ -394,8 +394,9 @@ def main(argv=None):
     eos = common.eos_ids(llm, tok)[0]
     n_adapter, n_total = common.count_params(adapter, True), common.count_params(
         adapter) + common.count_params(encoder) + common.count_params(llm)
-    print(f"slm: adapter {n_adapter / 1e6:.2f}M trainable parameters of {n_total / 1e6:.2f}M in "
-          f"all ({n_adapter / n_total:.1%}; paper: 156M, about 1%)")
+    if rank == 0:
+        print(f"slm: adapter {n_adapter / 1e6:.2f}M trainable parameters of {n_total / 1e6:.2f}M in "
+              f"all ({n_adapter / n_total:.1%}; paper: 156M, about 1%)")
 
     flops = step_flops(encoder, adapter, llm, args.stack)
 

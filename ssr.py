@@ -473,7 +473,7 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
                      aligner_step, train_items, device, rank, world, aligner_valid,
                      method="ssr-aligner", model_fields=fields)
     load_stage(aligner, args.out, "aligner")
-    if not aligner.pretrained and not os.path.isfile(os.path.join(args.out, "aligner", "latest")):
+    if rank == 0 and not aligner.pretrained and not os.path.isfile(os.path.join(args.out, "aligner", "latest")):
         print("ssr: warning: no trained aligner and no pre-trained CTC head: CTC boundaries are "
               "random (run --stage aligner first)", file=sys.stderr)
     common.freeze(aligner)
