@@ -529,7 +529,7 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
             module.train()
             return r
 
-        before = stage2_valid(0)
+        before = stage2_valid(0) if rank == 0 else {}
         res = {**res, **common.train(stage_args(args, "stage2", args.stage2_steps, args.stage2_lr), module,
                            stage2_step, train_items, device, rank, world, stage2_valid,
                            method="ssr-stage2", model_fields=fields + ("finetune",))}

@@ -717,6 +717,43 @@ common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device
     assert l2 == pytest.approx(l1, rel=1e-5)
 
 
+def test_torchrun_resume_gives_the_same_losses(tiny, tmp_path):
+    """2 gloo processes, both stopped by Ctrl-C in step 4, resumed from rank 0's checkpoint by 2
+    new processes: the same losses and weights as an uninterrupted 2-process run."""
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import sys, torch, common, data
+sys.path.insert(0, {HERE!r})
+from test_all import Toy, toy_step, toy_args
+out, mode = sys.argv[1], sys.argv[2]
+args = toy_args(out, batch_size=4, steps=6, resume=out if mode == "resume" else None)
+device, rank, world = common.setup(args)
+m = Toy(); m.drop.p = 0.0
+step, calls = toy_step(m), []
+def stopped_in_step_4(batch):
+    calls.append(1)
+    if mode == "stop" and len(calls) == 4:
+        raise KeyboardInterrupt
+    return step(batch)
+common.train(args, m, stopped_in_step_4, data.read_manifest({tiny['train']!r}), device, rank, world, method="toy")
+if rank == 0:
+    torch.save(m.lin.weight, out + "/weight.pt")
+""")
+    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
+    run = lambda out, mode: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc_per_node=2", str(script), str(tmp_path / out), mode],
+                                           env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    r = run("full", "full")
+    assert r.returncode == 0, r.stderr[:3000]
+    r = run("half", "stop")
+    assert r.returncode != 0 and "interrupted (Ctrl-C) at step 3" in r.stdout, r.stdout[-2000:] + r.stderr[:2000]
+    assert open(tmp_path / "half" / "latest").read().strip() == "ckpt-3"
+    r = run("half", "resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[:3000]
+    assert len(losses(tmp_path / "full")) == 6
+    assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"), torch.load(tmp_path / "full" / "weight.pt"))
+
 def test_torchrun_processes_exit_cleanly(tmp_path):
     """Left to Python's teardown, a gloo worker thread that frees its last all_reduce late aborts
     the process (SIGABRT; about 1 in 8 two-process runs of the test above). common.setup destroys
@@ -1566,6 +1603,22 @@ def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys):
         ssr.main(ssr_base_args(ssr_tiny, tmp_path / "empty") + ["--stage", "2"])
     assert e.value.code == 2
 
+
+def test_ssr_all_stages_under_torchrun(ssr_tiny, tmp_path):
+    """The longest flow under 2 gloo processes: the aligner, stage 1 and stage 2 one after another
+    (rank 0 validates and writes while the other waits at the next all_reduce); every stage ends
+    with a checkpoint, each process exits 0, the results are printed once."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "ssr.py"), *ssr_base_args(ssr_tiny, out), "--batch-size", "1",
+                        "--aligner-steps", "2", "--steps", "2", "--stage2-steps", "2", "--eval-every", "1"],
+                       env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[:3000]
+    for stage in ("aligner", "stage1", "stage2"):
+        assert os.path.isfile(out / stage / "latest")
+        assert json.loads((out / stage / "config.json").read_text())["world"] == 2
+    assert r.stdout.count("final: ") == 1 and r.stdout.count("stage 2 text_loss") == 1
 
 def test_ssr_compile_compiles_the_connector_a_bounded_number_of_times(ssr_tiny, tmp_path, monkeypatch):
     """--compile: the connector's layers take tensors, so the graphs do not grow with the batches
