@@ -44,6 +44,35 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM during train(): handled like Ctrl-C (checkpoint of the last finished step, exit)."""
 
 
+class StopFlags:
+    """Ctrl-C / SIGTERM with several processes. One process leaving at once would strand the others
+    in an all_reduce (gloo's then fails: no checkpoint), so a signal only raises this process's
+    flag; the flags are summed in each step's all_reduce, and every process reads the same sum
+    after the same step: at once on a CPU, two steps later on CUDA (a copy long finished by then:
+    no host-device stall), and then they all stop together."""
+
+    def __init__(self, device):
+        self.cuda, self.pending, self.name = device.type == "cuda", [], None
+        self.lag = 2 if self.cuda else 0
+
+    def record(self, summed):
+        host = torch.empty((), pin_memory=self.cuda)
+        host.copy_(summed, non_blocking=True)
+        event = torch.cuda.Event() if self.cuda else None
+        if event is not None:
+            event.record()
+        self.pending.append((host, event))
+
+    def stop(self):
+        """At the end of a step: had any process raised its flag (`lag` steps ago)?"""
+        if len(self.pending) <= self.lag:
+            return False
+        host, event = self.pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        return float(host) > 0
+
+
 class UserError(Exception):
     """A one-line error for the user (bad path, bad argument, bad resume directory...)."""
 
@@ -993,12 +1022,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             e, b, r = at or (epoch, batch_pos, None)
             save_checkpoint(out, module, opt, step, e, b, meta, r)
 
-    interrupted = None
+    interrupted, flags = None, StopFlags(device)
 
-    def on_sigterm(signum, frame):          # a cluster's preemption or `kill`: stop as on Ctrl-C
-        raise Terminated()
+    def on_signal(signum, frame):           # a cluster's preemption or `kill`: stop as on Ctrl-C
+        if world == 1:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        flags.name = flags.name or ("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C")
     main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    stops = (signal.SIGTERM, signal.SIGINT) if world > 1 else (signal.SIGTERM,)
+    old_handlers = {s: signal.signal(s, on_signal) for s in stops} if main_thread else {}
     try:
         while step < args.steps:
             start = (epoch, batch_pos, rng_state())
@@ -1021,12 +1053,13 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     logs[k] = logs.get(k, 0.0) + v / args.grad_accum
             # token-normalised gradients: sum over micro-batches and ranks, then divide
             total = float(units)
-            if world > 1:
-                total = torch.tensor([total], device=device)
+            if world > 1:       # with the units, the loss and the stop flags (StopFlags)
+                extra = torch.tensor([total, float(flags.name is not None)], device=device)
                 flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
-                                  for p in params] + [total, loss_sum[None]])
+                                  for p in params] + [extra, loss_sum[None]])
                 torch.distributed.all_reduce(flat)
-                total, loss_sum = flat[-2:-1], flat[-1]
+                total, loss_sum = flat[-3:-2], flat[-1]
+                flags.record(flat[-2])
                 offset = 0
                 for p in params:
                     g = flat[offset:offset + p.numel()].view_as(p)
@@ -1080,18 +1113,21 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if args.save_every and step % args.save_every == 0:
                 checkpoint()
             start = None
+            if world > 1 and flags.stop():
+                interrupted = flags.name or "a signal to another process"
+                break
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: save the last completed step, exactly resumable
         interrupted = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
         opt.zero_grad(set_to_none=True)
     finally:
         bar.close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, old_handler)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
     checkpoint(start)
     if interrupted:
         if rank == 0:
             print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {out}")
-        sys.exit(143 if interrupted == "SIGTERM" else 130)
+        sys.exit(130 if interrupted == "Ctrl-C" else 143)
     dt = time.time() - t0 - seen["valid_s"]             # training time, without validations
     if valid_fn:
         last_valid = run_valid(valid_fn, step, log, rank, None)

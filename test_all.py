@@ -718,11 +718,13 @@ common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device
 
 
 def test_torchrun_resume_gives_the_same_losses(tiny, tmp_path):
-    """2 gloo processes, both stopped by Ctrl-C in step 4, resumed from rank 0's checkpoint by 2
-    new processes: the same losses and weights as an uninterrupted 2-process run."""
+    """2 gloo processes; a SIGTERM reaches rank 1 alone, in step 4 (a straggler: before, it left
+    at once, rank 0's all_reduce failed and nothing was saved). Both finish step 4 and stop
+    (common.StopFlags); 2 new processes resume from rank 0's checkpoint: the same losses and
+    weights as an uninterrupted 2-process run."""
     script = tmp_path / "ddp.py"
     script.write_text(f"""
-import sys, torch, common, data
+import os, signal, sys, torch, common, data
 sys.path.insert(0, {HERE!r})
 from test_all import Toy, toy_step, toy_args
 out, mode = sys.argv[1], sys.argv[2]
@@ -732,8 +734,8 @@ m = Toy(); m.drop.p = 0.0
 step, calls = toy_step(m), []
 def stopped_in_step_4(batch):
     calls.append(1)
-    if mode == "stop" and len(calls) == 4:
-        raise KeyboardInterrupt
+    if mode == "stop" and len(calls) == 4 and rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
     return step(batch)
 common.train(args, m, stopped_in_step_4, data.read_manifest({tiny['train']!r}), device, rank, world, method="toy")
 if rank == 0:
@@ -746,13 +748,24 @@ if rank == 0:
     r = run("full", "full")
     assert r.returncode == 0, r.stderr[:3000]
     r = run("half", "stop")
-    assert r.returncode != 0 and "interrupted (Ctrl-C) at step 3" in r.stdout, r.stdout[-2000:] + r.stderr[:2000]
-    assert open(tmp_path / "half" / "latest").read().strip() == "ckpt-3"
+    assert r.returncode != 0 and "interrupted (a signal to another process) at step 4" in r.stdout, \
+        r.stdout[-2000:] + r.stderr[:2000]
+    assert open(tmp_path / "half" / "latest").read().strip() == "ckpt-4"
     r = run("half", "resume")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[:3000]
     assert len(losses(tmp_path / "full")) == 6
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"), torch.load(tmp_path / "full" / "weight.pt"))
+
+def test_stop_flags_are_read_after_the_same_step_everywhere():
+    """Every process reads the summed flags of step k after step k + lag (0 on CPU, 2 on CUDA)."""
+    for lag in (0, 2):
+        f = common.StopFlags(cpu())
+        f.lag, seen = lag, []
+        for k, summed in enumerate([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]):       # flag raised in step 2
+            f.record(torch.tensor(summed))
+            seen.append(f.stop())
+        assert seen.index(True) == 2 + lag and sum(seen) == 1
 
 def test_torchrun_processes_exit_cleanly(tmp_path):
     """Left to Python's teardown, a gloo worker thread that frees its last all_reduce late aborts
