@@ -16,6 +16,8 @@
 import atexit
 import contextlib
 import dataclasses
+import datetime
+import glob
 import hashlib
 import importlib
 import json
@@ -179,7 +181,8 @@ def setup(args):
         raise UserError("--device cuda: no CUDA device is visible")
     if world > 1 and not torch.distributed.is_initialized():
         importlib.import_module("torch._dynamo")           # before the group: see end_processes
-        torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo")
+        torch.distributed.init_process_group(       # an hour: rank 0 validates alone while the
+            "nccl" if dev == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))   # rest wait
         atexit.register(end_processes)
     device = torch.device(dev, int(os.environ.get("LOCAL_RANK", "0"))) if dev == "cuda" else torch.device(dev)
     set_precision(args.precision, device)
@@ -742,24 +745,20 @@ def respond(llm, tok, inputs, instruction, fmt="auto", max_new_tokens=64, lora=N
 def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None, desc="generate"):
     """Greedy text generation for many prompts (token-id lists), batched with left padding.
     With `cache` (a JSON-lines path), results are appended as they come and reused: an
-    interrupted run continues where it stopped."""
-    done = {}
-    if cache and os.path.isfile(cache):
-        with open(cache) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    done[r["i"]] = r["text"]
-                except (json.JSONDecodeError, KeyError):
-                    pass  # a line cut by an interruption: regenerate it
-    todo = [i for i in range(len(prompts)) if i not in done]
+    interrupted run continues where it stopped. Under torchrun the processes share the work:
+    each writes the prompts i with i % world == rank to its own file (cache.rankR, so no two
+    append to one file), then all read every file."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() and cache else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    done = read_texts(cache)
+    todo = [i for i in range(len(prompts)) if i not in done and i % world == rank]
     embed, eos = llm.get_input_embeddings(), eos_ids(llm, tok)
-    f = open(cache, "a") if cache else None
+    f = open(cache if world == 1 else f"{cache}.rank{rank}", "a") if cache else None
     order = sorted(todo, key=lambda i: len(prompts[i]))
     try:
         from tqdm import tqdm
         for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=not todo or not
-                      sys.stderr.isatty(), leave=False):
+                      sys.stderr.isatty() or rank != 0, leave=False):
             idx = order[k:k + batch_size]
             sp = splice(embed, [[text(prompts[i])] for i in idx], pad_left=True)
             outs = generate(llm, sp, eos, max_new_tokens)
@@ -772,7 +771,25 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     finally:
         if f:
             f.close()
+    if world > 1:
+        torch.distributed.barrier()                     # every process has written its share
+        done = read_texts(cache)
     return [done[i] for i in range(len(prompts))]
+
+
+def read_texts(cache):
+    """{i: text} from a generate_texts cache and its per-process parts (cache.rankR)."""
+    done = {}
+    for path in ([cache] + sorted(glob.glob(glob.escape(cache) + ".rank*"))) if cache else []:
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                        done[r["i"]] = r["text"]
+                    except (json.JSONDecodeError, KeyError):
+                        pass  # a line cut by an interruption: regenerate it
+    return done
 
 
 def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag):

@@ -377,6 +377,31 @@ def test_generate_texts_cache_resumes(tiny, tmp_path):
     assert len(open(cache).read().splitlines()) >= 3
 
 
+def test_generate_texts_shared_by_two_processes(tiny, tmp_path):
+    """Under torchrun each process generates its share (i % world == rank) into its own file;
+    both return every text, the same as one process."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    prompts = [[5 + k, 6, 7 + k % 3][:1 + k % 3] for k in range(7)]
+    one = common.generate_texts(llm, tok, prompts, 4, 2)
+    script = tmp_path / "gen.py"
+    script.write_text(f"""
+import json, sys, torch, common
+device, rank, world = common.setup(common.Args(device="cpu"))
+llm, tok = common.load_llm({tiny['llm']!r}, device)
+texts = common.generate_texts(llm, tok, {prompts!r}, 4, 2, {str(tmp_path / "gen.jsonl")!r})
+json.dump(texts, open({str(tmp_path)!r} + f"/out{{rank}}.json", "w"))
+""")
+    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[:3000]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out{rank}.json").read_text()) == one
+        part = [json.loads(x)["i"] for x in (tmp_path / f"gen.jsonl.rank{rank}").read_text().splitlines()]
+        assert sorted(part) == [i for i in range(len(prompts)) if i % 2 == rank]
+    assert common.generate_texts(llm, tok, prompts, 4, 2, str(tmp_path / "gen.jsonl")) == one  # read back,
+    assert (tmp_path / "gen.jsonl").read_text() == ""                                   # nothing redone
+
 def test_wer():
     assert common.wer(["the cat sat"], ["the cat sat"]) == 0
     assert common.wer(["The cat, sat!"], ["the bat sat down"]) == pytest.approx(2 / 3)
