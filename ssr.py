@@ -472,10 +472,11 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
         common.train(stage_args(args, "aligner", args.aligner_steps, args.aligner_lr), aligner,
                      aligner_step, train_items, device, rank, world, aligner_valid,
                      method="ssr-aligner", model_fields=fields)
-    load_stage(aligner, args.out, "aligner")
-    if rank == 0 and not aligner.pretrained and not os.path.isfile(os.path.join(args.out, "aligner", "latest")):
-        print("ssr: warning: no trained aligner and no pre-trained CTC head: CTC boundaries are "
-              "random (run --stage aligner first)", file=sys.stderr)
+    else:       # (not after training it: under torchrun, rank 0 may still be writing its checkpoint)
+        load_stage(aligner, args.out, "aligner")
+        if rank == 0 and not aligner.pretrained and not os.path.isfile(os.path.join(args.out, "aligner", "latest")):
+            print("ssr: warning: no trained aligner and no pre-trained CTC head: CTC boundaries are "
+                  "random (run --stage aligner first)", file=sys.stderr)
     common.freeze(aligner)
 
     fields += ("layers", "blockwise")
