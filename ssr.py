@@ -535,8 +535,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
                            stage2_step, train_items, device, rank, world, stage2_valid,
                            method="ssr-stage2", model_fields=fields + ("finetune",))}
         for k in ("speech_loss", "text_loss", "content_acc", "content_acc_text", "repeat_wer"):
-            if rank == 0:
-                print(f"stage 2 {k:17s} before {before.get(k, math.nan):.4f} -> after {res.get(k, math.nan):.4f}")
+            if rank == 0 and k in res:      # (content_acc: only for manifests with continuations)
+                print(f"stage 2 {k:17s} before {before.get(k, math.nan):.4f} -> after {res[k]:.4f}")
     return res
 
 
