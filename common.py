@@ -106,7 +106,8 @@ class Args:
     llm: str = arg(None, "LLM folder (HF causal LM, or T5 for SLM); default: built-in tiny LLM")
     encoder: str = arg(None, "speech encoder folder (Whisper, w2v-BERT, HuBERT, wav2vec2); "
                              "default: built-in tiny Whisper-style encoder")
-    encoder_layer: int = arg(-1, "which encoder layer's output to use (-1: last)")
+    encoder_layer: int = arg(-1, "which encoder layer's output to use, numbered as HF's hidden_states "
+                                 "(0: the input of the first layer; -1: the last, after its final norm)")
     train: str = arg(None, "training manifest (JSON lines); default: the built-in toy corpus")
     valid: str = arg(None, "validation manifest; default: the toy corpus's valid split")
     out: str = arg(None, "run directory: config, metrics.jsonl, checkpoints (default runs/METHOD)")
@@ -347,13 +348,12 @@ class SpeechEncoder(nn.Module):
         pad = torch.arange(T, device=x.device)[None] >= lens[:, None]
         mask = torch.zeros(x.shape[0], 1, 1, T, dtype=x.dtype, device=x.device)
         mask = mask.masked_fill(pad[:, None, None, :], torch.finfo(x.dtype).min)
-        hidden = []
-        for layer in enc.layers:
-            hidden.append(x)
+        n = len(enc.layers)
+        k = self.layer % (n + 1)        # as HF's hidden_states: 0 the input, k the output of layer k
+        for layer in enc.layers[:k]:    # (the layers above it are not run)
             x = layer(x, mask)
             x = x[0] if isinstance(x, tuple) else x
-        x = enc.layer_norm(x) if self.layer == -1 else hidden[self.layer]
-        return x, lens
+        return (enc.layer_norm(x) if k == n else x), lens
 
 
 def quiet_transformers():
@@ -389,6 +389,10 @@ def load_encoder(path, device, layer=-1):
     else:
         raise UserError(f"--encoder {path}: unsupported model type '{mt}' "
                         "(Whisper, w2v-BERT, wav2vec2, HuBERT, WavLM)")
+    n = cfg.encoder_layers if mt == "whisper" else cfg.num_hidden_layers
+    if not -(n + 1) <= layer <= n:
+        raise UserError(f"--encoder-layer {layer}: {path} has {n} layers (0: the input of the "
+                        f"first, {n} or -1: the output of the last)")
     return freeze(enc).to(device)
 
 

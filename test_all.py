@@ -188,6 +188,22 @@ def test_whisper_real_length_equals_hf_at_30s_and_is_batch_invariant(tiny):
     torch.testing.assert_close(batch[0, :63], alone[0], atol=1e-4, rtol=1e-3)
 
 
+def test_encoder_layer_is_numbered_as_hf_hidden_states(tmp_path):
+    """--encoder-layer k gives HF's hidden_states[k] (a 3-layer Whisper: k = -4 .. 3); others are
+    refused by name."""
+    from transformers import WhisperFeatureExtractor
+    tiny_whisper(layers=3).save_pretrained(tmp_path / "enc")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(tmp_path / "enc")
+    feats = torch.randn(1, 80, 3000)
+    hf = common.load_encoder(str(tmp_path / "enc"), cpu()).model(feats, output_hidden_states=True).hidden_states
+    assert len(hf) == 4
+    for k in range(-4, 4):
+        ours, _ = common.load_encoder(str(tmp_path / "enc"), cpu(), k).whisper_forward(feats, torch.tensor([3000]))
+        torch.testing.assert_close(ours, hf[k], atol=1e-5, rtol=1e-4)
+    for k in (4, -5):
+        with pytest.raises(common.UserError, match=f"--encoder-layer {k}: .* has 3 layers"):
+            common.load_encoder(str(tmp_path / "enc"), cpu(), k)
+
 def test_encoder_and_llm_path_errors(tmp_path):
     with pytest.raises(common.UserError, match="--encoder: not a folder"):
         common.load_encoder(str(tmp_path / "none"), cpu())
