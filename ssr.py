@@ -206,6 +206,18 @@ def greedy_decode(logp):
     return "".join(c for c, _ in r), {i + 1: t for i, (c, t) in enumerate(r) if c != " "}
 
 
+def aligner_cer(encoder, aligner, items, args, device):
+    """Character error rate of greedy CTC against each transcript's CTC targets (lower case,
+    only CTC_CHARS: what the aligner can emit)."""
+    err = n = 0
+    for b in common.batches(items, args):
+        _, lens, logp = encode(encoder, aligner, common.to_device(b, device))
+        for i, (t, T) in enumerate(zip(b["text"], lens.tolist())):
+            ref = "".join(common.CTC_CHARS[k] for k in ctc_targets(t)[1])
+            err, n = err + common.edit_distance(ref, greedy_decode(logp[i, :T])[0]), n + len(ref)
+    return err / max(n, 1)
+
+
 def oracle_frames(chars, txt, frame_seconds):
     """Exact boundaries: each non-space character's last overlapping frame."""
     pos = [i for i, c in enumerate(" " + txt) if c != " "]
@@ -461,13 +473,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
             loss, n = aligner_loss(aligner(frames.float(), lens), lens, batch["text"])
             return loss, n, dict(flops=flops(encoder.frames))
 
-        def aligner_valid(step):                          # character error rate of greedy CTC
-            err = n = 0
-            for b in common.batches(valid_items, args):
-                _, lens, logp = encode(encoder, aligner, common.to_device(b, device))
-                for i, (t, T) in enumerate(zip(b["text"], lens.tolist())):
-                    err, n = err + common.edit_distance(t, greedy_decode(logp[i, :T])[0]), n + len(t)
-            return dict(cer=err / n)
+        def aligner_valid(step):
+            return dict(cer=aligner_cer(encoder, aligner, valid_items, args, device))
 
         common.train(stage_args(args, "aligner", args.aligner_steps, args.aligner_lr), aligner,
                      aligner_step, train_items, device, rank, world, aligner_valid,

@@ -1639,6 +1639,23 @@ def ssr_base_args(t, out):
             "--log-every", "1"]
 
 
+def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, monkeypatch):
+    """Capitals and punctuation in the transcript are not errors of a CTC over lower-case letters."""
+    items = data.read_manifest(str(ssr_tiny / "m.jsonl"))[:2]
+    for it in items:
+        it["text"] = it["text"].capitalize() + "!"
+
+    def perfect(encoder, aligner, batch):      # log-probs whose greedy path spells each target
+        paths = [[k for c in ssr.ctc_targets(t)[1] for k in (c, ssr.BLANK)] for t in batch["text"]]
+        T = max(map(len, paths))
+        logp = torch.full((len(paths), T, len(common.CTC_CHARS)), -10.0)
+        for i, p in enumerate(paths):
+            logp[i, torch.arange(T), (p + [ssr.BLANK] * T)[:T]] = 0.0
+        return None, torch.tensor([T] * len(paths)), logp
+    monkeypatch.setattr(ssr, "encode", perfect)
+    args = ssr.SSRArgs(batch_size=2)
+    assert ssr.aligner_cer(None, None, items, args, cpu()) == 0.0
+
 def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys):
     out = tmp_path / "run"
     ssr.main(ssr_base_args(ssr_tiny, out) + ["--aligner-steps", "2", "--steps", "3", "--stage2-steps", "2",
