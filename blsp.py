@@ -17,14 +17,16 @@ Paper step                                            -> code
   step 2 input: [BOS] ###[Human]:{instruction}        -> behaviour_sample()
                 + speech + \\n\\n\\n###[Assistant]: + continuation + EOS
   step 2 loss: CE on continuation + EOS only          -> behaviour_loss() (-100 elsewhere)
-  inference: instruction + speech, greedy             -> infer() / common.respond()
+  inference: instruction + speech, greedy, 128 tokens -> infer() / common.respond()
 
 Project choices (not in the paper): the encoder runs on the batch's real length, not padded to
 30 s, and the adapter zeroes padding frames before each convolution, so a clip's speech vectors do
 not depend on what else is in its batch; the final LayerNorm's gain starts at the RMS of the LLM's
 token embeddings (not 1), so that speech vectors enter at the scale of text embeddings; an LLM with
 a chat template gets its chat template around the same pieces (--prompt blsp forces the paper's
-template); default hyper-parameters are scaled to the toy setting (the paper: lr 5e-5, batch 768,
+template), and its continuations then end with the token that closes the assistant's turn
+(common.answer_end: <|im_end|>, <|eot_id|>); transcripts are normalised keeping apostrophes and
+digits ("don't", not "don t"); default hyper-parameters are scaled to the toy setting (the paper: lr 5e-5, batch 768,
 1000 warm-up steps, 1 epoch, clip 1.0, weight decay 0.05): batch 32, lr 1.5e-3, 40 warm-up steps,
 800 steps (about 1 min on one CPU thread). Measured with the built-in models (valid, content_acc
 from speech / repeat_wer): 0.998 / 0.28 at 800 steps (content_acc is 0.998 at step 400 on a second
@@ -59,6 +61,7 @@ class BLSPArgs(common.Args):
     batch_size: int = arg(32, "utterances per micro-batch (per process; paper: 768 in all)")
     lr: float = arg(1.5e-3, "peak learning rate (paper: 5e-5 at batch 768)")
     warmup: int = arg(40, "warm-up steps (paper: 1000)")
+    max_new_tokens: int = arg(128, "inference: generation length limit (the paper's code: 128)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ class Adapter(nn.Module):
             keep = torch.arange(x.shape[-1], device=x.device)[None] < lens[:, None]
             x = x * keep[:, None, :].to(x.dtype)                              # padding -> zeros
             x = F.glu(conv(x), dim=1)
-            lens = (lens - 1) // 2 + 1
+            lens = (lens - 1) // 2 + 1                                        # output_lengths, per layer
         x = x.transpose(1, 2)
         x = x + self.bottleneck(x)                                            # x + W2 GELU(W1 x)
         return self.norm(x), lens
@@ -203,7 +206,7 @@ def main(argv=None):
         it["continuation_ids"] = common.target_ids(tok, it["continuation_llm"])
 
     # step 2: behaviour alignment; only the adapter trains
-    embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
+    embed, eos = llm.get_input_embeddings(), common.answer_end(llm, tok, args.prompt)
     adapter = Adapter(encoder.dim, llm.config.hidden_size, args.bottleneck,
                       embed_rms=float(embed.weight.float().pow(2).mean().sqrt())).to(device)
     common.compile_adapter(adapter, args)

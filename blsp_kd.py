@@ -25,10 +25,13 @@ Paper step / equation                                  -> code
   Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.add_lora(masked=True), llm_pass()
   stage 1 CFormer only; stage 2 + PLoRA, lower lr      -> main() (--stage, --init)
 
-Project choices (not in the paper): transcripts are lower-cased without punctuation (as BLSP's
-continuation data), for the continuation prompt, the teacher and N alike; the end token is appended
-to a continuation when it is shorter than the generation limit (it "ended naturally"); the pieces
-around the input come from the LLM's chat template (common.prompt_pieces); for common.train each
+Project choices (not in the paper): transcripts are lower-cased without punctuation but for
+apostrophes (as BLSP's continuation data), for the continuation prompt, the teacher and N alike;
+the end token (the one that closes the assistant's turn, common.answer_end) is appended to a
+continuation whose re-tokenised text is shorter than the generation limit (it "ended naturally");
+the pieces around the input come from the LLM's chat template (common.prompt_pieces) with no
+system turn of our own (the template's default, if it has one; the paper's Qwen: "You are a
+helpful assistant."), and BLSP's template when it has none; for common.train each
 loss term is a mean over its positions in the micro-batch, and loss_sum = (sum of the term means) x
 (response-token count), n_units = response-token count, so with one micro-batch the optimised loss
 is exactly the sum of the means; no rescaling of the speech vectors (the LLM learns to read them;
@@ -176,7 +179,7 @@ def continuation_data(llm, tok, items, args, out_dir, tag):
     transcripts = [common.normalize(it["text"]) for it in items]      # as BLSP's step 1
     conts = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
                                   args.continuation_tokens, out_dir, tag)
-    eos = common.eos_ids(llm, tok)[0]
+    eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn
     for it, t, c in zip(items, transcripts, conts):
         ids = common.target_ids(tok, c)
         it["transcript_ids"] = common.input_ids(tok, t)
@@ -299,7 +302,7 @@ def kd_eval(encoder, cformer, llm, tok, ctx, items, args, device):
     measure = copy.copy(args)               # both KLs are measured, whichever ones are trained
     measure.response_kl = measure.input_kl = True
     measure.response_ce = False
-    sums = dict(response_kl=0.0, input_kl=0.0, n_resp=0, count_err=0.0, pred=0, true=0, items=0)
+    sums = dict(response_kl=0.0, input_kl=0.0, n_resp=0, n_in=0, count_err=0.0, pred=0, true=0, items=0)
     for batch in common.batches(items, args):
         batch = common.to_device(batch, device)
         with common.autocast(device):
@@ -309,15 +312,15 @@ def kd_eval(encoder, cformer, llm, tok, ctx, items, args, device):
             pairs = [kd_pair(before, after, t, v, r)
                      for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
             losses, k = kd_losses(llm, ctx, *zip(*pairs), measure)
-        for name in ("response_kl", "input_kl"):
-            sums[name] += float(losses[name]) * k
-        sums["n_resp"] += k
+        sums["response_kl"] += float(losses["response_kl"]) * k           # means over positions:
+        sums["input_kl"] += float(losses["input_kl"]) * sum(n_true)      # k responses, N inputs
+        sums["n_resp"], sums["n_in"] = sums["n_resp"] + k, sums["n_in"] + sum(n_true)
         sums["count_err"] += float(((n_pred - n).abs() / n).sum())
         sums["pred"] += int(n_pred.sum())
         sums["true"] += int(n.sum())
         sums["items"] += len(n_true)
     return dict(response_kl=sums["response_kl"] / sums["n_resp"],
-                input_kl=sums["input_kl"] / sums["n_resp"], count_err=sums["count_err"] / sums["items"],
+                input_kl=sums["input_kl"] / sums["n_in"], count_err=sums["count_err"] / sums["items"],
                 tokens_pred=sums["pred"] / sums["items"], tokens_true=sums["true"] / sums["items"])
 
 

@@ -463,6 +463,31 @@ SENTINEL = "<<<INPUT>>>"
 BLSP_TEMPLATE = "###[Human]:{content}\n\n\n###[Assistant]:"
 
 
+def uses_chat_template(tok, fmt):
+    if fmt == "chat" and not getattr(tok, "chat_template", None):
+        raise UserError("--prompt chat: the tokenizer has no chat template")
+    return fmt == "chat" or (fmt == "auto" and bool(getattr(tok, "chat_template", None)))
+
+
+def answer_end(llm, tok, fmt="auto"):
+    """The token that ends an answer, the target after a continuation: with a chat template the
+    end token that closes the assistant's turn (<|im_end|>, <|eot_id|>, </s>: not always the
+    smallest of eos_ids), else the tokenizer's EOS."""
+    ends = eos_ids(llm, tok)
+    if uses_chat_template(tok, fmt):
+        try:
+            text = tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant",
+                                            "content": SENTINEL}], tokenize=False)
+        except Exception:               # a template that will not render an assistant turn
+            text = ""
+        if SENTINEL in text:
+            closing = tok(text.split(SENTINEL, 1)[1], add_special_tokens=False).input_ids
+            for i in closing:
+                if i in ends:
+                    return i
+    return tok.eos_token_id if tok.eos_token_id is not None else ends[0]
+
+
 def prompt_pieces(tok, instruction, fmt="auto"):
     """Token ids before and after the input (speech or transcript) of a one-turn prompt.
 
@@ -470,11 +495,8 @@ def prompt_pieces(tok, instruction, fmt="auto"):
     the tokenizer's chat template, "blsp" BLSP's ###[Human]/###[Assistant] template; "auto" picks
     the chat template when there is one. BOS is prepended when the tokenizer would add it.
     """
-    use_chat = fmt == "chat" or (fmt == "auto" and getattr(tok, "chat_template", None))
-    if fmt == "chat" and not getattr(tok, "chat_template", None):
-        raise UserError("--prompt chat: the tokenizer has no chat template")
     content = f"{instruction} {SENTINEL}"
-    if use_chat:
+    if uses_chat_template(tok, fmt):
         text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                        add_generation_prompt=True)
     else:

@@ -261,6 +261,20 @@ def test_prompt_pieces_blsp_template(tiny):
     assert tok.decode(b).startswith("<s> ###[Human]:") and tok.decode(a) == "###[Assistant]:"
 
 
+def test_answer_end_is_the_token_that_closes_the_assistant_turn(tiny):
+    """Qwen2-Instruct and Llama-3-Instruct list several end tokens; the turn's own (<|im_end|>,
+    <|eot_id|>) is not the smallest. A ChatML template here, with eos_ids = [</s>, <|im_end|>]."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    assert common.answer_end(llm, tok) == tok.eos_token_id        # the toy template has no turn end
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    llm.generation_config.eos_token_id = [tok.eos_token_id, im_end]
+    assert common.eos_ids(llm, tok)[0] == tok.eos_token_id != im_end
+    assert common.answer_end(llm, tok) == im_end
+    assert common.answer_end(llm, tok, "blsp") == tok.eos_token_id
+
 def test_lm_loss_equals_direct_cross_entropy(tiny):
     llm, tok = common.load_llm(tiny["llm"], cpu())
     ids = torch.randint(4, len(tok), (2, 9))
@@ -1275,6 +1289,31 @@ def test_blsp_kd_kd_losses_equal_direct_computation():
     assert got["length"].item() == pytest.approx((1.5 / 6 + 1.0 / 5) / 2, rel=1e-6)
     assert min(rkl) >= 0 and got["input_kl"] > 1e-4                # non-trivial: can fail
 
+
+def test_blsp_kd_eval_averages_each_kl_over_its_own_positions(monkeypatch):
+    """Validation: the response KL is a mean over response positions, the input KL over transcript
+    positions, across batches (two one-item batches with different lengths against the items alone)."""
+    llm, tok = blsp_kd_tiny_llm()
+    trs = [common.input_ids(tok, "the old fox sees the cat"), common.input_ids(tok, "the dog")]
+    resps = [common.target_ids(tok, "then the cat"), common.target_ids(tok, "then the king helps the dog again")]
+    torch.manual_seed(4)
+    vecs = [torch.randn(len(t), 32) for t in trs]
+    wave = dict(wave=torch.zeros(1, 1), wave_lens=torch.tensor([1]))
+    monkeypatch.setattr(common, "batches", lambda items, args: [
+        dict(wave, i=[i], transcript_ids=[trs[i]], response_ids=[resps[i]]) for i in range(2)])
+    monkeypatch.setattr(blsp_kd, "speech_vectors", lambda enc, cf, b, n_true=None: (
+        [vecs[i] for i in b["i"]], torch.tensor([len(trs[i]) for i in b["i"]]), None))
+    args = blsp_kd_loss_args(prompt="auto", batch_size=1)
+    got = blsp_kd.kd_eval(None, None, llm, tok, None, [None, None], args, cpu())
+    before, after = common.prompt_pieces(tok, blsp_kd.CONTINUE_INSTRUCTION)
+    alone = [blsp_kd.kd_losses(llm, None, *zip(blsp_kd.kd_pair(before, after, t, v, r)), args)
+             for t, v, r in zip(trs, vecs, resps)]
+    k, n = [a[1] for a in alone], [len(t) for t in trs]
+    assert k[0] != k[1] and n[0] != n[1] and k[0] / n[0] != k[1] / n[1]
+    want_in = sum(float(a[0]["input_kl"]) * m for a, m in zip(alone, n)) / sum(n)
+    want_resp = sum(float(a[0]["response_kl"]) * m for a, m in zip(alone, k)) / sum(k)
+    assert got["input_kl"] == pytest.approx(want_in, rel=1e-5)
+    assert got["response_kl"] == pytest.approx(want_resp, rel=1e-5)
 
 # ----------------------------------------------------------------------------------------------
 # Partial LoRA
