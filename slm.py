@@ -29,7 +29,10 @@ then the instruction, then the encoder's EOS (--order instruction-first for the 
 each item draws its task uniformly among the tasks it has a target for, and a phrasing uniformly
 among the task's trained phrasings; one phrasing per task is held out of training
 (data.TOY_T5_HELD_OUT); greedy decoding; "word accuracy" = 1 - WER on the translation. The
-paper's sizes (USM, mT0-MT XXL, 156M adapter) are replaced by the toy defaults.
+paper's sizes (USM, mT0-MT XXL, 156M adapter) are replaced by the toy defaults. Not built: the
+paper's contextual-biasing ASR ("Transcribe the speech. It may mention: ..."), dialog and QA
+(`--instruction` asks any of them of a trained adapter); slm_loss is a sum, common.train divides
+by the target tokens.
 
 Toy defaults [choice], measured on the toy valid set (200 held-out sentences, 1 CPU thread, the
 built-in encoder and T5 of common.DEFAULT_SIZES): adapter width 128, 2 layers, 4 heads, FFN 512

@@ -33,8 +33,13 @@ Project choices ([choice] in METHODS.md, or where it is silent):
 - stage 2 (paper-like next-token prediction): BOS + SSR vectors + EOS, speech position i labelled
   with transcript token i, i.e. the LLM's own text objective with embeddings swapped for SSR
   vectors (--text-mix: the transcript's ids instead). Only the LLM trains in stage 2;
-- AdamW betas (0.9, 0.95), weight decay 0.1, cosine decay to 0.2 x lr (prototype); steps, lr and
-  warm-up scaled to the toy setting (prototype: lr 1e-4, 2000 warm-up steps, bf16).
+- AdamW betas (0.9, 0.95), weight decay 0.1 (on matrices only), cosine decay to 0.2 x lr
+  (common.lr_at) (prototype); steps, lr, warm-up and a 2-layer connector (prototype: 4 Llama-style
+  layers) scaled to the toy setting (prototype: lr 1e-4, 2000 warm-up steps, bf16); batches of
+  --batch-size clips bucketed by audio length (prototype: at most 512 text tokens); the encoder's
+  last layer unless --encoder-layer (prototype: layer 6 of 12);
+- not measured: the paper's MMLU, StoryCloze and Speech-MMLU; forgetting is watched through the
+  text loss on transcripts (ntp_eval) and common.alignment_eval.
 """
 import dataclasses
 import json
@@ -325,7 +330,8 @@ def every_vector(encoder, aligner, connector, tok, batch, d):
 # Stage 1: distillation into the text embeddings; stage 2: next-token prediction
 
 def distill_loss(z, e, lam):
-    """sum over tokens of ( sum_d (z - e)^2 + lam (1 - cos(z, e)) ) -> (loss sum, tokens)."""
+    """sum over tokens of ( sum_d (z - e)^2 + lam (1 - cos(z, e)) ) -> (loss sum, tokens);
+    common.train divides by the tokens: mean_tok."""
     mse = ((z - e) ** 2).sum(-1)                                # sum_dim (z - e)^2
     cos = F.cosine_similarity(z, e, dim=-1)
     return (mse + lam * (1 - cos)).sum(), z.shape[0]
