@@ -840,12 +840,12 @@ def check():                  # registered first, so it runs after common's own 
         os._exit(3)
 atexit.register(check)
 device, rank, world = common.setup(common.Args(device="cpu"))
-assert gloo_threads()         # what check() looks for exists
 opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])      # imports torch._dynamo
 x = torch.ones(1000)
 for _ in range(4):
     torch.distributed.all_reduce(x)
 assert float(x[0]) == world ** 4
+assert gloo_threads()         # what check() looks for exists (named once they have run)
 """)
     env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
