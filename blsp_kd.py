@@ -28,7 +28,7 @@ Paper step / equation                                  -> code
 Project choices (not in the paper): transcripts are lower-cased without punctuation but for
 apostrophes (as BLSP's continuation data), for the continuation prompt, the teacher and N alike;
 the end token (the one that closes the assistant's turn, common.answer_end) is appended to a
-continuation whose re-tokenised text is shorter than the generation limit (it "ended naturally");
+continuation that generation ended with an end token before the limit ("ended naturally");
 the pieces around the input come from the LLM's chat template (common.prompt_pieces) with no
 system turn of our own (the template's default, if it has one; the paper's Qwen: "You are a
 helpful assistant."), and BLSP's template when it has none; for common.train each
@@ -177,13 +177,14 @@ def continuation_data(llm, tok, items, args, out_dir, tag):
     """Greedy continuation of each transcript; cached in out_dir, resumable. Adds to each item
     transcript_ids (N = their count) and response_ids (continuation [+ EOS])."""
     transcripts = [common.normalize(it["text"]) for it in items]      # as BLSP's step 1
-    conts = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
-                                  args.continuation_tokens, out_dir, tag)
+    conts, ended = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
+                                         args.continuation_tokens, out_dir, tag, with_ended=True)
     eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn
-    for it, t, c in zip(items, transcripts, conts):
+    for it, t, c, e in zip(items, transcripts, conts, ended):
         ids = common.target_ids(tok, c)
         it["transcript_ids"] = common.input_ids(tok, t)
-        it["response_ids"] = ids + ([eos] if len(ids) < args.continuation_tokens else [])
+        e = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without the flag)
+        it["response_ids"] = ids + ([eos] if e else [])  # [+ end] if generation ended naturally
     return items
 
 

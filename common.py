@@ -768,12 +768,14 @@ def respond(llm, tok, inputs, instruction, fmt="auto", max_new_tokens=64, lora=N
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
-def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None, desc="generate"):
+def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None, desc="generate",
+                   with_ended=False):
     """Greedy text generation for many prompts (token-id lists), batched with left padding.
     With `cache` (a JSON-lines path), results are appended as they come and reused: an
     interrupted run continues where it stopped. Under torchrun the processes share the work:
     each writes the prompts i with i % world == rank to its own file (cache.rankR, so no two
-    append to one file), then all read every file."""
+    append to one file), then all read every file. with_ended: -> (texts, ended), ended[i] True
+    when answer i stopped at an end token before the limit (None: cached without the flag)."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() and cache else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     done = read_texts(cache)
@@ -788,10 +790,10 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
             idx = order[k:k + batch_size]
             sp = splice(embed, [[text(prompts[i])] for i in idx], pad_left=True)
             outs = generate(llm, sp, eos, max_new_tokens)
-            for i, ids in zip(idx, outs):
-                done[i] = tok.decode(ids, skip_special_tokens=True).strip()
+            for i, ids in zip(idx, outs):          # (cut at the end token: shorter if it came)
+                done[i] = (tok.decode(ids, skip_special_tokens=True).strip(), len(ids) < max_new_tokens)
                 if f:
-                    f.write(json.dumps({"i": i, "text": done[i]}) + "\n")
+                    f.write(json.dumps({"i": i, "text": done[i][0], "ended": done[i][1]}) + "\n")
             if f:
                 f.flush()
     finally:
@@ -800,11 +802,12 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     if world > 1:
         torch.distributed.barrier()                     # every process has written its share
         done = read_texts(cache)
-    return [done[i] for i in range(len(prompts))]
+    texts, ended = [done[i][0] for i in range(len(prompts))], [done[i][1] for i in range(len(prompts))]
+    return (texts, ended) if with_ended else texts
 
 
 def read_texts(cache):
-    """{i: text} from a generate_texts cache and its per-process parts (cache.rankR)."""
+    """{i: (text, ended)} from a generate_texts cache and its per-process parts (cache.rankR)."""
     done = {}
     for path in ([cache] + sorted(glob.glob(glob.escape(cache) + ".rank*"))) if cache else []:
         if os.path.isfile(path):
@@ -812,13 +815,13 @@ def read_texts(cache):
                 for line in f:
                     try:
                         r = json.loads(line)
-                        done[r["i"]] = r["text"]
+                        done[r["i"]] = (r["text"], r.get("ended"))
                     except (json.JSONDecodeError, KeyError):
                         pass  # a line cut by an interruption: regenerate it
     return done
 
 
-def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag):
+def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag, with_ended=False):
     """The frozen LLM's greedy answer to `instruction` about each text (e.g. BLSP's and
     BLSP-KD's continuation writing), cached in out_dir/answers-TAG-KEY.jsonl, resumable; the key
     covers the LLM, prompt format, length limit, instruction and texts."""
@@ -828,7 +831,7 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
                        .encode()).hexdigest()[:10]
     os.makedirs(out_dir, exist_ok=True)
     return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size,
-                          os.path.join(out_dir, f"answers-{tag}-{key}.jsonl"), desc=f"answers ({tag})")
+                          os.path.join(out_dir, f"answers-{tag}-{key}.jsonl"), f"answers ({tag})", with_ended)
 
 
 # ============================================================================================

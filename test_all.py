@@ -407,6 +407,21 @@ def test_generate_texts_cache_resumes(tiny, tmp_path):
     assert len(open(cache).read().splitlines()) >= 3
 
 
+def test_generate_texts_records_whether_an_answer_ended(tiny, tmp_path, monkeypatch):
+    """ended: the answer stopped at an end token before the limit (generate cuts the end token, so
+    exactly: fewer ids than max_new_tokens); kept in the cache; None for a line without it."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    outs = {3: [5, 6, 7, 8], 2: [5, 6]}                     # prompt length -> the ids generated
+    monkeypatch.setattr(common, "generate", lambda llm, sp, eos, n: [
+        outs[int(m.sum())] for m in sp.attention_mask])
+    cache = str(tmp_path / "gen.jsonl")
+    texts, ended = common.generate_texts(llm, tok, [[5, 6, 7], [8, 9]], 4, 2, cache, with_ended=True)
+    assert ended == [False, True] and texts[1] == tok.decode([5, 6], skip_special_tokens=True).strip()
+    assert common.generate_texts(llm, tok, [[5, 6, 7], [8, 9]], 4, 2, cache, with_ended=True) == (texts, ended)
+    open(cache, "a").write(json.dumps({"i": 2, "text": "old"}) + "\n")       # a line from before the flag
+    assert common.generate_texts(llm, tok, [[5, 6, 7], [8, 9], [1]], 4, 2, cache, with_ended=True)[1] == \
+        [False, True, None]
+
 def test_generate_texts_shared_by_two_processes(tiny, tmp_path):
     """Under torchrun each process generates its share (i % world == rank) into its own file;
     both return every text, the same as one process."""
