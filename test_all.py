@@ -839,7 +839,7 @@ def test_stop_flags_are_read_after_the_same_step_everywhere():
 
 def test_torchrun_processes_exit_cleanly(tmp_path):
     """Left to Python's teardown, a gloo worker thread that frees its last all_reduce late aborts
-    the process (SIGABRT; about 1 in 8 two-process runs of the test above). common.setup destroys
+    the process (SIGABRT; 3 of 18 runs of the test above). common.setup destroys
     the process group at exit, which joins those threads, and imports torch._dynamo before making
     the group (imported after, by the first optimizer, it keeps the group alive). Checked where it
     is certain: no gloo worker thread may be left after common's exit handler."""
