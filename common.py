@@ -1100,7 +1100,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             # token-normalised gradients: sum over micro-batches and ranks, then divide
             total = float(units)
             if world > 1:       # with the units, the loss and the stop flags (StopFlags)
-                extra = torch.tensor([total, float(flags.name is not None)], device=device)
+                extra = torch.tensor([total, float(flags.name is not None)])
+                if device.type == "cuda":               # pinned, non-blocking: no stream sync
+                    extra = extra.pin_memory().to(device, non_blocking=True)
                 flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
                                   for p in params] + [extra, loss_sum[None]])
                 torch.distributed.all_reduce(flat)
