@@ -183,7 +183,8 @@ def make_batch(durs, vocab, rng, device, whole_seconds=False):
     spoken text of 3 words per second (toy words: one token each, for SSR's aligner) and a 48-token
     continuation."""
     lens = torch.tensor([int(d * 16000) for d in durs], device=device)
-    return dict(wave=torch.randn(len(durs), batch_samples(durs, whole_seconds), device=device) * 0.1, wave_lens=lens, durs=durs,
+    wave = torch.randn(len(durs), batch_samples(durs, whole_seconds), device=device) * 0.1
+    return dict(wave=wave, wave_lens=lens, durs=durs,
                 text=[" ".join(rng.choice(WORDS) for _ in range(max(1, int(3 * d)))) for d in durs],
                 response=torch.randint(100, vocab, (len(durs), CONTINUATION)).tolist())
 

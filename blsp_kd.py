@@ -313,9 +313,10 @@ def kd_eval(encoder, cformer, llm, tok, ctx, items, args, device):
             pairs = [kd_pair(before, after, t, v, r)
                      for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
             losses, k = kd_losses(llm, ctx, *zip(*pairs), measure)
-        sums["response_kl"] += float(losses["response_kl"]) * k           # means over positions:
-        sums["input_kl"] += float(losses["input_kl"]) * sum(n_true)      # k responses, N inputs
-        sums["n_resp"], sums["n_in"] = sums["n_resp"] + k, sums["n_in"] + sum(n_true)
+        n_in = sum(n_true)                          # the terms are means over k and n_in positions
+        sums["response_kl"] += float(losses["response_kl"]) * k
+        sums["input_kl"] += float(losses["input_kl"]) * n_in
+        sums["n_resp"], sums["n_in"] = sums["n_resp"] + k, sums["n_in"] + n_in
         sums["count_err"] += float(((n_pred - n).abs() / n).sum())
         sums["pred"] += int(n_pred.sum())
         sums["true"] += int(n.sum())

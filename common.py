@@ -61,7 +61,7 @@ class StopFlags:
         host = torch.empty((), pin_memory=self.cuda)
         host.copy_(summed, non_blocking=True)
         event = torch.cuda.Event() if self.cuda else None
-        if event is not None:
+        if self.cuda:
             event.record()
         self.pending.append((host, event))
 
@@ -182,8 +182,9 @@ def setup(args):
         raise UserError("--device cuda: no CUDA device is visible")
     if world > 1 and not torch.distributed.is_initialized():
         importlib.import_module("torch._dynamo")           # before the group: see end_processes
-        torch.distributed.init_process_group(       # an hour: rank 0 validates alone while the
-            "nccl" if dev == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))   # rest wait
+        # an hour's timeout: rank 0 validates alone while the others wait at the next all_reduce
+        torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=1))
         atexit.register(end_processes)
     device = torch.device(dev, int(os.environ.get("LOCAL_RANK", "0"))) if dev == "cuda" else torch.device(dev)
     set_precision(args.precision, device)
@@ -831,7 +832,8 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
                        .encode()).hexdigest()[:10]
     os.makedirs(out_dir, exist_ok=True)
     return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size,
-                          os.path.join(out_dir, f"answers-{tag}-{key}.jsonl"), f"answers ({tag})", with_ended)
+                          os.path.join(out_dir, f"answers-{tag}-{key}.jsonl"), f"answers ({tag})",
+                          with_ended)
 
 
 # ============================================================================================

@@ -465,7 +465,7 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
     for blk in connector.blocks:              # --compile: the layers; masks and rows are built
         common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
-    stages = (["aligner", "1"] + (["2"] if args.stage2_steps else [])) if args.stage == "all" else [args.stage]
+    stages = [args.stage] if args.stage != "all" else ["aligner", "1"] + (["2"] if args.stage2_steps else [])
     modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]
     train_mode = "oracle" if args.aligner == "oracle" else "forced"
     fields, res = ("llm", "encoder", "encoder_layer", "aligner_layers", "heads"), {}
@@ -487,7 +487,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
                      method="ssr-aligner", model_fields=fields)
     else:       # (not after training it: under torchrun, rank 0 may still be writing its checkpoint)
         load_stage(aligner, args.out, "aligner")
-        if rank == 0 and not aligner.pretrained and not os.path.isfile(os.path.join(args.out, "aligner", "latest")):
+        trained = os.path.isfile(os.path.join(args.out, "aligner", "latest"))
+        if rank == 0 and not aligner.pretrained and not trained:
             print("ssr: warning: no trained aligner and no pre-trained CTC head: CTC boundaries are "
                   "random (run --stage aligner first)", file=sys.stderr)
     common.freeze(aligner)

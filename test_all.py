@@ -66,6 +66,13 @@ def cpu():
     return torch.device("cpu")
 
 
+def run_python(*args, torchrun=False, timeout=300):
+    """`python ARGS` in a subprocess (torchrun: 2 gloo processes on a free port), one thread each."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    return subprocess.run([sys.executable, *launch, *map(str, args)], capture_output=True, text=True,
+                          cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"), timeout=timeout)
+
+
 # ============================================================================================
 # data.py
 
@@ -436,9 +443,7 @@ llm, tok = common.load_llm({tiny['llm']!r}, device)
 texts = common.generate_texts(llm, tok, {prompts!r}, 4, 2, {str(tmp_path / "gen.jsonl")!r})
 json.dump(texts, open({str(tmp_path)!r} + f"/out{{rank}}.json", "w"))
 """)
-    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    r = run_python(script, torchrun=True)
     assert r.returncode == 0, r.stderr[:3000]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"out{rank}.json").read_text()) == one
@@ -775,12 +780,9 @@ device, rank, world = common.setup(args)
 m = Toy(); m.drop.p = 0.0
 common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device, rank, world, method="toy")
 """)
-    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
-    run = lambda *a: subprocess.run([*a], env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
-    r = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",   # a free port
-            str(script), str(tmp_path / "ddp"), "1")
+    r = run_python(script, tmp_path / "ddp", 1, torchrun=True)
     assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-1000:]     # the workers' error first
-    r = run(sys.executable, str(script), str(tmp_path / "one"), "2")
+    r = run_python(script, tmp_path / "one", 2)
     assert r.returncode == 0, r.stderr[-2000:]
     l2, l1 = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(l2) == len(l1) == 4 and l1[-1] < l1[0]
@@ -811,10 +813,7 @@ common.train(args, m, stopped_in_step_4, data.read_manifest({tiny['train']!r}), 
 if rank == 0:
     torch.save(m.lin.weight, out + "/weight.pt")
 """)
-    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
-    run = lambda out, mode: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                            "--nproc_per_node=2", str(script), str(tmp_path / out), mode],
-                                           env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    run = lambda out, mode: run_python(script, tmp_path / out, mode, torchrun=True)
     r = run("full", "full")
     assert r.returncode == 0, r.stderr[:3000]
     r = run("half", "stop")
@@ -825,7 +824,8 @@ if rank == 0:
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[:3000]
     assert len(losses(tmp_path / "full")) == 6
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
-    torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"), torch.load(tmp_path / "full" / "weight.pt"))
+    torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"),
+                               torch.load(tmp_path / "full" / "weight.pt"))
 
 def test_stop_flags_are_read_after_the_same_step_everywhere():
     """Every process reads the summed flags of step k after step k + lag (0 on CPU, 2 on CUDA)."""
@@ -862,10 +862,7 @@ for _ in range(4):
 assert float(x[0]) == world ** 4
 assert gloo_threads()         # what check() looks for exists (named once they have run)
 """)
-    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", str(script)], env=env, cwd=HERE,
-                       capture_output=True, text=True, timeout=120)
+    r = run_python(script, torchrun=True, timeout=120)
     assert r.returncode == 0, r.stderr[:2000]
 
 
@@ -1734,11 +1731,9 @@ def test_ssr_all_stages_under_torchrun(ssr_tiny, tmp_path):
     (rank 0 validates and writes while the other waits at the next all_reduce); every stage ends
     with a checkpoint, each process exits 0, the results are printed once."""
     out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "ssr.py"), *ssr_base_args(ssr_tiny, out), "--batch-size", "1",
-                        "--aligner-steps", "2", "--steps", "2", "--stage2-steps", "2", "--eval-every", "1"],
-                       env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    r = run_python(os.path.join(HERE, "ssr.py"), *ssr_base_args(ssr_tiny, out), "--batch-size", "1",
+                   "--aligner-steps", "2", "--steps", "2", "--stage2-steps", "2", "--eval-every", "1",
+                   torchrun=True)
     assert r.returncode == 0, r.stderr[:3000]
     for stage in ("aligner", "stage1", "stage2"):
         assert os.path.isfile(out / stage / "latest")
