@@ -17,7 +17,10 @@ and tokenizer read; BLSP-KD's transcript and SLM's target have as many tokens) a
 
 Reported per variant: samples/s, audio seconds per second, LLM tokens/s, padding fraction, peak memory
 (CUDA: max_memory_allocated; CPU: the process's peak RSS, each variant in its own process), the rise
-of memory during the steps above the built models and optimizer ("step"), and, on CUDA,
+of memory during the steps above the built models and optimizer ("step"), the host syncs in
+a step's forward ("syncs": where the CPU would wait for the GPU, counted by HostSyncs on any device:
+SSR needs one, for its alignment on the CPU; transformers' T5 makes two in SLM; the others none),
+and, on CUDA, the syncs CUDA itself reports over a whole step (torch.cuda.set_sync_debug_mode) and
 MFU = model FLOPs / time / bf16 peak, counting 2N FLOPs per token for frozen forward-only passes
 (the encoder, BLSP-KD's teacher pass), 4N for frozen layers that pass gradients back (the LLM's
 student pass: forward + input gradients), 6N for trained weights (the adapter, counted at the
@@ -65,6 +68,8 @@ Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936]
                        [--precision bf16] [--variants blsp,kd] [--json rows.json] [--profile] [--again]
 """
 import argparse
+import collections
+import contextlib
 import json
 import os
 import random
@@ -72,9 +77,13 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import blsp
 import blsp_kd
@@ -182,7 +191,7 @@ def make_batch(durs, vocab, rng, device, whole_seconds=False):
     """Random audio of the given durations (whole_seconds: padded to a whole second); per clip a
     spoken text of 3 words per second (toy words: one token each, for SSR's aligner) and a 48-token
     continuation."""
-    lens = torch.tensor([int(d * 16000) for d in durs], device=device)
+    lens = torch.tensor([int(d * 16000) for d in durs])                # on the host, as data.collate's
     wave = torch.randn(len(durs), batch_samples(durs, whole_seconds), device=device) * 0.1
     return dict(wave=wave, wave_lens=lens, durs=durs,
                 text=[" ".join(rng.choice(WORDS) for _ in range(max(1, int(3 * d)))) for d in durs],
@@ -207,9 +216,9 @@ def encode(enc, batch, pad30=False):
             return enc(wave, lens)
         w30 = F.pad(wave, (0, 480000 - wave.shape[1]))   # the released BLSP code: every clip 30 s
         feats, flens = data.whisper_log_mel(w30, torch.full_like(lens, 480000), enc.mel_filters)
-        frames, _ = enc.whisper_forward(feats.to(next(enc.parameters()).dtype), flens)
-        flens = whisper_frames(lens)
-        return frames[:, :int(flens.max())], flens
+        frames, _ = enc.whisper_forward(feats.to(next(enc.parameters()).dtype), common.to_gpu(flens, wave.device))
+        flens = enc.output_lengths(lens)
+        return frames[:, :int(flens.max())], common.to_gpu(flens, wave.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,13 +231,13 @@ def blsp_method(variant, enc, llm, s):
 
     def step(batch):
         frames, flens = encode(enc, batch, variant == "blsp-30s")
-        vecs, vlens = adapter(frames, flens)
+        vecs, _ = adapter(frames, flens)                    # blsp.speech_vectors, with `encode`
+        n = adapter.output_lengths(enc.output_lengths(batch["wave_lens"])).tolist()
         samples = [[common.text(PROMPT), common.speech(v[:m]), common.text(AFTER), common.text(r, loss=True)]
-                   for v, m, r in zip(vecs, vlens.tolist(), batch["response"])]
+                   for v, m, r in zip(vecs, n, batch["response"])]
         sp = common.splice(embed, samples)
-        loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
-        T = int(sp.attention_mask.sum())
-        return loss, T, flops(encoder_frames(batch), T, rows)
+        loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
+        return loss, sp.n_tokens, flops(encoder_frames(batch), sp.n_tokens, rows)
     return adapter, step
 
 
@@ -244,8 +253,9 @@ def kd_with_logits(llm, teacher, student, args, full):
         full_t = llm.lm_head(h_t).float() if full else None
     h_s = common.hidden_states(llm, sp_s)
     full_s = llm.lm_head(h_s).float() if full else None
-    lt = {k: full_t[w[0]] if full else common.logits_at(llm, h_t, w[0]) for k, w in at.items()}
-    ls = {k: full_s[w[1]] if full else common.logits_at(llm, h_s, w[1]) for k, w in at.items()}
+    h_t, h_s = h_t.flatten(0, 1), h_s.flatten(0, 1)                  # kd_positions: flat rows
+    lt = {k: full_t.flatten(0, 1)[w[0]] if full else common.logits_at(llm, h_t, w[0]) for k, w in at.items()}
+    ls = {k: full_s.flatten(0, 1)[w[1]] if full else common.logits_at(llm, h_s, w[1]) for k, w in at.items()}
     return sum(blsp_kd.kl(lt[k], ls[k], args.temperature).mean() for k in at), [full_t, full_s]
 
 
@@ -258,19 +268,19 @@ def kd_method(variant, enc, llm, s, keep):
 
     def step(batch):
         frames, flens = encode(enc, batch)
-        n = torch.tensor([max(1, int(3 * d)) for d in batch["durs"]], device=frames.device)
-        vecs, n, total = adapter(frames, flens, n)      # a transcript of ~3 tokens/s; N vectors by CIF
-        transcripts = [torch.randint(100, vocab, (int(m),)).tolist() for m in n]
+        n = [max(1, int(3 * d)) for d in batch["durs"]]  # a transcript of ~3 tokens/s; N vectors by CIF
+        vecs, n_dev, total = adapter(frames, flens, n)
+        transcripts = [torch.randint(100, vocab, (m,)).tolist() for m in n]
         pairs = [blsp_kd.kd_pair(PROMPT, AFTER, t, v[:m], r)
-                 for t, v, m, r in zip(transcripts, vecs, n.tolist(), batch["response"])]
+                 for t, v, m, r in zip(transcripts, vecs, n, batch["response"])]
         if variant in ("kd", "kd-ckpt"):                  # this project: blsp_kd.kd_losses as it is
-            losses, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n)
+            losses, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n_dev)
             loss = sum(losses.values())
         else:
             loss, kept = kd_with_logits(llm, *zip(*pairs), kd_args, full=variant == "kd-full")
             keep.extend(kept)
         T_t, T_s = (sum(len(seg) for pair in pairs for seg in pair[i]) for i in (0, 1))
-        rows = len(pairs) * CONTINUATION + int(n.sum())   # response + input KL
+        rows = len(pairs) * CONTINUATION + sum(n)         # response + input KL
         return loss, T_t + T_s, flops(encoder_frames(batch), T_t, T_s, rows)
     return adapter, step
 
@@ -290,13 +300,12 @@ def ssr_method(variant, enc, llm, s):
     def step(batch):
         vecs, ids, _, _ = ssr.ssr_vectors(enc, aligner, connector, tok, batch, "forced")
         if variant == "ssr1":                             # ssr.py's stage1_step
-            e = embed.weight[torch.tensor([i for x in ids for i in x], device=embed.weight.device)]
+            e = embed.weight[common.to_gpu(torch.tensor([i for x in ids for i in x]), embed.weight.device)]
             loss, n = ssr.distill_loss(torch.cat(vecs).float(), e.float(), 5.0)
             return loss, n, flops(encoder_frames(batch))
         sp = ssr.ntp_splice(embed, [common.speech(v) for v in vecs], ids, [tok.bos_token_id], tok.eos_token_id)
-        loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)    # ssr.py's stage2_step
-        T = int(sp.attention_mask.sum())
-        return loss, T, flops(encoder_frames(batch), T, rows)
+        loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp)    # ssr.py's stage2_step
+        return loss, sp.n_tokens, flops(encoder_frames(batch), sp.n_tokens, rows)
     return (connector if variant == "ssr1" else trained), step
 
 
@@ -316,6 +325,129 @@ def slm_method(variant, enc, t5, s):
         loss, n, T_in = slm.slm_loss(t5, samples, targets, eos)
         return loss, T_in + n, flops(encoder_frames(batch), T_in, n)
     return adapter, step
+
+
+# ----------------------------------------------------------------------------------------------
+# Host syncs: what makes the CPU wait for the GPU in the middle of a step
+
+class HostSyncs(TorchDispatchMode):
+    """Inside `with HostSyncs(host=[...]) as s:`, counts what would make the host wait for a GPU:
+    reading a device tensor's values (.item(), int(), bool(), .tolist(), .numpy(), .cpu(), a
+    boolean mask as an index, nonzero, masked_select, unique) and a blocking copy that this
+    project's code asks for (.to(device) without non_blocking=True, torch.tensor(..., device=...):
+    CUDA first waits for every queued kernel). While the host waits, the GPU runs dry until the host
+    has queued the next kernels. It counts the same on a CPU, where nothing of this costs anything,
+    so a test can hold a step to the rule: no sync, but where the method itself needs values on
+    the host.
+    Which tensors are on the host, it follows as the code does: `host` (the batch's wave_lens),
+    tensors made from Python values or by factories, and whatever is computed from host tensors
+    alone, or moved with .cpu(); .to(device) moves to the device. s.found: {(what, where): count},
+    where: the innermost frames of this project's files."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default,
+             torch.ops.aten.unique_consecutive.default, torch.ops.aten.unique_dim.default}
+    INDEX = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+             torch.ops.aten._index_put_impl_.default}
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def __init__(self, host=()):
+        super().__init__()
+        self.found, self.hosted = collections.Counter(), {}      # id -> weak reference
+        for t in host:
+            self.mark(t)
+
+    def mark(self, t):
+        self.hosted[id(t)] = weakref.ref(t)
+
+    def unmark(self, t):
+        self.hosted.pop(id(t), None)
+
+    def on_host(self, t):
+        r = self.hosted.get(id(t))
+        return r is not None and r() is t
+
+    def record(self, what):
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if f.filename.startswith(self.here) and "site-packages" not in f.filename]
+        self.found[what, " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                                    for f in reversed(frames[-4:]))] += 1
+
+    def on_device(self, t):
+        return isinstance(t, torch.Tensor) and not self.on_host(t)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func in self.READS and self.on_device(args[0]):
+            self.record(func.__name__.split(".")[0].lstrip("_"))
+        elif func in self.INDEX and self.on_device(args[0]) and any(
+                i is not None and i.dtype == torch.bool and self.on_device(i) for i in args[1]):
+            self.record("boolean mask index")
+        elif func == torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            self.record("repeat_interleave")
+        out = func(*args, **kwargs)
+        if all(self.on_host(t) for t in inputs):          # computed from host tensors (or none)
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.mark(t)
+        return out
+
+    def __enter__(self):
+        T, counter, originals = torch.Tensor, self, {}
+
+        def ours():                              # called from this project's code (not a library's)
+            caller = sys._getframe(2).f_code.co_filename
+            return caller.startswith(counter.here) and "site-packages" not in caller
+
+        def reads(name):
+            def f(t, *a, **k):
+                if counter.on_device(t):
+                    counter.record(name)
+                out = originals[name](t, *a, **k)
+                if name == "cpu":                # (on a CPU: itself; the copy is on the host)
+                    out = out.view_as(out) if out is t else out
+                    counter.mark(out)
+                return out
+            return f
+
+        def to(t, *a, **k):                     # to the device (not non_blocking: a blocking copy)
+            dev = k.get("device") or next((x for x in a if isinstance(x, (torch.device, str))), None)
+            out = originals["to"](t, *a, **k)
+            if dev is not None and ours():
+                if not (k.get("non_blocking") or any(x is True for x in a)):
+                    counter.record("blocking copy (.to)")
+                out = out.view_as(out) if out is t else out      # (on a CPU: itself)
+                counter.unmark(out)
+            return out
+
+        def tensor(*a, **k):
+            out = originals["tensor"](*a, **k)
+            if k.get("device") is None:
+                counter.mark(out)
+            elif ours():
+                counter.record("blocking copy (torch.tensor(..., device=))")
+            return out
+        for name in ("tolist", "numpy", "cpu", "to"):
+            originals[name] = getattr(T, name)
+            setattr(T, name, to if name == "to" else reads(name))
+        originals["tensor"] = torch.tensor
+        torch.tensor = tensor
+        self.originals = originals
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name in ("tolist", "numpy", "cpu", "to"):
+            setattr(torch.Tensor, name, self.originals[name])
+        torch.tensor = self.originals["tensor"]
+        return super().__exit__(*exc)
+
+    def total(self, skip=()):
+        """Syncs, but those whose frames name one of `skip` (functions that work on the host)."""
+        return sum(c for (what, where), c in self.found.items() if not any(s in where for s in skip))
+
+    def report(self):
+        return "\n".join(f"{c:5d}  {what}: {where}" for (what, where), c in self.found.most_common())
 
 
 def run_variant(variant, args):
@@ -358,10 +490,12 @@ def run_variant(variant, args):
     t0, audio, tokens, flops = None, 0.0, 0, 0.0
     base = memory(device)                                 # models and optimizer, no step yet
 
-    def train_step(durs):
+    def train_step(durs, syncs=None):
         batch = make_batch(durs, llm.config.vocab_size, text_rng, device, variant.endswith("-1s"))
-        with common.autocast(device):
+        with common.autocast(device), (syncs(host=[batch["wave_lens"]]) if syncs else contextlib.nullcontext()) as s:
             loss, T, fl = step(batch)
+        if syncs:
+            res["host_syncs"] = s.total()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -395,6 +529,14 @@ def run_variant(variant, args):
         res["step_s_again"] = (time.time() - t1) / args.steps
     if args.profile:                                      # one more step of the last timed lengths
         res["profile"] = profile(lambda: train_step(timed[-1]), device)
+    train_step(timed[-1], HostSyncs)                      # the forward's waits for the GPU, counted
+    if device.type == "cuda":                             # and as CUDA sees them (library code too)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            train_step(timed[-1])
+            torch.cuda.set_sync_debug_mode("default")
+        res["cuda_syncs"] = sum("synchroniz" in str(w.message) for w in seen)
     return res
 
 
@@ -509,11 +651,11 @@ def main():
           + ("max allocated" if cuda else "peak RSS" + (" (--live-memory)" if args.live_memory else ""))
           + ", and its rise during the steps above the built models")
     print(f"{'variant':15s} {'samples/s':>10s} {'audio s/s':>10s} {'tokens/s':>10s} {'padding':>8s} "
-          f"{'peak':>7s} {'step':>7s}" + (f" {'MFU':>6s}" if cuda else ""))
+          f"{'peak':>7s} {'step':>7s} {'syncs':>5s}" + (f" {'MFU':>6s} {'CUDA syncs':>10s}" if cuda else ""))
     for v, r in rows.items():
         print(f"{v:15s} {r['samples_per_s']:10.2f} {r['audio_s_per_s']:10.1f} {r['llm_tokens_per_s']:10.0f} "
-              f"{r['padding']:8.1%} {r['peak_gib']:7.2f} {r['step_gib']:7.2f}"
-              + (f" {r['mfu']:6.1%}" if 'mfu' in r else ""))
+              f"{r['padding']:8.1%} {r['peak_gib']:7.2f} {r['step_gib']:7.2f} {r['host_syncs']:5d}"
+              + (f" {r['mfu']:6.1%} {r['cuda_syncs']:10d}" if 'mfu' in r else ""))
 
     def ratio(a, b, key="samples_per_s"):
         return rows[a][key] / rows[b][key]

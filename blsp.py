@@ -100,11 +100,13 @@ class Adapter(nn.Module):
 
 
 def speech_vectors(encoder, adapter, batch):
-    """wave -> frozen encoder -> adapter -> one tensor of speech vectors per utterance."""
+    """wave -> frozen encoder -> adapter -> one tensor of speech vectors per utterance (their
+    counts computed on the host, from the clip lengths)."""
     with torch.no_grad():
         frames, lens = encoder(batch["wave"], batch["wave_lens"])
-    vecs, vlens = adapter(frames, lens)
-    return [v[:n] for v, n in zip(vecs, vlens.tolist())]
+    vecs, _ = adapter(frames, lens)
+    n = adapter.output_lengths(encoder.output_lengths(batch["wave_lens"]))
+    return [v[:k] for v, k in zip(vecs, n.tolist())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,8 +135,8 @@ def behaviour_sample(before, vectors, after, continuation_ids, eos):
 def behaviour_loss(llm, embed, samples):
     """Next-token cross-entropy on the continuation + EOS positions (summed, with their count)."""
     sp = common.splice(embed, samples)
-    loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
-    return loss, n, int(sp.attention_mask.sum())
+    loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
+    return loss, n, sp.n_tokens
 
 
 def step_flops(encoder, adapter, llm):
@@ -165,7 +167,7 @@ def infer(args, device):
     encoder, adapter, llm, tok = load_run(args, device)
     if args.infer:
         wave = data.load_audio(args.infer)
-        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)], device=device))
+        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
         with torch.no_grad(), common.autocast(device):
             vecs = speech_vectors(encoder, adapter, batch)
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,

@@ -103,13 +103,14 @@ def rescale(alpha, n):
     return alpha * (n.to(alpha.dtype) / alpha.sum(1).clamp(min=1e-6))[:, None]
 
 
-def cif_weights(alpha, n):
+def cif_weights(alpha, n, K=None):
     """alpha' (B, T) summing to n (B,) -> W (B, K, T), K = max n, zero for k >= n.
     Token k collects the part of frame t's weight inside [k, k+1) of the running sum; the last
-    token (k = n-1) collects everything from n-1 on (the tail)."""
+    token (k = n-1) collects everything from n-1 on (the tail). (K: max n, when the host knows it.)"""
     c = alpha.cumsum(1)                                               # c_t
     c_prev = F.pad(c[:, :-1], (1, 0))                                 # c_{t-1}, c_{-1} = 0
-    k = torch.arange(int(n.max()), device=alpha.device, dtype=alpha.dtype)[None, :, None]
+    K = int(n.max()) if K is None else K
+    k = torch.arange(K, device=alpha.device, dtype=alpha.dtype)[None, :, None]
     last = k == (n - 1).to(alpha.dtype)[:, None, None]
     upper = torch.where(last, c[:, None, :], torch.minimum(c[:, None, :], k + 1))
     w = (upper - torch.maximum(c_prev[:, None, :], k)).clamp(min=0)   # max(0, min(..) - max(..))
@@ -145,13 +146,14 @@ class CFormer(nn.Module):
         return h, alpha
 
     def forward(self, frames, lens, n=None):
-        """-> (vectors (B, K, d_llm), n (B,), sum of unscaled alpha (B,)). n: target counts
-        (training); None: max(1, round(sum alpha)) (inference)."""
+        """-> (vectors (B, K, d_llm), n (B,), sum of unscaled alpha (B,)). n: target counts, a
+        list (training: known on the host); None: max(1, round(sum alpha)) (inference)."""
         h, alpha = self.weights(frames, lens)
         total = alpha.sum(1)
         if n is None:
-            n = total.detach().round().clamp(min=1).long()
-        w = cif_weights(rescale(alpha, n), n)                        # (B, K, T)
+            n = total.detach().round().clamp(min=1).long().tolist()
+        K, n = int(max(n)), common.to_gpu(torch.as_tensor(n), alpha.device)
+        w = cif_weights(rescale(alpha, n), n, K)                     # (B, K, T)
         x = torch.bmm(w.to(h.dtype), h[..., :-1])                    # token k = sum_t W[k,t] h_t[:D-1]
         x = self.proj(x)
         pad = torch.arange(x.shape[1], device=x.device)[None] >= n[:, None]
@@ -164,10 +166,9 @@ def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
     """wave -> encoder -> CFormer -> (list of (N_i, d_llm) tensors, n, sum alpha)."""
     with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
         frames, lens = encoder(batch["wave"], batch["wave_lens"])
-    if n is not None:
-        n = torch.tensor(n, device=lens.device)
-    vecs, n, total = cformer(frames, lens, n)
-    return [v[:k] for v, k in zip(vecs, n.tolist())], n, total
+    vecs, n_dev, total = cformer(frames, lens, n)
+    n = n if n is not None else n_dev.tolist()                      # (inference: read back)
+    return [v[:k] for v, k in zip(vecs, n)], n_dev, total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,18 +217,18 @@ def llm_pass(llm, sp, ctx, student):
 
 
 def response_positions(sp):
-    return F.pad(sp.labels[:, 1:] != -100, (0, 1))                   # t predicts labels[t + 1]
+    return sp.targets[0]                                              # t predicts labels[t + 1]
 
 
 def input_positions(sp, seg=1):
-    m = torch.zeros_like(sp.attention_mask, dtype=torch.bool)
-    for b, spans in enumerate(sp.spans):
-        m[b, spans[seg][0]:spans[seg][1]] = True
-    return m
+    T = sp.attention_mask.shape[1]
+    rows = [b * T + t for b, spans in enumerate(sp.spans) for t in range(*spans[seg])]
+    return common.to_gpu(torch.tensor(rows, dtype=torch.long), sp.attention_mask.device)
 
 
 def kd_positions(sp_t, sp_s):
-    """Where the losses look, in the teacher's and the student's batch: {term: (mask_t, mask_s)}."""
+    """Where the losses look, in the teacher's and the student's batch: {term: (rows_t, rows_s)},
+    flat positions b*T+t, laid out on the host (splice knows them)."""
     return dict(response=(response_positions(sp_t), response_positions(sp_s)),
                 input=(input_positions(sp_t), input_positions(sp_s)))
 
@@ -248,6 +249,7 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
     with torch.no_grad():
         h_t = llm_pass(llm, sp_t, ctx, student=False)
     h_s = llm_pass(llm, sp_s, ctx, student=True)
+    h_t, h_s = h_t.flatten(0, 1), h_s.flatten(0, 1)
     rows = {k: (h_t[t], h_s[s]) for k, (t, s) in at.items()}          # row i: the same token's position
 
     def kl_T(t, s):
@@ -261,11 +263,10 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
     if args.input_kl:
         out["input_kl"] = common.per_row_loss(llm, kl_T, rows["input"]).mean()
     if args.response_ce:
-        tgt = sp_s.labels[:, 1:]
         out["response_ce"] = common.per_row_loss(
             llm, lambda s, y: F.cross_entropy(s, y, reduction="none"),
-            [rows["response"][1]], [tgt[tgt != -100]]).mean()
-    return out, int(at["response"][1].sum())
+            [rows["response"][1]], [sp_s.targets[1]]).mean()
+    return out, len(at["response"][1])
 
 
 def step_flops(encoder, cformer, module, llm, train_encoder=False):
@@ -372,7 +373,7 @@ def infer(args, device):
     encoder, cformer, llm, tok, ctx = load_run(args, device)
     if args.infer:
         wave = data.load_audio(args.infer)
-        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)], device=device))
+        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
         with torch.no_grad(), common.autocast(device):
             vecs = speech_vectors(encoder, cformer, batch)[0]
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,

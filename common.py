@@ -311,27 +311,37 @@ class SpeechEncoder(nn.Module):
         return data.normalized_wave(wave, wave_lens)
 
     def forward(self, wave, wave_lens):
+        """wave (B, S) on the device, wave_lens (B,) on the host -> frames (B, T, d) and each
+        clip's frame count (B,), on the device; computed on the host, as output_lengths."""
         h, lens = self.encode(wave, wave_lens)
         self.frames = h.shape[0] * h.shape[1]        # B x longest: the FLOP count of the step reads it
         return h, lens
+
+    def output_lengths(self, wave_lens):
+        """Each clip's frame count, on the host, from its length in samples (on the host): a step
+        slices its vectors with these, never reading a length back from the GPU."""
+        n = wave_lens.long()
+        if self.kind == "whisper":
+            return (n // 160 - 1) // 2 + 1                # 10 ms mel frames, conv stride 2
+        if self.kind == "w2v-bert":                       # 25 ms windows every 10 ms, 2 stacked
+            return torch.where(n >= 400, (n - 400) // 160 + 1, 0) // 2
+        return self.model._get_feat_extract_output_lengths(n).long()
 
     def encode(self, wave, wave_lens):
         feats, flens = self.features(wave, wave_lens)
         dtype = next(self.model.parameters()).dtype
         if self.kind == "whisper":
-            return self.whisper_forward(feats.to(dtype), flens)
-        m = self.model
-        mask = torch.arange(feats.shape[1], device=feats.device)[None] < flens.to(feats.device)[:, None]
+            return self.whisper_forward(feats.to(dtype), to_gpu(flens, wave.device))
+        lens, m = to_gpu(self.output_lengths(wave_lens), wave.device), self.model
+        mask = torch.arange(feats.shape[1], device=feats.device)[None] < to_gpu(flens, wave.device)[:, None]
         kw = dict(output_hidden_states=self.layer != -1)
         if self.kind == "w2v-bert":
             out = m(input_features=feats.to(dtype), attention_mask=mask.long(), **kw)
-            lens = flens
         else:
             use_mask = getattr(m.config, "feat_extract_norm", "layer") == "layer"
             out = m(input_values=feats.to(dtype), attention_mask=mask.long() if use_mask else None, **kw)
-            lens = m._get_feat_extract_output_lengths(flens)
         h = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
-        return h, lens.to(h.device).long()
+        return h, lens
 
     def whisper_forward(self, feats, flens):
         enc = self.model
@@ -340,12 +350,12 @@ class SpeechEncoder(nn.Module):
             raise UserError(f"a clip of {feats.shape[-1] / 100:.1f} s is longer than the encoder's "
                             f"{enc.embed_positions.weight.shape[0] / 50:.0f} s window")
         # zero the frames past each clip's end so that the convolutions see what they see alone
-        keep = (torch.arange(feats.shape[-1], device=feats.device)[None] < flens.to(feats.device)[:, None])
+        keep = torch.arange(feats.shape[-1], device=feats.device)[None] < flens[:, None]
         keep = keep[:, None, :].to(feats.dtype)
         x = F.gelu(enc.conv1(feats * keep)) * keep
         x = F.gelu(enc.conv2(x)).transpose(1, 2)
         x = x + enc.embed_positions.weight[:T]                    # sliced, not 1500 positions
-        lens = (flens.to(x.device) - 1) // 2 + 1
+        lens = (flens - 1) // 2 + 1                                 # (as output_lengths)
         pad = torch.arange(T, device=x.device)[None] >= lens[:, None]
         mask = torch.zeros(x.shape[0], 1, 1, T, dtype=x.dtype, device=x.device)
         mask = mask.masked_fill(pad[:, None, None, :], torch.finfo(x.dtype).min)
@@ -526,10 +536,12 @@ def target_ids(tok, text, offsets=False):
 
 @dataclass
 class Segment:
-    """A piece of one sample: text ids (optionally targets of the loss) or speech vectors."""
+    """A piece of one sample: text ids (optionally targets of the loss) or speech vectors.
+    labels: the tokens its positions are labelled with, when not its own ids (SSR's speech)."""
     ids: list = None
     vectors: torch.Tensor = None
     loss: bool = False
+    labels: list = None
 
     def __len__(self):
         return len(self.ids) if self.ids is not None else self.vectors.shape[0]
@@ -539,8 +551,8 @@ def text(ids, loss=False):
     return Segment(ids=list(ids), loss=loss)
 
 
-def speech(vectors):
-    return Segment(vectors=vectors)
+def speech(vectors, labels=None):
+    return Segment(vectors=vectors, labels=labels)
 
 
 @dataclass
@@ -551,15 +563,22 @@ class Spliced:
     labels: torch.Tensor          # (B, T) token id at target positions, -100 elsewhere
     speech_mask: torch.Tensor     # (B, T) True at speech positions
     spans: list                   # spans[b][k] = (start, end) of segment k of sample b
+    targets: tuple                # (rows, ids): flat positions b*T+t that predict a target, the targets
+    n_tokens: int                 # real (not padding) positions in all
+
+
+to_gpu = data.to_gpu        # a host tensor to the device, without waiting for the GPU
 
 
 def splice(embed, samples, pad_left=False):
     """Lay out each sample's segments one after the other, packed with no holes, padded at the
-    end (or at the start with pad_left, for generation). One embedding call and one gather."""
+    end (or at the start with pad_left, for generation). One embedding call and one gather. The
+    layout is built on the host, where the targets and counts stay known: a loss never reads
+    them back from the GPU."""
     dev = embed.weight.device
     all_ids = [i for s in samples for seg in s if seg.ids is not None for i in seg.ids]
     vecs = [seg.vectors for s in samples for seg in s if seg.vectors is not None]
-    tok_emb = embed(torch.tensor(all_ids, dtype=torch.long, device=dev)) if all_ids else \
+    tok_emb = embed(to_gpu(torch.tensor(all_ids, dtype=torch.long), dev)) if all_ids else \
         embed.weight[:0]
     dtype = tok_emb.dtype
     rows = [tok_emb] + [v.to(dtype) for v in vecs] + [tok_emb.new_zeros(1, tok_emb.shape[-1])]
@@ -571,7 +590,7 @@ def splice(embed, samples, pad_left=False):
     labels = torch.full((B, T), -100, dtype=torch.long)
     smask = torch.zeros(B, T, dtype=torch.bool)
     amask = torch.zeros(B, T, dtype=torch.long)
-    spans, t_next, v_next = [], 0, len(all_ids)
+    spans, t_next, v_next, rows, ids = [], 0, len(all_ids), [], []
     for b, s in enumerate(samples):
         pos = T - lens[b] if pad_left else 0
         amask[b, pos:pos + lens[b]] = 1
@@ -581,28 +600,49 @@ def splice(embed, samples, pad_left=False):
             if seg.ids is not None:
                 index[b, pos:pos + n] = torch.arange(t_next, t_next + n)
                 t_next += n
-                if seg.loss:
-                    labels[b, pos:pos + n] = torch.tensor(seg.ids)
             else:
                 index[b, pos:pos + n] = torch.arange(v_next, v_next + n)
                 v_next += n
                 smask[b, pos:pos + n] = True
+            tgt = seg.labels if seg.labels is not None else seg.ids if seg.loss else None
+            if tgt is not None:
+                labels[b, pos:pos + n] = torch.tensor(tgt, dtype=torch.long)
+                rows += [b * T + t - 1 for t in range(max(pos, 1), pos + n)]   # t-1 predicts t
+                ids += tgt[max(pos, 1) - pos:]
             sp.append((pos, pos + n))
             pos += n
         spans.append(sp)
     position_ids = (amask.cumsum(1) - 1).clamp(min=0)
-    return Spliced(table[index.to(dev)], amask.to(dev), position_ids.to(dev), labels.to(dev),
-                   smask.to(dev), spans)
+    targets = tuple(to_gpu(torch.tensor(x, dtype=torch.long), dev) for x in (rows, ids))
+    return Spliced(table[to_gpu(index, dev)], to_gpu(amask, dev), to_gpu(position_ids, dev),
+                   to_gpu(labels, dev), to_gpu(smask, dev), spans, targets, sum(lens))
 
 
 # ============================================================================================
 # LLM helpers: hidden states once, logits only where a loss needs them
 
 def hidden_states(llm, sp):
-    """Final hidden states of a causal LM for a Spliced batch (no logits computed)."""
+    """Final hidden states of a causal LM for a right-padded Spliced batch (no logits computed)."""
     with checkpointing(llm):
-        return llm.base_model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
-                              position_ids=sp.position_ids, use_cache=False).last_hidden_state
+        return llm.base_model(inputs_embeds=sp.inputs_embeds, **attention(llm, sp),
+                              use_cache=False).last_hidden_state
+
+
+def attention(llm, sp):
+    """hidden_states' mask and positions, made without reading the GPU. Given a (B, T) mask,
+    transformers reads it to learn whether it holds padding (a host sync per pass); splice knows.
+    No padding: plain causal attention, positions 0..T-1 (none passed). Padding: the (B, 1, T, T)
+    causal-and-padding boolean mask transformers would build, which it hands to SDPA as it is. A
+    sliding window shorter than the batch, or another attention than SDPA: transformers' own."""
+    cfg, T = llm.config, sp.attention_mask.shape[1]
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if cfg._attn_implementation != "sdpa" or (window and T > window):
+        return dict(attention_mask=sp.attention_mask, position_ids=sp.position_ids)
+    if sp.n_tokens == sp.attention_mask.numel():
+        return {}
+    causal = torch.ones(T, T, dtype=torch.bool, device=sp.inputs_embeds.device).tril()
+    return dict(attention_mask=causal & sp.attention_mask.bool()[:, None, None, :],
+                position_ids=sp.position_ids)
 
 
 def logits_at(llm, hidden, index, chunk=1024):
@@ -639,15 +679,13 @@ def per_row_loss(llm, fn, hiddens, extras=(), chunk_elems=2 ** 24):
     return torch.cat(out) if out else hiddens[0].new_zeros(0).float()
 
 
-def lm_loss(llm, hidden, labels, reduction="sum"):
-    """Next-token cross-entropy in fp32 at the positions whose next token is a target.
-    -> (loss, number of target tokens)."""
-    tgt = labels[:, 1:]
-    where = tgt != -100
-    where = F.pad(where, (0, 1))            # position t predicts labels[t + 1]
+def lm_loss(llm, hidden, sp, reduction="sum"):
+    """Next-token cross-entropy in fp32 at the positions whose next token is a target (sp.targets:
+    position t predicts labels[t + 1]). -> (loss, number of target tokens)."""
+    rows, ids = sp.targets
     ce = per_row_loss(llm, lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
-                      [hidden[where]], [tgt[tgt != -100]])
-    return (ce.sum() if reduction == "sum" else ce.mean()), int(where.sum())
+                      [hidden.flatten(0, 1)[rows]], [ids])
+    return (ce.sum() if reduction == "sum" else ce.mean()), len(ids)
 
 
 # ============================================================================================
@@ -884,8 +922,9 @@ def batches(items, args, rank=0, world=1, shuffle=False):
 
 
 def to_device(batch, device):
-    return dict(batch, wave=batch["wave"].to(device, non_blocking=True),
-                wave_lens=batch["wave_lens"].to(device))
+    """The batch's audio to the device, without waiting for the GPU (the loader pins it on CUDA);
+    wave_lens stays on the host, where every length a step needs is computed from it."""
+    return dict(batch, wave=to_gpu(batch["wave"], device))
 
 
 # ============================================================================================
@@ -1269,7 +1308,7 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
                 h = hidden_states(llm, sp)
                 if lora is not None:
                     lora.mask = None
-                loss, n = lm_loss(llm, h, sp.labels)
+                loss, n = lm_loss(llm, h, sp)
                 sums["loss_" + which] += float(loss)
                 if which == "speech":
                     sums["n"] += n
@@ -1449,7 +1488,7 @@ def _build_default_llm(path, size, tries=3):
 
         def loss_fn(sents):
             sp = make(sents, rng)
-            return lm_loss(model, hidden_states(model, sp), sp.labels, reduction="mean")[0]
+            return lm_loss(model, hidden_states(model, sp), sp, reduction="mean")[0]
 
         held = random.Random(12345)
 

@@ -201,6 +201,14 @@ def make_loader(items, batch_size, max_seconds=None, shuffle=True, seed=0, rank=
     return loader, sampler
 
 
+def to_gpu(t, device):
+    """A host tensor to the device without making the host wait: from pinned memory, a CUDA copy
+    is queued like a kernel (from pageable memory, CUDA may first wait for the stream to drain)."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Features, batched on the device
 
@@ -220,7 +228,7 @@ def whisper_log_mel(wave, wave_lens, mel_filters, n_fft=400, hop=160):
     mel = mel_filters.T.to(power) @ power                        # (B, n_mels, T)
     log = torch.clamp(mel, min=1e-10).log10()
     lens = wave_lens // hop
-    valid = torch.arange(log.shape[-1], device=log.device)[None, :] < lens.to(log.device)[:, None]
+    valid = torch.arange(log.shape[-1], device=log.device)[None, :] < to_gpu(lens, log.device)[:, None]
     peak = log.masked_fill(~valid[:, None, :], -1e9).amax(dim=(1, 2), keepdim=True)
     log = torch.maximum(log, peak - 8.0)
     return (log + 4.0) / 4.0, lens
@@ -243,13 +251,14 @@ def kaldi_fbank(wave, wave_lens, n_mels=80, stride=2):
     out = torch.zeros(len(feats), max(lens), n_mels * stride, device=wave.device)
     for i, f in enumerate(feats):
         out[i, :len(f)] = f
-    return out, torch.tensor(lens, device=wave.device)
+    return out, torch.tensor(lens)
 
 
 def normalized_wave(wave, wave_lens):
     """wav2vec2 / HuBERT input: zero mean, unit variance over each clip's real samples."""
-    mask = torch.arange(wave.shape[1], device=wave.device)[None] < wave_lens.to(wave.device)[:, None]
-    n = wave_lens.to(wave)[:, None]
+    lens = to_gpu(wave_lens, wave.device)
+    mask = torch.arange(wave.shape[1], device=wave.device)[None] < lens[:, None]
+    n = lens.to(wave.dtype)[:, None]
     mean = (wave * mask).sum(1, keepdim=True) / n
     var = (((wave - mean) * mask) ** 2).sum(1, keepdim=True) / n
     return ((wave - mean) / torch.sqrt(var + 1e-7)) * mask, wave_lens

@@ -154,8 +154,9 @@ def speech_vectors(encoder, adapter, batch):
     """wave -> frozen encoder -> adapter -> one tensor of speech vectors per utterance."""
     with torch.no_grad():
         frames, lens = encoder(batch["wave"], batch["wave_lens"])
-    vecs, vlens = adapter(frames, lens)
-    return [v[:n] for v, n in zip(vecs, vlens.tolist())]
+    vecs, _ = adapter(frames, lens)
+    n = adapter.output_lengths(encoder.output_lengths(batch["wave_lens"]))   # on the host
+    return [v[:k] for v, k in zip(vecs, n.tolist())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def decoder_labels(target_ids, eos, device):
     labels = torch.full((len(rows), max(map(len, rows))), -100, dtype=torch.long)
     for b, r in enumerate(rows):
         labels[b, :len(r)] = torch.tensor(r)
-    return labels.to(device)
+    return common.to_gpu(labels, device)
 
 
 def slm_loss(llm, samples, target_ids, eos):
@@ -187,10 +188,10 @@ def slm_loss(llm, samples, target_ids, eos):
     with common.checkpointing(llm):                            # --grad-ckpt
         out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, use_cache=False,
                   decoder_input_ids=llm.prepare_decoder_input_ids_from_labels(labels=labels))
-    real = labels != -100                # no labels= above: HF would add its own CE over all (B, T, V)
-    loss = F.cross_entropy(out.logits[real].float(), labels[real],
+    # no labels= above: HF would add its own CE; -100 (padding) is ignored
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(),
                            reduction="sum")                    # - sum_t log p(y_t | y_<t, speech, ins)
-    return loss, int(real.sum()), int(sp.attention_mask.sum())
+    return loss, sum(len(t) + 1 for t in target_ids), sp.n_tokens
 
 
 def step_flops(encoder, adapter, t5, stack):
@@ -359,7 +360,7 @@ def infer(args, device):
     eos = common.eos_ids(llm, tok)[0]
     if args.infer:
         wave = data.load_audio(args.infer)
-        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)], device=device))
+        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
         ins = args.instruction or instructions("asr", args.language)[0]
         with torch.no_grad(), common.autocast(device):
             v = speech_vectors(encoder, adapter, batch)[0]

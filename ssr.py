@@ -168,12 +168,14 @@ def ctc_targets(txt):
 
 
 def aligner_loss(logp, lens, texts):
-    """CTC loss summed over the batch -> (loss, number of target characters)."""
-    tgts = [torch.tensor(ctc_targets(t)[1], dtype=torch.long) for t in texts]
-    tl = torch.tensor([len(t) for t in tgts])
-    loss = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgts).to(logp.device), lens, tl.to(lens.device),
-                      blank=BLANK, reduction="sum", zero_infinity=True)
-    return loss, int(tl.sum())
+    """CTC loss summed over the batch -> (loss, number of target characters). lens: frame counts
+    on the host (CUDA's CTC reads the lengths on the host: from the GPU, a sync)."""
+    tgts = [ctc_targets(t)[1] for t in texts]
+    loss = F.ctc_loss(logp.transpose(0, 1), common.to_gpu(torch.tensor(sum(tgts, []), dtype=torch.long),
+                                                         logp.device),
+                      lens, torch.tensor([len(t) for t in tgts]), blank=BLANK, reduction="sum",
+                      zero_infinity=True)
+    return loss, sum(map(len, tgts))
 
 
 def runs(labels):
@@ -268,10 +270,11 @@ class Connector(nn.Module):
     def forward(self, frames, boundaries):
         x = self.proj(frames)
         B, T, _ = x.shape
-        mask = (torch.stack([blockwise_mask(b, T) for b in boundaries]) if self.blockwise else
-                causal_mask(T).expand(B, T, T)).to(x.device)
+        mask = common.to_gpu(torch.stack([blockwise_mask(b, T) for b in boundaries]) if self.blockwise
+                             else causal_mask(T).expand(B, T, T), x.device)
         K = max(map(len, boundaries), default=0)
-        rows = torch.tensor([b + [0] * (K - len(b)) for b in boundaries], dtype=torch.long, device=x.device)
+        rows = common.to_gpu(torch.tensor([b + [0] * (K - len(b)) for b in boundaries], dtype=torch.long),
+                             x.device)
         for blk in self.blocks[:-1]:
             x = blk(x, mask)
         # selection: the last layer runs only at the boundary frames (the only outputs used)
@@ -280,11 +283,13 @@ class Connector(nn.Module):
 
 
 def encode(encoder, aligner, batch):
-    """Frozen encoder frames, lengths and aligner log-probs of a batch, computed once (kept in it)."""
+    """Frozen encoder frames, frame counts (on the host) and aligner log-probs of a batch, copied
+    to the host for the alignment (the step's one wait for the GPU); computed once (kept in it)."""
     if "ssr_frames" not in batch:
         with torch.no_grad():
             frames, lens = encoder(batch["wave"], batch["wave_lens"])
-            batch["ssr_frames"] = frames.float(), lens, aligner(frames.float(), lens).cpu()
+            batch["ssr_frames"] = (frames.float(), encoder.output_lengths(batch["wave_lens"]),
+                                   aligner(frames.float(), lens).cpu())
     return batch["ssr_frames"]
 
 
@@ -314,7 +319,9 @@ def ssr_vectors(encoder, aligner, connector, tok, batch, mode):
                       f"frames ({mode} boundaries)", file=sys.stderr)
             continue
         ids.append(enc.input_ids), bnds.append(b), keep.append(i)
-    return (connector(frames[keep], bnds) if keep else []), ids, bnds, keep
+    if len(keep) < len(frames):
+        frames = frames[common.to_gpu(torch.tensor(keep, dtype=torch.long), frames.device)]
+    return (connector(frames, bnds) if keep else []), ids, bnds, keep
 
 
 def every_vector(encoder, aligner, connector, tok, batch, d):
@@ -345,11 +352,8 @@ def readout(z, table):
 def ntp_splice(embed, inputs, ids_list, bos, eos):
     """BOS + input (SSR vectors, or the transcript's ids) + EOS; input position i is labelled
     with transcript token i, so position i-1 predicts token i and the last input position EOS."""
-    sp = common.splice(embed, [[text(bos), x, text([eos], loss=True)] for x in inputs])
-    for b, ids in enumerate(ids_list):
-        s0, s1 = sp.spans[b][1]
-        sp.labels[b, s0:s1] = torch.tensor(ids, device=sp.labels.device)
-    return sp
+    return common.splice(embed, [[text(bos), dataclasses.replace(x, labels=ids), text([eos], loss=True)]
+                                 for x, ids in zip(inputs, ids_list)])
 
 
 @torch.no_grad()
@@ -401,7 +405,7 @@ def ntp_eval(llm, tok, items, args, device, vec_fn, bos, eos):
                               ("text", [text(x) for x in tids], tids)):
             if inputs:
                 sp = ntp_splice(embed, inputs, ii, bos, eos)
-                loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
+                loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
                 s[k], s["n_" + k] = s[k] + float(loss), s["n_" + k] + n
     return dict(speech_loss=s["speech"] / max(s["n_speech"], 1), text_loss=s["text"] / max(s["n_text"], 1))
 
@@ -476,7 +480,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
         def aligner_step(batch):
             with torch.no_grad():
                 frames, lens = encoder(batch["wave"], batch["wave_lens"])
-            loss, n = aligner_loss(aligner(frames.float(), lens), lens, batch["text"])
+            loss, n = aligner_loss(aligner(frames.float(), lens), encoder.output_lengths(batch["wave_lens"]),
+                                   batch["text"])
             return loss, n, dict(flops=flops(encoder.frames))
 
         def aligner_valid(step):
@@ -501,7 +506,7 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
             vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, train_mode)
             if not vecs:
                 return connector.proj.weight.sum() * 0, 0, {}
-            e = embed.weight[torch.tensor([i for x in ids for i in x], device=device)]   # the rows
+            e = embed.weight[common.to_gpu(torch.tensor([i for x in ids for i in x]), device)]   # the rows
             return (*distill_loss(torch.cat(vecs).float(), e.float(), args.cos_weight),
                     dict(flops=flops(encoder.frames)))
 
@@ -530,8 +535,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
                 inputs = [speech(v) for v in vecs]
                 frames = encoder.frames
             sp = ntp_splice(embed, inputs, ids, bos, eos)
-            loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
-            T = int(sp.attention_mask.sum())
+            loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
+            T = sp.n_tokens
             return loss, n, dict(tokens=T, flops=flops(frames, T, n))
 
         def stage2_valid(step):
@@ -581,7 +586,7 @@ def infer(args, device):
     common.freeze(aligner), common.freeze(connector), common.freeze(llm)
     if args.infer:
         wave = data.load_audio(args.infer)
-        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)], device=device))
+        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
         with torch.no_grad(), common.autocast(device):
             vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, "greedy")
             if not vecs:

@@ -73,6 +73,25 @@ def run_python(*args, torchrun=False, timeout=300):
                           cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"), timeout=timeout)
 
 
+def watch_host_syncs(monkeypatch, steps=2):
+    """The first `steps` training steps of each common.train call run under bench.HostSyncs:
+    -> the list of (method, counter) it fills."""
+    import bench
+    found, train = [], common.train
+
+    def watched_train(args, module, step_fn, *a, **kw):
+        def step(batch):
+            if sum(m == kw.get("method") for m, _ in found) >= steps:
+                return step_fn(batch)
+            with bench.HostSyncs(host=[batch["wave_lens"]]) as s:
+                out = step_fn(batch)
+            found.append((kw.get("method"), s))
+            return out
+        return train(args, module, step, *a, **kw)
+    monkeypatch.setattr(common, "train", watched_train)
+    return found
+
+
 # ============================================================================================
 # data.py
 
@@ -195,6 +214,31 @@ def test_whisper_real_length_equals_hf_at_30s_and_is_batch_invariant(tiny):
     torch.testing.assert_close(batch[0, :63], alone[0], atol=1e-4, rtol=1e-3)
 
 
+def test_encoder_frame_counts_on_the_host_equal_the_frames(tiny, tmp_path):
+    """SpeechEncoder.output_lengths (on the host, from the clip lengths: what a step slices with)
+    = the frame counts forward() gives = the frames of each clip encoded alone, for Whisper,
+    wav2vec2 and w2v-BERT."""
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel, Wav2Vec2Config, Wav2Vec2Model
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                                 feat_extract_norm="layer", do_stable_layer_norm=True)).save_pretrained(tmp_path / "w2v")
+    Wav2Vec2BertModel(Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, output_hidden_size=32,
+                                         conv_depthwise_kernel_size=3)).save_pretrained(tmp_path / "bert")
+    wave_lens = torch.tensor([16037, 9000, 24011, 1601])
+    wave = torch.randn(4, 24011) * (torch.arange(24011)[None] < wave_lens[:, None])
+    for path in (tiny["enc"], tmp_path / "w2v", tmp_path / "bert"):
+        enc = common.load_encoder(str(path), cpu())
+        with torch.no_grad():
+            frames, lens = enc(wave, wave_lens)
+            alone = [enc(wave[i:i + 1, :n], wave_lens[i:i + 1])[0].shape[1] for i, n in enumerate(wave_lens.tolist())]
+        host = enc.output_lengths(wave_lens)
+        assert host.device.type == "cpu" and host.tolist() == lens.tolist() == alone, (enc.kind, host, lens, alone)
+        assert frames.shape[1] == max(alone)
+
+
 def test_encoder_layer_is_numbered_as_hf_hidden_states(tmp_path):
     """--encoder-layer k gives HF's hidden_states[k] (a 3-layer Whisper: k = -4 .. 3); others are
     refused by name."""
@@ -283,24 +327,33 @@ def test_answer_end_is_the_token_that_closes_the_assistant_turn(tiny):
     assert common.answer_end(llm, tok, "blsp") == tok.eos_token_id
 
 def test_lm_loss_equals_direct_cross_entropy(tiny):
+    """lm_loss on a padded splice (targets laid out on the host, the causal-and-padding mask made
+    without reading the GPU) = -log p of each target from the LLM run on each sample alone."""
     llm, tok = common.load_llm(tiny["llm"], cpu())
-    ids = torch.randint(4, len(tok), (2, 9))
-    labels = torch.full_like(ids, -100)
-    labels[0, 5:] = ids[0, 5:]
-    labels[1, 3:7] = ids[1, 3:7]
-    sp = common.Spliced(llm.get_input_embeddings()(ids), torch.ones_like(ids),
-                        torch.arange(9).expand(2, 9), labels, None, None)
-    loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), labels)
-    logits = llm(input_ids=ids).logits
+    a, b = torch.randint(4, len(tok), (9,)).tolist(), torch.randint(4, len(tok), (7,)).tolist()
+    embed = llm.get_input_embeddings()
+    sp = common.splice(embed, [[common.text(a[:5]), common.text(a[5:], loss=True)],
+                               [common.text(b[:3]), common.text(b[3:6], loss=True), common.text(b[6:])]])
+    assert common.attention(llm, sp)["attention_mask"].shape == (2, 1, 9, 9)
+    rows, ids = sp.targets                       # = where the labels say, read the slow way
+    assert rows.tolist() == F.pad(sp.labels[:, 1:] != -100, (0, 1)).flatten().nonzero()[:, 0].tolist()
+    assert ids.tolist() == sp.labels[sp.labels != -100].tolist()
+    loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
     direct, count = 0.0, 0
-    for b in range(2):
-        for t in range(1, 9):
-            if labels[b, t] != -100:
-                direct += -logits[b, t - 1].log_softmax(-1)[labels[b, t]]
-                count += 1
-    assert n == count == 8
+    for x, (s, e) in ((a, (5, 9)), (b, (3, 6))):
+        logits = llm(input_ids=torch.tensor([x])).logits[0]
+        for t in range(s, e):
+            direct, count = direct - logits[t - 1].log_softmax(-1)[x[t]], count + 1
+    assert n == count == 7 and sp.n_tokens == 16
     torch.testing.assert_close(loss, direct, atol=1e-4, rtol=1e-5)
-
+    # no padding: no mask at all; a target at position 0 has no position before it to predict it
+    sp = common.splice(embed, [[common.text(a, loss=True)]])
+    assert common.attention(llm, sp) == {}
+    loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
+    logits = llm(input_ids=torch.tensor([a])).logits[0]
+    assert n == 8
+    torch.testing.assert_close(loss, -sum(logits[t - 1].log_softmax(-1)[a[t]] for t in range(1, 9)),
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_per_row_loss_chunks_equal_one_pass_and_keep_no_logits(tiny):
@@ -372,10 +425,9 @@ def test_precision_bf16_on_cpu_loss_and_lora_gradients_match_fp32(tiny, monkeypa
         for l in layers:
             nn.init.normal_(l.lora_B, std=0.1)
         ids = torch.randint(4, len(tok), (2, 9), generator=torch.Generator().manual_seed(1))
-        sp = common.Spliced(llm.get_input_embeddings()(ids), torch.ones_like(ids),
-                            torch.arange(9).expand(2, 9), ids, None, None)
+        sp = common.splice(llm.get_input_embeddings(), [[common.text(x, loss=True)] for x in ids.tolist()])
         with common.autocast(cpu()):
-            loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), ids)
+            loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
         loss.backward()
         assert all(l.lora_A.dtype == torch.float32 and l.lora_A.grad.dtype == torch.float32 for l in layers)
         out[precision] = loss.item(), torch.cat([l.lora_A.grad.flatten() for l in layers])
@@ -698,7 +750,7 @@ def test_built_in_llm_reads_stuttered_input_and_models_its_input():
         sp = common.splice(llm.get_input_embeddings(),
                            [[text(b), text(common.input_ids(tok, s)[:1]),
                              text(common.input_ids(tok, s)[1:], loss=True)] for s in sents])
-        nll, _ = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels, reduction="mean")
+        nll, _ = common.lm_loss(llm, common.hidden_states(llm, sp), sp, reduction="mean")
     assert np.mean([r == s for r, s in zip(rep, sents)]) >= 0.9            # measured 0.975
     assert np.mean([c == data.toy_tasks(s)["continuation"] for c, s in zip(con, sents)]) >= 0.9
     assert float(nll) < 4.0                                                  # measured 3.06
@@ -720,7 +772,7 @@ def test_grad_ckpt_same_loss_and_gradients_fewer_saved_activations(tiny):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(
                 lambda t: saved.append(0 if isinstance(t, nn.Parameter) else t.numel()) or t, lambda t: t):
-            loss, _ = common.lm_loss(llm, common.hidden_states(llm, sp), sp.labels)
+            loss, _ = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
         loss.backward()
         with torch.no_grad():
             out = common.respond(llm, tok, [speech(vecs[0])], data.REPEAT_INSTRUCTIONS[0], max_new_tokens=5)
@@ -748,7 +800,7 @@ def test_grad_ckpt_with_partial_lora_same_gradients(tiny):
         samples = [[text([2, 3]), speech(vecs[b]), text([5 + b, 6, 7], loss=True)] for b in range(2)]
         sp = common.splice(llm.get_input_embeddings(), samples)
         torch.manual_seed(1)                              # the same LoRA dropout masks
-        loss, _ = common.lm_loss(llm, blsp_kd.llm_pass(llm, sp, ctx, student=True), sp.labels)
+        loss, _ = common.lm_loss(llm, blsp_kd.llm_pass(llm, sp, ctx, student=True), sp)
         assert ctx.mask is None                           # reset after the forward, as in training
         loss.backward()
         return float(loss.detach()), [m.lora_A.grad.clone() for m in lora]
@@ -971,8 +1023,10 @@ def test_compiled_adapter_and_llm_layers_compile_once_for_every_length(monkeypat
     assert counters["stats"]["unique_graphs"] == 2 and not counters["recompiles"]   # adapter, layer
 
 
-def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path):
+def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path, monkeypatch):
+    """... and its training step never waits for the GPU (bench.HostSyncs counts none)."""
     from safetensors.torch import load_file
+    syncs = watch_host_syncs(monkeypatch)
     out = tmp_path / "run"
     args = ["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"],
             "--valid", tiny["valid"], "--out", str(out), "--steps", "24", "--batch-size", "8",
@@ -980,6 +1034,7 @@ def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path):
             "--warmup", "2", "--max-new-tokens", "8"]
     before = {k: v.clone() for k, v in load_file(os.path.join(tiny["llm"], "model.safetensors")).items()}
     blsp.main(args)
+    assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     l = losses(out)
     assert np.mean(l[-4:]) < np.mean(l[:4])             # the loss goes down
     ck = common.find_checkpoint(str(out))
@@ -1414,7 +1469,9 @@ def blsp_kd_write_manifest(folder, name, sentences, seed):
     return os.path.join(folder, f"{name}.jsonl")
 
 
-def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys):
+def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
+    """Stage 1, stage 2 from it, eval; no training step waits for the GPU (bench.HostSyncs)."""
+    syncs = watch_host_syncs(monkeypatch)
     llm, tok = blsp_kd_tiny_llm()
     llm.save_pretrained(tmp_path / "llm")
     tok.save_pretrained(tmp_path / "llm")
@@ -1436,7 +1493,10 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys):
     for key in ("content_acc", "repeat_wer", "count_err", "response_kl", "input_kl", "tokens_pred"):
         assert key in valid_row
 
+    assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
+    syncs.clear()
     blsp_kd.main(common_args + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1])
+    assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     from safetensors.torch import load_file
     state = load_file(os.path.join(common.find_checkpoint(s2), "trainable.safetensors"))
     assert any(k.startswith("lora.") for k in state) and any(k.startswith("cformer.") for k in state)
@@ -1707,10 +1767,17 @@ def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, mon
     args = ssr.SSRArgs(batch_size=2)
     assert ssr.aligner_cer(None, None, items, args, cpu()) == 0.0
 
-def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys):
+def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys, monkeypatch):
+    """All stages, inference, eval. A step waits for the GPU once: the aligner's log-probs go to
+    the host for the forced alignment (bench.HostSyncs); the aligner's own step never."""
     out = tmp_path / "run"
+    syncs = watch_host_syncs(monkeypatch)
     ssr.main(ssr_base_args(ssr_tiny, out) + ["--aligner-steps", "2", "--steps", "3", "--stage2-steps", "2",
                                      "--text-mix", "0.5"])
+    assert [m for m, _ in syncs] == ["ssr-aligner"] * 2 + ["ssr-stage1"] * 2 + ["ssr-stage2"] * 2
+    for m, s in syncs:                                   # (stage 2: none in a text-only batch)
+        assert s.total() == {"ssr-aligner": 0, "ssr-stage1": 1}.get(m, min(s.total(), 1)), s.report()
+        assert all(what == "cpu" and "encode" in where for what, where in s.found), s.report()
     for stage in ("aligner", "stage1", "stage2"):
         assert os.path.isfile(out / stage / "latest")
     printed = capsys.readouterr().out
@@ -1980,8 +2047,11 @@ def slm_tiny(tmp_path_factory, slm_tok):
     return dict(root=root, train=tm, valid=vm, enc=str(root / "enc"))
 
 
-def test_slm_main_end_to_end(slm_tiny, capsys):
+def test_slm_main_end_to_end(slm_tiny, capsys, monkeypatch):
+    """T5 and mT5; inference; eval. A training step reads the GPU only inside transformers' T5:
+    twice, to learn whether the encoder's attention mask holds padding (bench.HostSyncs)."""
     r = slm_tiny["root"]
+    syncs = watch_host_syncs(monkeypatch)
     for name in ("t5", "mt5"):
         out = str(r / f"run-{name}")
         slm.main(["--llm", str(r / name), "--encoder", slm_tiny["enc"], "--train", slm_tiny["train"],
@@ -1990,6 +2060,9 @@ def test_slm_main_end_to_end(slm_tiny, capsys):
                   "--max-new-tokens", "4", "--device", "cpu"])
         printed = capsys.readouterr().out
         assert "trainable parameters of" in printed and "asr [held-out]" in printed
+        assert len(syncs) == 2 and all(s.total() == 2 and list(s.found)[0][0] == "local_scalar_dense"
+                                       and "slm_loss" in list(s.found)[0][1] for _, s in syncs), syncs
+        syncs.clear()
         res = json.loads(printed.split("final: ")[1].splitlines()[0])
         for k in ("asr_wer", "asr_wer_heldout", "asr_wer_text", "ast_bleu", "ast_word_acc_heldout",
                   "continue_word_acc"):
