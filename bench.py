@@ -13,7 +13,7 @@ with models built from config at a chosen scale (random weights: speed does not 
 
 Each spoken clip has a text of 3 words per second (toy words, one token each: what SSR's aligner
 and tokenizer read; BLSP-KD's transcript and SLM's target have as many tokens) and BLSP's
-48-token continuation.
+48-token continuation (and its end token).
 
 Reported per variant: samples/s, audio seconds per second, LLM tokens/s, padding fraction, peak memory
 (CUDA: max_memory_allocated; CPU: the process's peak RSS, each variant in its own process), the rise
@@ -108,7 +108,7 @@ SCALES = dict(
 VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "blsp-compile-llm",
             "blsp-fused-norm", "blsp-1s", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1", "ssr2", "slm")
 WORDS = sorted(data.toy_vocabulary())                  # the spoken texts' words
-PROMPT, AFTER, CONTINUATION = list(range(5, 40)), list(range(40, 45)), 48     # prompt pieces; targets
+PROMPT, AFTER, CONTINUATION, EOS = list(range(5, 40)), list(range(40, 45)), 48, 2   # prompt pieces; targets
 
 
 def durations(n, rng):
@@ -208,17 +208,23 @@ def encoder_frames(batch):
     return len(batch["durs"]) * whisper_frames(batch["wave"].shape[1])
 
 
-def encode(enc, batch, pad30=False):
-    """Frozen encoder frames at real length; or (pad30) of clips padded to 30 s, cropped after."""
-    wave, lens = batch["wave"], batch["wave_lens"]
-    with torch.no_grad():
-        if not pad30:
-            return enc(wave, lens)
-        w30 = F.pad(wave, (0, 480000 - wave.shape[1]))   # the released BLSP code: every clip 30 s
-        feats, flens = data.whisper_log_mel(w30, torch.full_like(lens, 480000), enc.mel_filters)
-        frames, _ = enc.whisper_forward(feats.to(next(enc.parameters()).dtype), common.to_gpu(flens, wave.device))
-        flens = enc.output_lengths(lens)
-        return frames[:, :int(flens.max())], common.to_gpu(flens, wave.device)
+class Padded30:
+    """The encoder as the released BLSP code runs it: every clip padded to 30 s, the frames cropped
+    after to the batch's longest clip; otherwise the SpeechEncoder it wraps."""
+
+    def __init__(self, enc):
+        self.enc = enc
+
+    def __call__(self, wave, wave_lens):
+        w30 = F.pad(wave, (0, 480000 - wave.shape[1]))
+        feats, flens = data.whisper_log_mel(w30, torch.full_like(wave_lens, 480000), self.enc.mel_filters)
+        frames, _ = self.enc.whisper_forward(feats.to(next(self.enc.parameters()).dtype),
+                                             common.to_gpu(flens, wave.device))
+        lens = self.enc.output_lengths(wave_lens)
+        return frames[:, :int(lens.max())], common.to_gpu(lens, wave.device)
+
+    def output_lengths(self, wave_lens):
+        return self.enc.output_lengths(wave_lens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,18 +232,16 @@ def encode(enc, batch, pad30=False):
 # FLOPs come from each method's own step_flops, the count its training script logs
 
 def blsp_method(variant, enc, llm, s):
+    """blsp.py's step: speech_vectors, behaviour_sample, behaviour_loss."""
     adapter = blsp.Adapter(enc.dim, llm.config.hidden_size)
     embed, flops = llm.get_input_embeddings(), blsp.step_flops(enc, adapter, llm)
+    encoder = Padded30(enc) if variant == "blsp-30s" else enc
 
     def step(batch):
-        frames, flens = encode(enc, batch, variant == "blsp-30s")
-        vecs, _ = adapter(frames, flens)                    # blsp.speech_vectors, with `encode`
-        n = adapter.output_lengths(enc.output_lengths(batch["wave_lens"])).tolist()
-        samples = [[common.text(PROMPT), common.speech(v[:m]), common.text(AFTER), common.text(r, loss=True)]
-                   for v, m, r in zip(vecs, n, batch["response"])]
-        sp = common.splice(embed, samples)
-        loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
-        return loss, sp.n_tokens, flops(encoder_frames(batch), sp.n_tokens, rows)
+        vecs = blsp.speech_vectors(encoder, adapter, batch)
+        samples = [blsp.behaviour_sample(PROMPT, v, AFTER, r, EOS) for v, r in zip(vecs, batch["response"])]
+        loss, rows, tokens = blsp.behaviour_loss(llm, embed, samples)
+        return loss, tokens, flops(encoder_frames(batch), tokens, rows)
     return adapter, step
 
 
@@ -267,12 +271,10 @@ def kd_method(variant, enc, llm, s, keep):
     vocab, flops = llm.config.vocab_size, blsp_kd.step_flops(enc, adapter, {}, llm)
 
     def step(batch):
-        frames, flens = encode(enc, batch)
         n = [max(1, int(3 * d)) for d in batch["durs"]]  # a transcript of ~3 tokens/s; N vectors by CIF
-        vecs, n_dev, total = adapter(frames, flens, n)
+        vecs, n_dev, total = blsp_kd.speech_vectors(enc, adapter, batch, n)
         transcripts = [torch.randint(100, vocab, (m,)).tolist() for m in n]
-        pairs = [blsp_kd.kd_pair(PROMPT, AFTER, t, v[:m], r)
-                 for t, v, m, r in zip(transcripts, vecs, n, batch["response"])]
+        pairs = [blsp_kd.kd_pair(PROMPT, AFTER, t, v, r) for t, v, r in zip(transcripts, vecs, batch["response"])]
         if variant in ("kd", "kd-ckpt"):                  # this project: blsp_kd.kd_losses as it is
             losses, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n_dev)
             loss = sum(losses.values())

@@ -1097,7 +1097,10 @@ def test_bench_tiny_runs(tmp_path):
     for line in ("faster than the 30 s recipe", "activation checkpointing of the LLM:", "BLSP-KD, kd:",
                  "BLSP-KD, kd-select:"):
         assert line in r.stdout
-    prof = json.load(open(tmp_path / "rows.json"))["rows"]["blsp"]["profile"]     # --profile
+    found = json.load(open(tmp_path / "rows.json"))["rows"]
+    want = {"blsp": 0, "blsp-30s": 0, "kd": 0, "kd-full": 0, "ssr1": 1, "slm": 2}      # the syncs column
+    assert {v: found[v]["host_syncs"] for v in want} == want
+    prof = found["blsp"]["profile"]                                                 # --profile
     assert prof["total_ms"] > 0 and abs(sum(prof["kinds"].values()) - 1) < 1e-6
     assert prof["kinds"]["matmul"] > 0 and "profile blsp:" in r.stdout
     assert "again blsp:" in r.stdout                                                 # --again
