@@ -565,6 +565,7 @@ class Spliced:
     spans: list                   # spans[b][k] = (start, end) of segment k of sample b
     targets: tuple                # (rows, ids): flat positions b*T+t that predict a target, the targets
     n_tokens: int                 # real (not padding) positions in all
+    pad_left: bool = False        # padded at the start (generation) instead of the end
 
 
 to_gpu = data.to_gpu        # a host tensor to the device, without waiting for the GPU
@@ -615,34 +616,22 @@ def splice(embed, samples, pad_left=False):
     position_ids = (amask.cumsum(1) - 1).clamp(min=0)
     targets = tuple(to_gpu(torch.tensor(x, dtype=torch.long), dev) for x in (rows, ids))
     return Spliced(table[to_gpu(index, dev)], to_gpu(amask, dev), to_gpu(position_ids, dev),
-                   to_gpu(labels, dev), to_gpu(smask, dev), spans, targets, sum(lens))
+                   to_gpu(labels, dev), to_gpu(smask, dev), spans, targets, sum(lens), pad_left)
 
 
 # ============================================================================================
 # LLM helpers: hidden states once, logits only where a loss needs them
 
 def hidden_states(llm, sp):
-    """Final hidden states of a causal LM for a right-padded Spliced batch (no logits computed)."""
+    """Final hidden states of a causal LM for a right-padded Spliced batch (no logits computed).
+    No attention mask: padding at the end comes after every real token, so causal attention alone
+    keeps it out of the real positions, whose outputs are exact (those at the padding differ, and
+    no loss reads them). transformers then has no mask to read back for padding (a host sync) nor
+    to build: SDPA runs its causal kernel (flash attention on CUDA)."""
+    if sp.pad_left:
+        raise ValueError("hidden_states needs a right-padded batch (splice without pad_left)")
     with checkpointing(llm):
-        return llm.base_model(inputs_embeds=sp.inputs_embeds, **attention(llm, sp),
-                              use_cache=False).last_hidden_state
-
-
-def attention(llm, sp):
-    """hidden_states' mask and positions, made without reading the GPU. Given a (B, T) mask,
-    transformers reads it to learn whether it holds padding (a host sync per pass); splice knows.
-    No padding: plain causal attention, positions 0..T-1 (none passed). Padding: the (B, 1, T, T)
-    causal-and-padding boolean mask transformers would build, which it hands to SDPA as it is. A
-    sliding window shorter than the batch, or another attention than SDPA: transformers' own."""
-    cfg, T = llm.config, sp.attention_mask.shape[1]
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if cfg._attn_implementation != "sdpa" or (window and T > window):
-        return dict(attention_mask=sp.attention_mask, position_ids=sp.position_ids)
-    if sp.n_tokens == sp.attention_mask.numel():
-        return {}
-    causal = torch.ones(T, T, dtype=torch.bool, device=sp.inputs_embeds.device).tril()
-    return dict(attention_mask=causal & sp.attention_mask.bool()[:, None, None, :],
-                position_ids=sp.position_ids)
+        return llm.base_model(inputs_embeds=sp.inputs_embeds, use_cache=False).last_hidden_state
 
 
 def logits_at(llm, hidden, index, chunk=1024):

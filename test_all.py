@@ -327,14 +327,13 @@ def test_answer_end_is_the_token_that_closes_the_assistant_turn(tiny):
     assert common.answer_end(llm, tok, "blsp") == tok.eos_token_id
 
 def test_lm_loss_equals_direct_cross_entropy(tiny):
-    """lm_loss on a padded splice (targets laid out on the host, the causal-and-padding mask made
-    without reading the GPU) = -log p of each target from the LLM run on each sample alone."""
+    """lm_loss on a right-padded splice (targets laid out on the host, no attention mask) = -log p
+    of each target from the LLM run on each sample alone."""
     llm, tok = common.load_llm(tiny["llm"], cpu())
     a, b = torch.randint(4, len(tok), (9,)).tolist(), torch.randint(4, len(tok), (7,)).tolist()
     embed = llm.get_input_embeddings()
     sp = common.splice(embed, [[common.text(a[:5]), common.text(a[5:], loss=True)],
                                [common.text(b[:3]), common.text(b[3:6], loss=True), common.text(b[6:])]])
-    assert common.attention(llm, sp)["attention_mask"].shape == (2, 1, 9, 9)
     rows, ids = sp.targets                       # = where the labels say, read the slow way
     assert rows.tolist() == F.pad(sp.labels[:, 1:] != -100, (0, 1)).flatten().nonzero()[:, 0].tolist()
     assert ids.tolist() == sp.labels[sp.labels != -100].tolist()
@@ -346,14 +345,37 @@ def test_lm_loss_equals_direct_cross_entropy(tiny):
             direct, count = direct - logits[t - 1].log_softmax(-1)[x[t]], count + 1
     assert n == count == 7 and sp.n_tokens == 16
     torch.testing.assert_close(loss, direct, atol=1e-4, rtol=1e-5)
-    # no padding: no mask at all; a target at position 0 has no position before it to predict it
+    # a target at position 0 has no position before it to predict it
     sp = common.splice(embed, [[common.text(a, loss=True)]])
-    assert common.attention(llm, sp) == {}
     loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
     logits = llm(input_ids=torch.tensor([a])).logits[0]
     assert n == 8
     torch.testing.assert_close(loss, -sum(logits[t - 1].log_softmax(-1)[a[t]] for t in range(1, 9)),
                                atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Mistral", "Phi3", "Gemma3Text"])
+def test_hidden_states_without_a_mask_equal_the_masked_ones_at_real_positions(arch):
+    """hidden_states passes no attention mask (right padding: causal attention keeps the padding
+    out of the real positions); at the real positions it equals transformers' own path with the
+    (B, T) mask and positions, for several families, also with a sliding window shorter than the
+    batch (Gemma 3's, 8 here). A left-padded batch is refused."""
+    import transformers
+    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+              intermediate_size=64, pad_token_id=0, **({"head_dim": 16, "sliding_window": 8} if arch == "Gemma3Text" else {}))
+    torch.manual_seed(0)
+    llm = transformers.AutoModelForCausalLM.from_config(getattr(transformers, arch + "Config")(**kw),
+                                                          attn_implementation="sdpa").eval()
+    for lens in ((6, 3), (6, 6), (12, 5)):
+        sp = common.splice(llm.get_input_embeddings(), [[common.text(list(range(3, 3 + n)))] for n in lens])
+        with torch.no_grad():
+            ours = common.hidden_states(llm, sp)
+            theirs = llm.base_model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                                    position_ids=sp.position_ids).last_hidden_state
+        real = sp.attention_mask.bool()
+        torch.testing.assert_close(ours[real], theirs[real], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="right-padded"):
+        common.hidden_states(llm, common.splice(llm.get_input_embeddings(), [[common.text([3])]], pad_left=True))
 
 
 def test_per_row_loss_chunks_equal_one_pass_and_keep_no_logits(tiny):
