@@ -19,7 +19,7 @@ Reported per variant: samples/s, audio seconds per second, LLM tokens/s, padding
 (CUDA: max_memory_allocated; CPU: the process's peak RSS, each variant in its own process), the rise
 of memory during the steps above the built models and optimizer ("step"), the host syncs in
 a step's forward ("syncs": where the CPU would wait for the GPU, counted by HostSyncs on any device:
-SSR needs one, for its alignment on the CPU; transformers' T5 makes two in SLM; the others none),
+SSR needs one, for its alignment on the CPU; the others none),
 and, on CUDA, the syncs CUDA itself reports over a whole step (torch.cuda.set_sync_debug_mode) and
 MFU = model FLOPs / time / bf16 peak, counting 2N FLOPs per token for frozen forward-only passes
 (the encoder, BLSP-KD's teacher pass), 4N for frozen layers that pass gradients back (the LLM's

@@ -179,6 +179,13 @@ def decoder_labels(target_ids, eos, device):
     return common.to_gpu(labels, device)
 
 
+def padding_mask(sp):
+    """The encoder input's padding as a (B, 1, 1, T) boolean mask: transformers hands it to SDPA
+    as it is, for the encoder's attention and the decoder's cross-attention alike. Given the (B, T)
+    mask, it would first read it back to learn whether it holds padding (a host sync, twice)."""
+    return sp.attention_mask.bool()[:, None, None, :]
+
+
 def slm_loss(llm, samples, target_ids, eos):
     """Decoder cross-entropy on target + EOS (summed over tokens, fp32) -> (loss, n, enc tokens).
     The encoder input is the splice of the samples' segments (attention mask 0 on padding); the
@@ -186,7 +193,7 @@ def slm_loss(llm, samples, target_ids, eos):
     sp = common.splice(llm.get_input_embeddings(), samples)
     labels = decoder_labels(target_ids, eos, sp.inputs_embeds.device)
     with common.checkpointing(llm):                            # --grad-ckpt
-        out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, use_cache=False,
+        out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=padding_mask(sp), use_cache=False,
                   decoder_input_ids=llm.prepare_decoder_input_ids_from_labels(labels=labels))
     # no labels= above: HF would add its own CE; -100 (padding) is ignored
     loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(),

@@ -1120,7 +1120,7 @@ def test_bench_tiny_runs(tmp_path):
                  "BLSP-KD, kd-select:"):
         assert line in r.stdout
     found = json.load(open(tmp_path / "rows.json"))["rows"]
-    want = {"blsp": 0, "blsp-30s": 0, "kd": 0, "kd-full": 0, "ssr1": 1, "slm": 2}      # the syncs column
+    want = {"blsp": 0, "blsp-30s": 0, "kd": 0, "kd-full": 0, "ssr1": 1, "slm": 0}      # the syncs column
     assert {v: found[v]["host_syncs"] for v in want} == want
     prof = found["blsp"]["profile"]                                                 # --profile
     assert prof["total_ms"] > 0 and abs(sum(prof["kinds"].values()) - 1) < 1e-6
@@ -1961,8 +1961,10 @@ def slm_samples_and_targets(slm_tok, llm, ad, lens=(9, 5, 13)):
     return vecs, [slm.ids_of(slm_tok, s) for s in inss], [slm.ids_of(slm_tok, t) for t in tgts]
 
 
-def test_slm_loss_equals_t5_own_cross_entropy(slm_tok):
-    llm = slm_tiny_t5(slm_tok)
+@pytest.mark.parametrize("mt5", [False, True])
+def test_slm_loss_equals_t5_own_cross_entropy(slm_tok, mt5):
+    """A padded batch (slm.padding_mask) = each sample alone through T5's (mT5's) own loss."""
+    llm = slm_tiny_t5(slm_tok, mt5)
     ad = slm_adapter_for(llm)
     eos = slm_tok.eos_token_id
     vecs, inss, tgts = slm_samples_and_targets(slm_tok, llm, ad)
@@ -2073,8 +2075,7 @@ def slm_tiny(tmp_path_factory, slm_tok):
 
 
 def test_slm_main_end_to_end(slm_tiny, capsys, monkeypatch):
-    """T5 and mT5; inference; eval. A training step reads the GPU only inside transformers' T5:
-    twice, to learn whether the encoder's attention mask holds padding (bench.HostSyncs)."""
+    """T5 and mT5; inference; eval. A training step never waits for the GPU (bench.HostSyncs)."""
     r = slm_tiny["root"]
     syncs = watch_host_syncs(monkeypatch)
     for name in ("t5", "mt5"):
@@ -2085,8 +2086,7 @@ def test_slm_main_end_to_end(slm_tiny, capsys, monkeypatch):
                   "--max-new-tokens", "4", "--device", "cpu"])
         printed = capsys.readouterr().out
         assert "trainable parameters of" in printed and "asr [held-out]" in printed
-        assert len(syncs) == 2 and all(s.total() == 2 and list(s.found)[0][0] == "local_scalar_dense"
-                                       and "slm_loss" in list(s.found)[0][1] for _, s in syncs), syncs
+        assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
         syncs.clear()
         res = json.loads(printed.split("final: ")[1].splitlines()[0])
         for k in ("asr_wer", "asr_wer_heldout", "asr_wer_text", "ast_bleu", "ast_word_acc_heldout",
