@@ -343,7 +343,8 @@ class HostSyncs(TorchDispatchMode):
     the host.
     Which tensors are on the host, it follows as the code does: `host` (the batch's wave_lens),
     tensors made from Python values or by factories, and whatever is computed from host tensors
-    alone, or moved with .cpu(); .to(device) moves to the device. s.found: {(what, where): count},
+    alone, or moved with .cpu(); .to(device) moves to the device. (A factory's device= is not seen:
+    a tensor made on the device counts as the host's until a device tensor is added into it.) s.found: {(what, where): count},
     where: the innermost frames of this project's files."""
 
     READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
@@ -389,10 +390,10 @@ class HostSyncs(TorchDispatchMode):
         elif func == torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.record("repeat_interleave")
         out = func(*args, **kwargs)
-        if all(self.on_host(t) for t in inputs):          # computed from host tensors (or none)
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.mark(t)
+        host = all(self.on_host(t) for t in inputs)      # computed from host tensors (or none)
+        for t in torch.utils._pytree.tree_leaves(out):    # (an in-place op on a host tensor with a
+            if isinstance(t, torch.Tensor):               # device operand: the tensor was on the device)
+                self.mark(t) if host else self.unmark(t)
         return out
 
     def __enter__(self):

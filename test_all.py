@@ -566,6 +566,36 @@ def losses(out):
             if "split" not in r]
 
 
+def test_training_loop_waits_for_the_gpu_only_to_log(tiny, tmp_path, monkeypatch):
+    """Around a step that itself never waits, CUDA's path of common.train (data to the device,
+    accumulation, clipping, fused AdamW with the non-finite check on the device, schedule) adds no
+    wait per step: under bench.HostSyncs a 12-step run counts as many as a 4-step one (the final
+    log line and checkpoint), and logging every 4 steps adds the reads of one log line each (data
+    loading, all on the CPU, left out). (On a CPU, unfused AdamW reads the loss every step: free.)"""
+    import bench
+    items, to_device, make = data.read_manifest(tiny["train"]), common.to_device, common.make_optimizer
+    monkeypatch.setattr(common, "make_optimizer", lambda params, args, device: torch.optim.AdamW(
+        [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in make(params, args, device).param_groups],
+        lr=args.lr, fused=True))
+    model = Toy()
+
+    def step(batch):                         # the batch's audio only: no read, no copy
+        w = batch["wave"][:, :100]
+        y = model.drop(model.lin(torch.stack([w.mean(1), w.std(1), w.abs().max(1).values], 1))).squeeze(1)
+        return ((y - 1) ** 2).sum(), len(batch["text"]), dict(mean=y.detach().mean())
+    counts = {}
+    for steps, every in ((4, 100), (12, 100), (12, 4)):
+        syncs = bench.HostSyncs()
+        monkeypatch.setattr(common, "to_device", lambda b, d: syncs.mark(b["wave_lens"]) or to_device(b, d))
+        with syncs:
+            common.train(toy_args(tmp_path / f"{steps}-{every}", steps=steps, log_every=every, grad_accum=2,
+                                  save_every=0), model, step, items, cpu(), method="toy")
+        counts[steps, every] = syncs.total(skip=("data.py",))
+    assert counts[4, 100] == counts[12, 100] > 0, counts
+    assert counts[12, 4] - counts[12, 100] == 2 * 4, counts      # 2 more log lines: loss, grad norm,
+    #                                                              non-finite check, `mean` each
+
+
 def test_grad_accumulation_equals_one_large_batch(tiny, tmp_path):
     items = data.read_manifest(tiny["train"])
     grads = []
