@@ -274,7 +274,8 @@ def kd_method(variant, enc, llm, s, keep):
         n = [max(1, int(3 * d)) for d in batch["durs"]]  # a transcript of ~3 tokens/s; N vectors by CIF
         vecs, n_dev, total = blsp_kd.speech_vectors(enc, adapter, batch, n)
         transcripts = [torch.randint(100, vocab, (m,)).tolist() for m in n]
-        pairs = [blsp_kd.kd_pair(PROMPT, AFTER, t, v, r) for t, v, r in zip(transcripts, vecs, batch["response"])]
+        pairs = [blsp_kd.kd_pair(PROMPT, AFTER, t, v, r)
+                 for t, v, r in zip(transcripts, vecs, batch["response"])]
         if variant in ("kd", "kd-ckpt"):                  # this project: blsp_kd.kd_losses as it is
             losses, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n_dev)
             loss = sum(losses.values())
@@ -344,8 +345,8 @@ class HostSyncs(TorchDispatchMode):
     Which tensors are on the host, it follows as the code does: `host` (the batch's wave_lens),
     tensors made from Python values or by factories, and whatever is computed from host tensors
     alone, or moved with .cpu(); .to(device) moves to the device. (A factory's device= is not seen:
-    a tensor made on the device counts as the host's until a device tensor is added into it.) s.found: {(what, where): count},
-    where: the innermost frames of this project's files."""
+    a tensor made on the device counts as the host's until a device tensor is added into it.)
+    s.found: {(what, where): count}, where: the innermost frames of this project's files."""
 
     READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
              torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default,
@@ -495,7 +496,8 @@ def run_variant(variant, args):
 
     def train_step(durs, syncs=None):
         batch = make_batch(durs, llm.config.vocab_size, text_rng, device, variant.endswith("-1s"))
-        with common.autocast(device), (syncs(host=[batch["wave_lens"]]) if syncs else contextlib.nullcontext()) as s:
+        counting = syncs(host=[batch["wave_lens"]]) if syncs else contextlib.nullcontext()
+        with common.autocast(device), counting as s:
             loss, T, fl = step(batch)
         if syncs:
             res["host_syncs"] = s.total()

@@ -195,10 +195,14 @@ def slm_loss(llm, samples, target_ids, eos):
     with common.checkpointing(llm):                            # --grad-ckpt
         out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=padding_mask(sp), use_cache=False,
                   decoder_input_ids=llm.prepare_decoder_input_ids_from_labels(labels=labels))
-    # no labels= above: HF would add its own CE; -100 (padding) is ignored
-    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(),
+    # no labels= above: HF would add its own CE over all (B, T, V); fp32 only at the targets, whose
+    # rows b*T+t are laid out on the host (no mask to read back)
+    T = labels.shape[1]
+    real = [b * T + t for b, ids in enumerate(target_ids) for t in range(len(ids) + 1)]
+    real = common.to_gpu(torch.tensor(real), labels.device)
+    loss = F.cross_entropy(out.logits.flatten(0, 1)[real].float(), labels.flatten()[real],
                            reduction="sum")                    # - sum_t log p(y_t | y_<t, speech, ins)
-    return loss, sum(len(t) + 1 for t in target_ids), sp.n_tokens
+    return loss, len(real), sp.n_tokens
 
 
 def step_flops(encoder, adapter, t5, stack):
