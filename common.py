@@ -3,7 +3,9 @@
     arguments      Args (dataclass, one help line a field) and parse_args()
     models         load_encoder() -> SpeechEncoder (frames + lengths, Whisper at real length)
                    load_llm() -> (model, tokenizer); built-in tiny defaults, pre-trained once, cached
-    sequences      Segment / splice(): prompt, speech and target pieces -> inputs_embeds, labels ...
+    sequences      Segment / splice(): prompt, speech and target pieces -> inputs_embeds, labels ...,
+                   laid out on the host, where the loss positions and counts stay: a training step
+                   never reads back from the GPU (data.to_gpu copies without waiting)
                    prompt_pieces(): the chat template (or BLSP's template) around an input
     LLM helpers    hidden_states(), logits_at(), per_row_loss(), lm_loss(): logits only where a loss
                    needs them, one checkpointed chunk of rows at a time
