@@ -760,7 +760,8 @@ def _lora_state_for_recompute(ctx):
 def generate(llm, sp, eos, max_new_tokens=64, lora=None):
     """Greedy decoding from a left-padded Spliced batch -> list of token-id lists (EOS cut).
     With a masked LoRA context, the prompt's speech positions get the LoRA update, new tokens
-    do not (they are text)."""
+    do not (they are text). Each read from the GPU makes the host wait, so on CUDA the end of the
+    batch is checked every 8 tokens, and a decode step's mask is given as step_mask() makes it."""
     if lora is not None and lora.masked:
         lora.mask = sp.speech_mask
     embed = llm.get_input_embeddings()
@@ -769,25 +770,37 @@ def generate(llm, sp, eos, max_new_tokens=64, lora=None):
               use_cache=True, logits_to_keep=1)
     if lora is not None and lora.masked:
         lora.mask = None
-    B = mask.shape[0]
+    B, every = mask.shape[0], 8 if mask.is_cuda else 1
     done = torch.zeros(B, dtype=torch.bool, device=mask.device)
-    eos_t = torch.tensor(eos, device=mask.device)
+    eos_t = to_gpu(torch.tensor(eos), mask.device)
     seqs = []
-    for _ in range(max_new_tokens):
+    for k in range(max_new_tokens):
         nxt = out.logits[:, -1].argmax(-1)
         seqs.append(nxt)
         done |= torch.isin(nxt, eos_t)
-        if done.all():
+        if (k + 1) % every == 0 and done.all():      # (tokens after an end are cut below)
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         pos = pos[:, -1:] + 1
-        out = llm(inputs_embeds=embed(nxt)[:, None], attention_mask=mask, position_ids=pos,
-                  past_key_values=out.past_key_values, use_cache=True)
+        out = llm(inputs_embeds=embed(nxt)[:, None], attention_mask=step_mask(llm, mask),
+                  position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
     result = []
     for row in torch.stack(seqs, 1).tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
         result.append(row[:cut])
     return result
+
+
+def step_mask(llm, mask):
+    """A decode step's attention mask: the new token sees every real position, given as (B, 1, 1,
+    K) booleans, which transformers hands to SDPA as it is; the (B, K) mask it would read back at
+    every step, to learn whether it holds padding. (Another attention than SDPA, or a sliding
+    window shorter than K: the (B, K) mask.)"""
+    cfg = llm.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if cfg._attn_implementation != "sdpa" or (window and mask.shape[1] > window):
+        return mask
+    return mask.bool()[:, None, None, :]
 
 
 def respond(llm, tok, inputs, instruction, fmt="auto", max_new_tokens=64, lora=None):

@@ -477,6 +477,29 @@ def test_generate_batched_equals_one_at_a_time(tiny):
         assert out == alone == ref
 
 
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Mistral", "Phi3", "Gemma3Text"])
+def test_generate_with_step_masks_equals_transformers_per_prompt(arch):
+    """Left-padded batched greedy decoding, decode steps masked by step_mask ((B, 1, 1, K)
+    booleans, or the (B, K) mask past Gemma 3's sliding window of 8) = transformers' generate on
+    each prompt alone, for several families."""
+    import transformers
+    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+              intermediate_size=64, pad_token_id=0, eos_token_id=1)
+    kw.update({"head_dim": 16, "sliding_window": 8} if arch == "Gemma3Text" else {})
+    torch.manual_seed(0)
+    llm = transformers.AutoModelForCausalLM.from_config(getattr(transformers, arch + "Config")(**kw),
+                                                          attn_implementation="sdpa").eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    emb = llm.get_input_embeddings()
+    with torch.no_grad():
+        batched = common.generate(llm, common.splice(emb, [[common.text(p)] for p in prompts], True), [1], 7)
+        for p, out in zip(prompts, batched):
+            ref = llm.generate(torch.tensor([p]), max_new_tokens=7, do_sample=False, eos_token_id=1,
+                               pad_token_id=0)[0, len(p):].tolist()
+            assert out == ref[:next((i for i, t in enumerate(ref) if t == 1), len(ref))], (arch, p)
+    assert common.step_mask(llm, torch.ones(2, 8, dtype=torch.long)).shape == (2, 1, 1, 8)
+
+
 def test_generate_texts_cache_resumes(tiny, tmp_path):
     llm, tok = common.load_llm(tiny["llm"], cpu())
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
