@@ -220,10 +220,11 @@ def test_encoder_frame_counts_on_the_host_equal_the_frames(tiny, tmp_path):
     wav2vec2 and w2v-BERT."""
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel, Wav2Vec2Config, Wav2Vec2Model
     torch.manual_seed(0)
-    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                 conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
-                                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-                                 feat_extract_norm="layer", do_stable_layer_norm=True)).save_pretrained(tmp_path / "w2v")
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                 conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                 num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+                                 do_stable_layer_norm=True)).save_pretrained(tmp_path / "w2v")
     Wav2Vec2BertModel(Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=64, output_hidden_size=32,
                                          conv_depthwise_kernel_size=3)).save_pretrained(tmp_path / "bert")
@@ -233,9 +234,10 @@ def test_encoder_frame_counts_on_the_host_equal_the_frames(tiny, tmp_path):
         enc = common.load_encoder(str(path), cpu())
         with torch.no_grad():
             frames, lens = enc(wave, wave_lens)
-            alone = [enc(wave[i:i + 1, :n], wave_lens[i:i + 1])[0].shape[1] for i, n in enumerate(wave_lens.tolist())]
+            alone = [enc(wave[i:i + 1, :n], wave_lens[i:i + 1])[0].shape[1]
+                     for i, n in enumerate(wave_lens.tolist())]
         host = enc.output_lengths(wave_lens)
-        assert host.device.type == "cpu" and host.tolist() == lens.tolist() == alone, (enc.kind, host, lens, alone)
+        assert host.device.type == "cpu" and host.tolist() == lens.tolist() == alone, (enc.kind, host, alone)
         assert frames.shape[1] == max(alone)
 
 
@@ -360,12 +362,7 @@ def test_hidden_states_without_a_mask_equal_the_masked_ones_at_real_positions(ar
     out of the real positions); at the real positions it equals transformers' own path with the
     (B, T) mask and positions, for several families, also with a sliding window shorter than the
     batch (Gemma 3's, 8 here). A left-padded batch is refused."""
-    import transformers
-    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-              intermediate_size=64, pad_token_id=0, **({"head_dim": 16, "sliding_window": 8} if arch == "Gemma3Text" else {}))
-    torch.manual_seed(0)
-    llm = transformers.AutoModelForCausalLM.from_config(getattr(transformers, arch + "Config")(**kw),
-                                                          attn_implementation="sdpa").eval()
+    llm = tiny_causal_lm(arch)
     for lens in ((6, 3), (6, 6), (12, 5)):
         sp = common.splice(llm.get_input_embeddings(), [[common.text(list(range(3, 3 + n)))] for n in lens])
         with torch.no_grad():
@@ -375,7 +372,19 @@ def test_hidden_states_without_a_mask_equal_the_masked_ones_at_real_positions(ar
         real = sp.attention_mask.bool()
         torch.testing.assert_close(ours[real], theirs[real], atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="right-padded"):
-        common.hidden_states(llm, common.splice(llm.get_input_embeddings(), [[common.text([3])]], pad_left=True))
+        common.hidden_states(llm, common.splice(llm.get_input_embeddings(), [[common.text([3])]], True))
+
+
+def tiny_causal_lm(arch):
+    """A 2-layer model of one family (transformers' `{arch}Config`), SDPA; Gemma 3 with a sliding
+    window of 8 positions."""
+    import transformers
+    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=2, intermediate_size=64, pad_token_id=0, eos_token_id=1)
+    kw.update({"head_dim": 16, "sliding_window": 8} if arch == "Gemma3Text" else {})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, arch + "Config")(**kw),
+                                                         attn_implementation="sdpa").eval()
 
 
 def test_per_row_loss_chunks_equal_one_pass_and_keep_no_logits(tiny):
@@ -482,13 +491,7 @@ def test_generate_with_step_masks_equals_transformers_per_prompt(arch):
     """Left-padded batched greedy decoding, decode steps masked by step_mask ((B, 1, 1, K)
     booleans, or the (B, K) mask past Gemma 3's sliding window of 8) = transformers' generate on
     each prompt alone, for several families."""
-    import transformers
-    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-              intermediate_size=64, pad_token_id=0, eos_token_id=1)
-    kw.update({"head_dim": 16, "sliding_window": 8} if arch == "Gemma3Text" else {})
-    torch.manual_seed(0)
-    llm = transformers.AutoModelForCausalLM.from_config(getattr(transformers, arch + "Config")(**kw),
-                                                          attn_implementation="sdpa").eval()
+    llm = tiny_causal_lm(arch)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
     emb = llm.get_input_embeddings()
     with torch.no_grad():
@@ -598,8 +601,8 @@ def test_training_loop_waits_for_the_gpu_only_to_log(tiny, tmp_path, monkeypatch
     import bench
     items, to_device, make = data.read_manifest(tiny["train"]), common.to_device, common.make_optimizer
     monkeypatch.setattr(common, "make_optimizer", lambda params, args, device: torch.optim.AdamW(
-        [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in make(params, args, device).param_groups],
-        lr=args.lr, fused=True))
+        [dict(params=g["params"], weight_decay=g["weight_decay"])
+         for g in make(params, args, device).param_groups], lr=args.lr, fused=True))
     model = Toy()
 
     def step(batch):                         # the batch's audio only: no read, no copy
