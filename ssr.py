@@ -116,15 +116,17 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-def causal_mask(T):
-    return torch.ones(T, T, dtype=torch.bool).tril()
+def causal_mask(T, device="cpu"):
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
-def blockwise_mask(boundaries, T):
+def blockwise_mask(boundaries, T, device="cpu"):
     """Segment k = frames (b_{k-1}, b_k]; a frame of segment k sees frames b_{k-1} .. itself
-    (segment 0 from frame 0; the frames after the last boundary form one more segment)."""
+    (segment 0 from frame 0; the frames after the last boundary form one more segment). Each
+    frame's segment start is found on the host; the (T, T) mask is made on `device`."""
     b, t = torch.tensor(boundaries, dtype=torch.long), torch.arange(T)
-    start = torch.cat([torch.zeros(1, dtype=torch.long), b])[torch.searchsorted(b, t)]
+    start = common.to_gpu(torch.cat([torch.zeros(1, dtype=torch.long), b])[torch.searchsorted(b, t)], device)
+    t = torch.arange(T, device=device)
     return (t[None] >= start[:, None]) & (t[None] <= t[:, None])
 
 
@@ -270,8 +272,8 @@ class Connector(nn.Module):
     def forward(self, frames, boundaries):
         x = self.proj(frames)
         B, T, _ = x.shape
-        mask = common.to_gpu(torch.stack([blockwise_mask(b, T) for b in boundaries]) if self.blockwise
-                             else causal_mask(T).expand(B, T, T), x.device)
+        mask = (torch.stack([blockwise_mask(b, T, x.device) for b in boundaries]) if self.blockwise else
+                causal_mask(T, x.device).expand(B, T, T))       # (B x T x T booleans: not copied over)
         K = max(map(len, boundaries), default=0)
         rows = common.to_gpu(torch.tensor([b + [0] * (K - len(b)) for b in boundaries], dtype=torch.long),
                              x.device)
