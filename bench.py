@@ -388,7 +388,8 @@ class HostSyncs(TorchDispatchMode):
         elif func in self.INDEX and self.on_device(args[0]) and any(
                 i is not None and i.dtype == torch.bool and self.on_device(i) for i in args[1]):
             self.record("boolean mask index")
-        elif func == torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+        elif func == torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None \
+                and self.on_device(args[0]):
             self.record("repeat_interleave")
         out = func(*args, **kwargs)
         host = all(self.on_host(t) for t in inputs)      # computed from host tensors (or none)
@@ -422,7 +423,8 @@ class HostSyncs(TorchDispatchMode):
                 if not (k.get("non_blocking") or any(x is True for x in a)):
                     counter.record("blocking copy (.to)")
                 out = out.view_as(out) if out is t else out      # (on a CPU: itself)
-                counter.unmark(out)
+                to_host = torch.device(dev).type == "cpu" and t.device.type != "cpu"
+                counter.mark(out) if to_host else counter.unmark(out)
             return out
 
         def tensor(*a, **k):
