@@ -43,6 +43,8 @@ import torch.utils.checkpoint
 
 import data
 
+to_gpu = data.to_gpu        # a host tensor to the device, without waiting for the GPU
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM during train(): handled like Ctrl-C (checkpoint of the last finished step, exit)."""
@@ -570,9 +572,6 @@ class Spliced:
     pad_left: bool = False        # padded at the start (generation) instead of the end
 
 
-to_gpu = data.to_gpu        # a host tensor to the device, without waiting for the GPU
-
-
 def splice(embed, samples, pad_left=False):
     """Lay out each sample's segments one after the other, packed with no holes, padded at the
     end (or at the start with pad_left, for generation). One embedding call and one gather. The
@@ -593,7 +592,7 @@ def splice(embed, samples, pad_left=False):
     labels = torch.full((B, T), -100, dtype=torch.long)
     smask = torch.zeros(B, T, dtype=torch.bool)
     amask = torch.zeros(B, T, dtype=torch.long)
-    spans, t_next, v_next, rows, ids = [], 0, len(all_ids), [], []
+    spans, t_next, v_next, tgt_rows, tgt_ids = [], 0, len(all_ids), [], []
     for b, s in enumerate(samples):
         pos = T - lens[b] if pad_left else 0
         amask[b, pos:pos + lens[b]] = 1
@@ -610,13 +609,13 @@ def splice(embed, samples, pad_left=False):
             tgt = seg.labels if seg.labels is not None else seg.ids if seg.loss else None
             if tgt is not None:
                 labels[b, pos:pos + n] = torch.tensor(tgt, dtype=torch.long)
-                rows += [b * T + t - 1 for t in range(max(pos, 1), pos + n)]   # t-1 predicts t
-                ids += tgt[max(pos, 1) - pos:]
+                tgt_rows += [b * T + t - 1 for t in range(max(pos, 1), pos + n)]   # t-1 predicts t
+                tgt_ids += tgt[max(pos, 1) - pos:]
             sp.append((pos, pos + n))
             pos += n
         spans.append(sp)
     position_ids = (amask.cumsum(1) - 1).clamp(min=0)
-    targets = tuple(to_gpu(torch.tensor(x, dtype=torch.long), dev) for x in (rows, ids))
+    targets = tuple(to_gpu(torch.tensor(x, dtype=torch.long), dev) for x in (tgt_rows, tgt_ids))
     return Spliced(table[to_gpu(index, dev)], to_gpu(amask, dev), to_gpu(position_ids, dev),
                    to_gpu(labels, dev), to_gpu(smask, dev), spans, targets, sum(lens), pad_left)
 
@@ -1145,9 +1144,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             # token-normalised gradients: sum over micro-batches and ranks, then divide
             total = float(units)
             if world > 1:       # with the units, the loss and the stop flags (StopFlags)
-                extra = torch.tensor([total, float(flags.name is not None)])
-                if device.type == "cuda":               # pinned, non-blocking: no stream sync
-                    extra = extra.pin_memory().to(device, non_blocking=True)
+                extra = to_gpu(torch.tensor([total, float(flags.name is not None)]), device)
                 flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
                                   for p in params] + [extra, loss_sum[None]])
                 torch.distributed.all_reduce(flat)

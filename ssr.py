@@ -173,7 +173,7 @@ def aligner_loss(logp, lens, texts):
     """CTC loss summed over the batch -> (loss, number of target characters). lens: frame counts
     on the host (CUDA's CTC reads the lengths on the host: from the GPU, a sync)."""
     tgts = [ctc_targets(t)[1] for t in texts]
-    loss = F.ctc_loss(logp.transpose(0, 1), common.to_gpu(torch.tensor(sum(tgts, []), dtype=torch.long),
+    loss = F.ctc_loss(logp.transpose(0, 1), common.to_gpu(torch.tensor([c for t in tgts for c in t], dtype=torch.long),
                                                          logp.device),
                       lens, torch.tensor([len(t) for t in tgts]), blank=BLANK, reduction="sum",
                       zero_infinity=True)
