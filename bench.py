@@ -36,9 +36,12 @@ Variants, measured with the same models in the same run (the official choices re
     blsp-ckpt     blsp with activation checkpointing of the frozen LLM (--grad-ckpt)
     blsp-compile  blsp with the adapter compiled (--compile: torch.compile, dynamic shapes; it
                   compiles in two untimed warm-up steps, of about 10 s and 12 s clips)
-    blsp-compile-llm  blsp with each layer of the frozen LLM compiled (torch.compile, dynamic shapes;
-                  one compile serves all the layers): it fuses the element-wise kernels (RMSNorm,
-                  rotary, gating) around the matrix products; not an option of the scripts yet
+    blsp-noprefix blsp with the instruction run for every clip, as the released code does (this
+                  project runs a prefix that every sample shares once: common.hidden_states)
+    blsp-compile-llm  blsp-noprefix with each layer of the frozen LLM compiled (torch.compile,
+                  dynamic shapes; one compile serves all the layers): it fuses the element-wise
+                  kernels (RMSNorm, rotary, gating) around the matrix products; not an option of
+                  the scripts yet
     blsp-fused-norm  blsp with the frozen LLM's RMSNorms as one F.rms_norm call each (torch 2.11 has
                   fused CUDA kernels for its forward and backward; HF's LlamaRMSNorm runs about 7
                   kernels forward, more backward); not an option of the scripts yet
@@ -105,7 +108,7 @@ SCALES = dict(
                batch=16, cformer=dict(pre_layers=4, post_layers=4, heads=8), connector=dict(layers=4),
                t5=dict(d=4096, layers=24, heads=64, ffn=10240, vocab=250112),      # mT0-XXL (13B)
                slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
-VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-ckpt", "blsp-compile", "blsp-compile-llm",
+VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-noprefix", "blsp-ckpt", "blsp-compile", "blsp-compile-llm",
             "blsp-fused-norm", "blsp-1s", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1", "ssr2", "slm")
 WORDS = sorted(data.toy_vocabulary())                  # the spoken texts' words
 PROMPT, AFTER, CONTINUATION, EOS = list(range(5, 40)), list(range(40, 45)), 48, 2   # prompt pieces; targets
@@ -240,15 +243,16 @@ def blsp_method(variant, enc, llm, s):
     def step(batch):
         vecs = blsp.speech_vectors(encoder, adapter, batch)
         samples = [blsp.behaviour_sample(PROMPT, v, AFTER, r, EOS) for v, r in zip(vecs, batch["response"])]
-        loss, rows, tokens = blsp.behaviour_loss(llm, embed, samples)
-        return loss, tokens, flops(encoder_frames(batch), tokens, rows)
+        loss, rows, sp = blsp.behaviour_loss(llm, embed, samples)
+        return loss, sp.n_tokens, flops(encoder_frames(batch), sp.llm_tokens, rows)
     return adapter, step
 
 
 def kd_with_logits(llm, teacher, student, args, full):
     """The KL terms of blsp_kd.kd_losses, the official way: logits of the loss positions all at
     once (full=False); or (full=True) fp32 logits of the whole sequence of both passes, kept until
-    the step ends as a model's output would be, then selected. -> (loss, tensors to keep)."""
+    the step ends as a model's output would be, then selected.
+    -> (loss, tensors to keep, positions each pass ran)."""
     embed = llm.get_input_embeddings()
     sp_t, sp_s = common.splice(embed, teacher), common.splice(embed, student)
     at = blsp_kd.kd_positions(sp_t, sp_s)
@@ -260,7 +264,8 @@ def kd_with_logits(llm, teacher, student, args, full):
     h_t, h_s = h_t.flatten(0, 1), h_s.flatten(0, 1)                  # kd_positions: flat rows
     lt = {k: full_t.flatten(0, 1)[w[0]] if full else common.logits_at(llm, h_t, w[0]) for k, w in at.items()}
     ls = {k: full_s.flatten(0, 1)[w[1]] if full else common.logits_at(llm, h_s, w[1]) for k, w in at.items()}
-    return sum(blsp_kd.kl(lt[k], ls[k], args.temperature).mean() for k in at), [full_t, full_s]
+    return (sum(blsp_kd.kl(lt[k], ls[k], args.temperature).mean() for k in at), [full_t, full_s],
+            (sp_t.llm_tokens, sp_s.llm_tokens))
 
 
 def kd_method(variant, enc, llm, s, keep):
@@ -277,14 +282,14 @@ def kd_method(variant, enc, llm, s, keep):
         pairs = [blsp_kd.kd_pair(PROMPT, AFTER, t, v, r)
                  for t, v, r in zip(transcripts, vecs, batch["response"])]
         if variant in ("kd", "kd-ckpt"):                  # this project: blsp_kd.kd_losses as it is
-            losses, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n_dev)
+            losses, _, ran = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n_dev)
             loss = sum(losses.values())
         else:
-            loss, kept = kd_with_logits(llm, *zip(*pairs), kd_args, full=variant == "kd-full")
+            loss, kept, ran = kd_with_logits(llm, *zip(*pairs), kd_args, full=variant == "kd-full")
             keep.extend(kept)
-        T_t, T_s = (sum(len(seg) for pair in pairs for seg in pair[i]) for i in (0, 1))
+        tokens = sum(len(seg) for pair in pairs for s in pair for seg in s)
         rows = len(pairs) * CONTINUATION + sum(n)         # response + input KL
-        return loss, T_t + T_s, flops(encoder_frames(batch), T_t, T_s, rows)
+        return loss, tokens, flops(encoder_frames(batch), *ran, rows)
     return adapter, step
 
 
@@ -485,8 +490,9 @@ def run_variant(variant, args):
     if variant.endswith("-compile"):
         common.compile_adapter(module, common.Args(compile=True))
     if variant.endswith("-compile-llm"):
-        for layer in llm.model.layers:
-            common.compile_adapter(layer, common.Args(compile=True))
+        compile_llm_layers(llm)
+    if variant.endswith(("-noprefix", "-compile-llm")):    # every sample runs the whole prompt
+        common.SHARED_PREFIX_MIN = 1 << 30
     if variant.endswith("-fused-norm"):
         fuse_rms_norms(llm)
     opt = common.make_optimizer([p for p in module.parameters() if p.requires_grad], common.Args(lr=1e-4),
@@ -545,6 +551,14 @@ def run_variant(variant, args):
             torch.cuda.set_sync_debug_mode("default")
         res["cuda_syncs"] = sum("synchroniz" in str(w.message) for w in seen)
     return res
+
+
+def compile_llm_layers(llm):
+    """blsp-compile-llm: each layer of the frozen LLM compiled, one compile for all of them (with
+    the shared prefix off: its keys and values are read by layer number, which would compile every
+    layer apart)."""
+    for layer in llm.model.layers:
+        common.compile_adapter(layer, common.Args(compile=True))
 
 
 def fuse_rms_norms(llm):
@@ -671,6 +685,9 @@ def main():
     if "blsp" in rows and "blsp-nobucket" in rows:
         print(f"length buckets: {ratio('blsp', 'blsp-nobucket'):.2f}x the throughput of random batches "
               f"(padding {rows['blsp']['padding']:.1%} vs {rows['blsp-nobucket']['padding']:.1%})")
+    if "blsp" in rows and "blsp-noprefix" in rows:
+        print(f"shared prefix run once: {ratio('blsp', 'blsp-noprefix'):.2f}x the throughput of the whole "
+              f"prompt for every clip, {ratio('blsp', 'blsp-noprefix', 'peak_gib'):.2f}x the peak memory")
     if "blsp" in rows and "blsp-ckpt" in rows:
         print(f"activation checkpointing of the LLM: {ratio('blsp-ckpt', 'blsp', 'peak_gib'):.2f}x the peak "
               f"memory ({ratio('blsp-ckpt', 'blsp', 'step_gib'):.2f}x during the step), "
@@ -682,8 +699,9 @@ def main():
                   f"{ratio(v, 'kd-full'):.2f}x the throughput")
     if "blsp" in rows and "blsp-compile" in rows:
         print(f"compiled adapter: {ratio('blsp-compile', 'blsp'):.2f}x the throughput of blsp")
-    if "blsp" in rows and "blsp-compile-llm" in rows:
-        print(f"compiled LLM layers: {ratio('blsp-compile-llm', 'blsp'):.2f}x the throughput of blsp")
+    if "blsp-noprefix" in rows and "blsp-compile-llm" in rows:
+        print(f"compiled LLM layers: {ratio('blsp-compile-llm', 'blsp-noprefix'):.2f}x the throughput of "
+              f"blsp-noprefix")
     if "blsp" in rows and "blsp-fused-norm" in rows:
         print(f"fused RMSNorm: {ratio('blsp-fused-norm', 'blsp'):.2f}x the throughput of blsp")
     if "blsp" in rows and "blsp-1s" in rows:

@@ -133,16 +133,19 @@ def behaviour_sample(before, vectors, after, continuation_ids, eos):
 
 
 def behaviour_loss(llm, embed, samples):
-    """Next-token cross-entropy on the continuation + EOS positions (summed, with their count)."""
+    """Next-token cross-entropy on the continuation + EOS positions -> (sum, their count, the
+    Spliced batch: its n_tokens, and llm_tokens, the positions the LLM ran: the instruction that
+    every sample shares runs once, common.hidden_states)."""
     sp = common.splice(embed, samples)
     loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
-    return loss, n, sp.n_tokens
+    return loss, n, sp
 
 
 def step_flops(encoder, adapter, llm):
     """-> flops(frames, tokens, rows): a step's model FLOPs (common.matrices): the frozen encoder's
     forward (2N), the trained adapter (6N, counted at the frame rate: an upper bound), the frozen
-    LLM's forward and input gradients (4N), its output layer at the loss rows only."""
+    LLM's forward and input gradients (4N) at the positions it ran (a shared prefix once: its
+    2N forward counted as 4N, a slight overcount), its output layer at the loss rows only."""
     n_enc, n_ad, (n_llm, n_head) = common.matrices(encoder), common.matrices(adapter), common.llm_matrices(llm)
     return lambda frames, tokens, rows: (2 * n_enc + 6 * n_ad) * frames + 4 * n_llm * tokens + 4 * n_head * rows
 
@@ -220,8 +223,8 @@ def main(argv=None):
         vecs = speech_vectors(encoder, adapter, batch)
         samples = [behaviour_sample(before, v, after, ids, eos)
                    for v, ids in zip(vecs, batch["continuation_ids"])]
-        loss, n, tokens = behaviour_loss(llm, embed, samples)
-        return loss, n, dict(tokens=tokens, flops=flops(encoder.frames, tokens, n))
+        loss, n, sp = behaviour_loss(llm, embed, samples)
+        return loss, n, dict(tokens=sp.n_tokens, flops=flops(encoder.frames, sp.llm_tokens, n))
 
     def valid_fn(step):
         adapter.eval()

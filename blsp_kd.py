@@ -241,8 +241,9 @@ def kl(teacher_logits, student_logits, T):
 
 def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
     """Teacher (no grad, LoRA off) and student (LoRA at speech) passes -> (dict of loss-term
-    means, number of response positions). Logits only where a loss looks, one checkpointed chunk
-    of rows at a time (common.per_row_loss): a 150k vocabulary never holds (rows, V) fp32 tensors."""
+    means, number of response positions, positions each pass ran: the shared instruction once,
+    common.hidden_states). Logits only where a loss looks, one checkpointed chunk of rows at a
+    time (common.per_row_loss): a 150k vocabulary never holds (rows, V) fp32 tensors."""
     embed = llm.get_input_embeddings()
     sp_t, sp_s = common.splice(embed, teacher), common.splice(embed, student)
     at = kd_positions(sp_t, sp_s)
@@ -266,14 +267,15 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
         out["response_ce"] = common.per_row_loss(
             llm, lambda s, y: F.cross_entropy(s, y, reduction="none"),
             [rows["response"][1]], [sp_s.targets[1]]).mean()
-    return out, len(at["response"][1])
+    return out, len(at["response"][1]), (sp_t.llm_tokens, sp_s.llm_tokens)
 
 
 def step_flops(encoder, cformer, module, llm, train_encoder=False):
     """-> flops(frames, T_t, T_s, rows): a step's model FLOPs (common.matrices): the encoder (2N
     frozen, 6N with --unfreeze-encoder), the trained CFormer (6N per frame), the teacher pass
     forward only (2N), the student pass forward and input gradients (4N; 6N for its LoRA), the
-    output layer at the KL rows in both passes (2N + 4N)."""
+    output layer at the KL rows in both passes (2N + 4N). T_t, T_s: the positions each pass ran
+    (a shared prefix once; in the student pass its 2N forward counted as 4N, a slight overcount)."""
     n_enc, n_cf = common.matrices(encoder), common.matrices(cformer)
     n_lora = common.matrices(module["lora"], trained=True) if "lora" in module else 0
     n_llm, n_head = common.llm_matrices(llm)
@@ -289,11 +291,11 @@ def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops):
     vecs, n, total = speech_vectors(encoder, cformer, batch, n, args.unfreeze_encoder)
     pairs = [kd_pair(before, after, t, v, r)
              for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
-    losses, k = kd_losses(llm, ctx, *zip(*pairs), args, total, n)
+    losses, k, ran = kd_losses(llm, ctx, *zip(*pairs), args, total, n)
     loss = sum(losses.values())
-    T_t, T_s = (sum(len(seg) for pair in pairs for seg in pair[i]) for i in (0, 1))
+    tokens = sum(len(seg) for pair in pairs for s in pair for seg in s)
     rows = k + sum(len(t) for t in batch["transcript_ids"])          # response + input KL rows
-    return loss * k, k, dict(tokens=T_t + T_s, flops=flops(encoder.frames, T_t, T_s, rows),
+    return loss * k, k, dict(tokens=tokens, flops=flops(encoder.frames, *ran, rows),
                              **{name: v.detach() for name, v in losses.items()})   # no sync here
 
 
@@ -313,7 +315,7 @@ def kd_eval(encoder, cformer, llm, tok, ctx, items, args, device):
             vecs, n, total = speech_vectors(encoder, cformer, batch, n_true)
             pairs = [kd_pair(before, after, t, v, r)
                      for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
-            losses, k = kd_losses(llm, ctx, *zip(*pairs), measure)
+            losses, k, _ = kd_losses(llm, ctx, *zip(*pairs), measure)
         n_in = sum(n_true)                          # the terms are means over k and n_in positions
         sums["response_kl"] += float(losses["response_kl"]) * k
         sums["input_kl"] += float(losses["input_kl"]) * n_in

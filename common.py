@@ -441,11 +441,15 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
 def enable_checkpointing(llm, context_fn=None):
     """--grad-ckpt: transformers' activation checkpointing of every layer (non-reentrant; with
     context_fn, the context its recompute runs in). The layers are listed once, for
-    checkpointing()."""
+    checkpointing(). They keep a KV cache they are given (transformers drops it, as most caches
+    are written to): the only one a pass with gradients gets is hidden_states()' read-only prefix
+    cache, which a recompute reads as the forward did."""
     from transformers.modeling_layers import GradientCheckpointingLayer
     kw = dict(use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
     llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     llm.checkpointed_layers = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for m in llm.checkpointed_layers:
+        m._can_checkpoint_with_cache = True
 
 
 @contextlib.contextmanager
@@ -570,6 +574,8 @@ class Spliced:
     targets: tuple                # (rows, ids): flat positions b*T+t that predict a target, the targets
     n_tokens: int                 # real (not padding) positions in all
     pad_left: bool = False        # padded at the start (generation) instead of the end
+    prefix: int = 0               # leading positions that hold the same text in every sample
+    llm_tokens: int = None        # positions the last hidden_states() ran (the prefix once)
 
 
 def splice(embed, samples, pad_left=False):
@@ -617,22 +623,70 @@ def splice(embed, samples, pad_left=False):
     position_ids = (amask.cumsum(1) - 1).clamp(min=0)
     targets = tuple(to_gpu(torch.tensor(x, dtype=torch.long), dev) for x in (tgt_rows, tgt_ids))
     return Spliced(table[to_gpu(index, dev)], to_gpu(amask, dev), to_gpu(position_ids, dev),
-                   to_gpu(labels, dev), to_gpu(smask, dev), spans, targets, sum(lens), pad_left)
+                   to_gpu(labels, dev), to_gpu(smask, dev), spans, targets, sum(lens), pad_left,
+                   0 if pad_left else shared_prefix(samples))
+
+
+def shared_prefix(samples):
+    """How many leading tokens every sample shares: its first segment's text (BLSP's instruction, a
+    chat template's system prompt), up to the first difference; at least one position of the
+    shortest sample is left after it."""
+    first = [s[0] for s in samples if s]
+    if len(first) < 2 or len(first) < len(samples) or \
+            any(seg.ids is None or seg.loss or seg.labels is not None for seg in first):
+        return 0
+    n = min(min(len(seg) for seg in first), min(sum(len(seg) for seg in s) for s in samples) - 1)
+    return next((i for i in range(n) if any(seg.ids[i] != first[0].ids[i] for seg in first)), n)
 
 
 # ============================================================================================
 # LLM helpers: hidden states once, logits only where a loss needs them
+
+SHARED_PREFIX_MIN = 16     # tokens: a shorter shared prefix is not worth its own pass
+
 
 def hidden_states(llm, sp):
     """Final hidden states of a causal LM for a right-padded Spliced batch (no logits computed).
     No attention mask: padding at the end comes after every real token, so causal attention alone
     keeps it out of the real positions, whose outputs are exact (those at the padding differ, and
     no loss reads them). transformers then has no mask to read back for padding (a host sync) nor
-    to build: SDPA runs its causal kernel (flash attention on CUDA)."""
+    to build: SDPA runs its causal kernel (flash attention on CUDA).
+    A prefix that every sample shares (sp.prefix: BLSP's instruction, a chat template's system
+    prompt) runs once, for one sample and without gradient, and its keys and values (transformers'
+    KV cache, read-only: each layer gets them ahead of its own, and nothing is stored) serve the
+    whole batch: the same outputs, and (B - 1) x prefix fewer positions forward and backward. Only
+    where prefix_runs_once() allows it."""
     if sp.pad_left:
         raise ValueError("hidden_states needs a right-padded batch (splice without pad_left)")
+    B, P = sp.inputs_embeds.shape[0], sp.prefix if prefix_runs_once(llm, sp) else 0
+    sp.llm_tokens = sp.n_tokens - (B - 1) * P
+    if not P:
+        with checkpointing(llm):
+            return llm.base_model(inputs_embeds=sp.inputs_embeds, use_cache=False).last_hidden_state
+    with torch.no_grad():
+        head = llm.base_model(inputs_embeds=sp.inputs_embeds[:1, :P], use_cache=True)
+    cache, read = head.past_key_values, []
+    for layer in cache.layers:                       # one sample's keys and values, for all B
+        layer.batch_repeat_interleave(B)
+
+    def prefix_and(k, v, i, *args, **kwargs):        # read-only: a recompute reads the same
+        read.append(i)
+        return torch.cat([cache.layers[i].keys, k], -2), torch.cat([cache.layers[i].values, v], -2)
+    cache.update = prefix_and
     with checkpointing(llm):
-        return llm.base_model(inputs_embeds=sp.inputs_embeds, use_cache=False).last_hidden_state
+        rest = llm.base_model(inputs_embeds=sp.inputs_embeds[:, P:], past_key_values=cache,
+                              use_cache=True).last_hidden_state
+    if not read:
+        raise RuntimeError("the LLM's layers did not read the shared prefix's KV cache")
+    return torch.cat([head.last_hidden_state.expand(B, -1, -1), rest], 1)
+
+
+def prefix_runs_once(llm, sp):
+    """A shared prefix of at least SHARED_PREFIX_MIN tokens, and nothing in the LLM that its
+    outputs could depend on or pass gradients to: no trained weight and no LoRA (BLSP-KD's
+    Partial LoRA reads a (B, T) mask)."""
+    return sp.prefix >= SHARED_PREFIX_MIN and not any(p.requires_grad for p in llm.parameters()) and \
+        not any(isinstance(m, LoRALinear) for m in llm.modules())
 
 
 def logits_at(llm, hidden, index, chunk=1024):

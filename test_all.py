@@ -375,6 +375,80 @@ def test_hidden_states_without_a_mask_equal_the_masked_ones_at_real_positions(ar
         common.hidden_states(llm, common.splice(llm.get_input_embeddings(), [[common.text([3])]], True))
 
 
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Mistral", "Phi3", "Gemma3Text"])
+def test_hidden_states_run_a_shared_prefix_once(arch):
+    """A prefix that every sample shares (18 tokens, longer than Gemma 3's window of 8) runs once,
+    for one sample: the hidden states at the real positions and the speech vectors' gradients
+    equal those of the batch run whole, with (B - 1) x 18 fewer positions through the layers and
+    no wait for the GPU; with --grad-ckpt too (the recompute reads the same prefix)."""
+    import bench
+    llm = common.freeze(tiny_causal_lm(arch))
+    ckpt = common.freeze(tiny_causal_lm(arch))
+    common.enable_checkpointing(ckpt)
+    torch.manual_seed(1)
+    vecs = [torch.randn(n, 32, requires_grad=True) for n in (5, 9, 3)]
+    samples = [[text(range(3, 21)), speech(v), text([30, 31]), text([40 + i, 41, 42], loss=True)]
+               for i, v in enumerate(vecs)]
+    ran = []
+
+    def count(module, args, kwargs):                      # positions the first layer runs
+        x = args[0] if args else kwargs["hidden_states"]
+        ran.append(x.shape[0] * x.shape[1])
+    for m in (llm, ckpt):
+        m.base_model.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+    out = []
+    for model, shared in ((llm, False), (llm, True), (ckpt, True)):
+        sp = common.splice(model.get_input_embeddings(), samples)
+        assert sp.prefix == 18
+        sp.prefix = sp.prefix if shared else 0
+        ran.clear()
+        with bench.HostSyncs() as syncs:
+            h = common.hidden_states(model, sp)
+            loss, _ = common.lm_loss(model, h, sp)
+        forward = sum(ran)
+        out.append((h[sp.attention_mask.bool()], loss, torch.autograd.grad(loss, vecs), forward,
+                    sp.llm_tokens, syncs.total()))
+    h0, l0, g0, ran0, t0, _ = out[0]
+    assert ran0 == 3 * 32 and t0 == 86
+    for h, l, g, ran1, t1, waits in out[1:]:
+        torch.testing.assert_close(h, h0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l, l0, atol=1e-5, rtol=1e-6)
+        for a, b in zip(g, g0):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert ran1 == 18 + 3 * 14 and t1 == 86 - 2 * 18 and waits == 0
+
+
+def test_shared_prefix_found_and_run_once_only_where_exact():
+    """splice finds the leading text that every sample shares (not a target, not speech, not
+    left-padded; one position of the shortest sample left after it). hidden_states runs it once
+    only from SHARED_PREFIX_MIN tokens, with a frozen LLM without LoRA."""
+    emb, v = nn.Embedding(100, 8), torch.zeros(2, 8)
+
+    def prefix(*samples, pad_left=False):
+        return common.splice(emb, list(samples), pad_left).prefix
+    assert prefix([text([1, 2, 3, 4]), speech(v)], [text([1, 2, 3, 5]), speech(v)]) == 3
+    assert prefix([text([1, 2, 3]), speech(v)], [text([1, 2, 3, 4])]) == 3
+    assert prefix([text([1, 2, 3])], [text([1, 2, 3])]) == 2
+    assert prefix([text([1, 2, 3]), speech(v)], [text([1, 2, 3]), speech(v)], pad_left=True) == 0
+    assert prefix([text([1, 2, 3], loss=True)], [text([1, 2, 3], loss=True)]) == 0
+    assert prefix([speech(v), text([1, 2])], [speech(v), text([1, 2])]) == 0
+    assert prefix([text([1, 2, 3]), speech(v)]) == 0
+    assert prefix([text([2, 1]), speech(v)], [text([1, 1]), speech(v)]) == 0
+
+    llm = common.freeze(tiny_causal_lm("Llama"))
+    sp = common.splice(llm.get_input_embeddings(), [[text(range(3, 21)), text([30 + i])] for i in range(2)])
+    assert sp.prefix == 18 and common.prefix_runs_once(llm, sp)
+    sp.prefix = common.SHARED_PREFIX_MIN - 1
+    assert not common.prefix_runs_once(llm, sp)
+    sp.prefix = 18
+    llm.lm_head.weight.requires_grad_(True)                # something of the LLM trains
+    assert not common.prefix_runs_once(llm, sp)
+    llm.lm_head.weight.requires_grad_(False)
+    common.add_lora(llm)
+    common.freeze(llm)                                     # LoRA, even frozen
+    assert not common.prefix_runs_once(llm, sp)
+
+
 def tiny_causal_lm(arch):
     """A 2-layer model of one family (transformers' `{arch}Config`), SDPA; Gemma 3 with a sliding
     window of 8 positions."""
@@ -1092,8 +1166,8 @@ def test_compiled_adapter_and_llm_layers_compile_once_for_every_length(monkeypat
     enc, llm = bench.build_encoder(s["enc"], dev), bench.build_llm("tiny", 1000, dev)
     adapter, step = bench.blsp_method("blsp", enc, llm, s)
     common.compile_adapter(adapter, common.Args(compile=True))
-    for layer in llm.model.layers:
-        common.compile_adapter(layer, common.Args(compile=True))
+    monkeypatch.setattr(common, "SHARED_PREFIX_MIN", 1 << 30)     # as bench's blsp-compile-llm
+    bench.compile_llm_layers(llm)
     rng = random.Random(0)
     for d in (3.1, 5.55, 12.0, 7.02, 19.9):
         loss, _, _ = step(bench.make_batch([d, d - 0.7], 1000, rng, dev))
@@ -1416,7 +1490,7 @@ def test_blsp_kd_kd_losses_equal_direct_computation():
     vecs = [torch.randn(len(t), 32) for t in trs]
     total, n = torch.tensor([7.5, 4.0]), torch.tensor([6, 5])
     pairs = [blsp_kd.kd_pair(before, after, t, v, r) for t, v, r in zip(trs, vecs, resps)]
-    got, k = blsp_kd.kd_losses(llm, None, *zip(*pairs), blsp_kd_loss_args(), total, n)
+    got, k, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), blsp_kd_loss_args(), total, n)
 
     emb = llm.get_input_embeddings()
     rkl, ikl, ce = [], [], []
