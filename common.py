@@ -7,8 +7,9 @@
                    laid out on the host, where the loss positions and counts stay: a training step
                    never reads back from the GPU (data.to_gpu copies without waiting)
                    prompt_pieces(): the chat template (or BLSP's template) around an input
-    LLM helpers    hidden_states(), logits_at(), per_row_loss(), lm_loss(): logits only where a loss
-                   needs them, one checkpointed chunk of rows at a time
+    LLM helpers    hidden_states(): a prefix every sample shares runs once per batch;
+                   logits_at(), per_row_loss(), lm_loss(): logits only where a loss needs them, one
+                   checkpointed chunk of rows at a time
                    LoRA (optionally masked per position), generate() (greedy, KV cache)
     training       train(): AdamW, warm-up + decay, token-normalised accumulation, clipping,
                    bf16 autocast, DDP (torchrun), checkpoints + exact resume, metrics.jsonl
@@ -663,7 +664,7 @@ def hidden_states(llm, sp):
     if not P:
         with checkpointing(llm):
             return llm.base_model(inputs_embeds=sp.inputs_embeds, use_cache=False).last_hidden_state
-    with torch.no_grad():
+    with torch.no_grad(), lora_masks_from(llm, None):          # the prefix is text: no LoRA there
         head = llm.base_model(inputs_embeds=sp.inputs_embeds[:1, :P], use_cache=True)
     cache, read = head.past_key_values, []
     for layer in cache.layers:                       # one sample's keys and values, for all B
@@ -673,9 +674,9 @@ def hidden_states(llm, sp):
         read.append(i)
         return torch.cat([cache.layers[i].keys, k], -2), torch.cat([cache.layers[i].values, v], -2)
     cache.update = prefix_and
-    with checkpointing(llm):
+    with checkpointing(llm), lora_masks_from(llm, P):
         rest = llm.base_model(inputs_embeds=sp.inputs_embeds[:, P:], past_key_values=cache,
-                              use_cache=True).last_hidden_state
+                              use_cache=False).last_hidden_state   # reads it, stores nothing
     if not read:
         raise RuntimeError("the LLM's layers did not read the shared prefix's KV cache")
     return torch.cat([head.last_hidden_state.expand(B, -1, -1), rest], 1)
@@ -683,10 +684,30 @@ def hidden_states(llm, sp):
 
 def prefix_runs_once(llm, sp):
     """A shared prefix of at least SHARED_PREFIX_MIN tokens, and nothing in the LLM that its
-    outputs could depend on or pass gradients to: no trained weight and no LoRA (BLSP-KD's
-    Partial LoRA reads a (B, T) mask)."""
-    return sp.prefix >= SHARED_PREFIX_MIN and not any(p.requires_grad for p in llm.parameters()) and \
-        not any(isinstance(m, LoRALinear) for m in llm.modules())
+    outputs could depend on or pass gradients to: no trained weight of the LLM's own, and LoRA only
+    where it is off or masked to the speech (BLSP-KD's Partial LoRA: the prefix is text)."""
+    if sp.prefix < SHARED_PREFIX_MIN:
+        return False
+    lora = [m for m in llm.modules() if isinstance(m, LoRALinear)]
+    own = {id(p) for m in lora for p in (m.lora_A, m.lora_B)}
+    return not any(p.requires_grad for p in llm.parameters() if id(p) not in own) and \
+        all(not m.ctx.enabled or (m.ctx.masked and (m.ctx.mask is None or m.ctx.mask is sp.speech_mask))
+            for m in lora)
+
+
+@contextlib.contextmanager
+def lora_masks_from(llm, start):
+    """Masked LoRA's (B, T) masks from position `start` on, for a pass over inputs[:, start:]
+    (start=None: no update anywhere, for the shared prefix's pass)."""
+    ctxs = list({id(m.ctx): m.ctx for m in llm.modules() if isinstance(m, LoRALinear)}.values())
+    kept = [c.mask for c in ctxs]
+    for c, mask in zip(ctxs, kept):
+        c.mask = None if mask is None or start is None else mask[:, start:]
+    try:
+        yield
+    finally:
+        for c, mask in zip(ctxs, kept):
+            c.mask = mask
 
 
 def logits_at(llm, hidden, index, chunk=1024):

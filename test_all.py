@@ -418,10 +418,51 @@ def test_hidden_states_run_a_shared_prefix_once(arch):
         assert ran1 == 18 + 3 * 14 and t1 == 86 - 2 * 18 and waits == 0
 
 
+def test_shared_prefix_runs_once_under_partial_lora():
+    """BLSP-KD stage 2's student pass: Partial LoRA updates the speech positions only, so the text
+    prefix runs once as without LoRA, and the rest of the pass reads the mask from the prefix on:
+    hidden states and the gradients of the speech vectors and of LoRA's weights equal those of the
+    batch run whole, with --grad-ckpt too (the recompute reads the same part of the mask)."""
+    torch.manual_seed(0)
+    models = []
+    for grad_ckpt in (False, True):
+        llm = common.freeze(tiny_causal_lm("Llama"))
+        if grad_ckpt:
+            common.enable_checkpointing(llm)
+        ctx, lora = common.add_lora(llm, dropout=0.0, masked=True)
+        models.append((llm, ctx, [p for p in lora.parameters() if p.requires_grad]))
+    for p, q in zip(models[0][2], models[1][2]):
+        nn.init.normal_(p.data, std=0.2)                  # lora_B starts at zero: give it weight
+        q.data.copy_(p.data)
+    vecs = [torch.randn(n, 32, requires_grad=True) for n in (5, 9, 3)]
+    samples = [[text(range(3, 21)), speech(v), text([30, 31]), text([40 + i, 41, 42], loss=True)]
+               for i, v in enumerate(vecs)]
+    out = []
+    for (llm, ctx, lora), shared in ((models[0], False), (models[0], True), (models[1], True)):
+        sp = common.splice(llm.get_input_embeddings(), samples)
+        sp.prefix = sp.prefix if shared else 0
+        ctx.mask = sp.speech_mask
+        assert common.prefix_runs_once(llm, sp) == shared
+        h = common.hidden_states(llm, sp)
+        assert ctx.mask is sp.speech_mask                  # given back as it was
+        ctx.mask = None                                    # as BLSP-KD's lora_mode leaves it
+        loss, _ = common.lm_loss(llm, h, sp)
+        out.append((h[sp.attention_mask.bool()], torch.autograd.grad(loss, vecs + lora),
+                    sp.llm_tokens))
+    h0, g0, t0 = out[0]
+    assert t0 == 86 and all(g.abs().sum() > 0 for g in g0[:3 + 2 * 7])   # the vectors; layer 0's LoRA
+    for h, g, t in out[1:]:
+        torch.testing.assert_close(h, h0, atol=1e-5, rtol=1e-5)
+        for a, b in zip(g, g0):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert t == 86 - 2 * 18
+
+
 def test_shared_prefix_found_and_run_once_only_where_exact():
     """splice finds the leading text that every sample shares (not a target, not speech, not
     left-padded; one position of the shortest sample left after it). hidden_states runs it once
-    only from SHARED_PREFIX_MIN tokens, with a frozen LLM without LoRA."""
+    only from SHARED_PREFIX_MIN tokens, with a frozen LLM whose LoRA, if any, is off or masked to
+    the speech."""
     emb, v = nn.Embedding(100, 8), torch.zeros(2, 8)
 
     def prefix(*samples, pad_left=False):
@@ -444,8 +485,17 @@ def test_shared_prefix_found_and_run_once_only_where_exact():
     llm.lm_head.weight.requires_grad_(True)                # something of the LLM trains
     assert not common.prefix_runs_once(llm, sp)
     llm.lm_head.weight.requires_grad_(False)
-    common.add_lora(llm)
-    common.freeze(llm)                                     # LoRA, even frozen
+    ctx, _ = common.add_lora(llm)
+    common.freeze(llm)                                     # LoRA on every position, even frozen
+    assert not common.prefix_runs_once(llm, sp)
+    ctx.enabled = False                                    # LoRA off: the frozen LLM
+    assert common.prefix_runs_once(llm, sp)
+    llm = common.freeze(tiny_causal_lm("Llama"))
+    ctx, _ = common.add_lora(llm, masked=True)             # Partial LoRA: trained, masked
+    assert common.prefix_runs_once(llm, sp)                # no mask: no update anywhere
+    ctx.mask = sp.speech_mask                              # the speech only: the prefix is text
+    assert common.prefix_runs_once(llm, sp)
+    ctx.mask = torch.ones_like(sp.speech_mask)             # any other mask might reach the prefix
     assert not common.prefix_runs_once(llm, sp)
 
 
