@@ -69,7 +69,7 @@ STAGE_LR = {1: 1.5e-3, 2: 1e-3}
 @dataclass
 class KDArgs(common.Args):
     stage: int = arg(1, "1: train the CFormer; 2: CFormer + Partial LoRA from a stage-1 --init")
-    init: str = arg(None, "stage 2: stage-1 run directory to start from")
+    init: str = arg(None, "stage 2: stage-1 run directory to start from (its models and CFormer shape)")
     unfreeze_encoder: bool = arg(False, "stage 2: also train the speech encoder")
     pre_layers: int = arg(2, "CFormer transformer layers before CIF (paper: 4)")
     post_layers: int = arg(2, "CFormer transformer layers after CIF (paper: 4)")
@@ -402,12 +402,14 @@ def main(argv=None):
         raise common.UserError("--stage 2 needs --init RUN_DIR (a stage-1 run)")
     args.lr = args.lr or STAGE_LR[args.stage]
     args.out = args.out or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
-    if args.init:   # the stage-1 run fixes the models and the CFormer's shape
+    if args.init:   # the stage-1 run fixes the models and the CFormer's shape (unset: its own)
         init_ck = common.find_checkpoint(args.init)
         with open(os.path.join(args.init, "config.json")) as f:
             cfg = json.load(f)
         for k in ("llm", "encoder", "encoder_layer", "pre_layers", "post_layers", "heads", "ffn"):
-            if cfg.get(k) != getattr(args, k):
+            if getattr(args, k) == getattr(KDArgs, k):
+                setattr(args, k, cfg.get(k))
+            elif cfg.get(k) != getattr(args, k):
                 raise common.UserError(f"--init {args.init}: its --{k.replace('_', '-')} is "
                                        f"{cfg.get(k)!r}, not {getattr(args, k)!r}")
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)

@@ -1700,7 +1700,10 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
 
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     syncs.clear()
-    blsp_kd.main(common_args + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1])
+    flags = dict(zip(common_args[::2], common_args[1::2]))       # the models come from --init
+    stage2 = [x for k, v in flags.items() if k not in ("--llm", "--encoder", "--pre-layers",
+                                                       "--post-layers", "--heads") for x in (k, v)]
+    blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1])
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     from safetensors.torch import load_file
     state = load_file(os.path.join(common.find_checkpoint(s2), "trainable.safetensors"))
@@ -1718,6 +1721,9 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         blsp_kd.main(common_args + ["--out", str(tmp_path / "bad"), "--stage", "2"])
     assert e.value.code == 2 and "--init" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        blsp_kd.main(stage2 + ["--out", str(tmp_path / "bad"), "--stage", "2", "--init", s1, "--heads", "3"])
+    assert e.value.code == 2 and "its --heads is 2, not 3" in capsys.readouterr().err
 
 
 # ============================================================================================
