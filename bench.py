@@ -52,6 +52,7 @@ Variants, measured with the same models in the same run (the official choices re
                   KL) with blsp_kd.kd_losses as it is: logits at the loss positions only, one
                   checkpointed chunk of rows at a time (common.per_row_loss)
     kd-ckpt       kd with --grad-ckpt
+    kd2           BLSP-KD stage 2: kd's step with Partial LoRA (rank 16) trained too
     kd-select     the same KL terms from fp32 logits at all the loss positions at once
     kd-full       the same KL terms from the fp32 logits of the whole sequence of both passes, kept
                   until the step ends (as the output of an llm(...) call in a training step keeps them)
@@ -109,7 +110,7 @@ SCALES = dict(
                t5=dict(d=4096, layers=24, heads=64, ffn=10240, vocab=250112),      # mT0-XXL (13B)
                slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
 VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-noprefix", "blsp-ckpt", "blsp-compile", "blsp-compile-llm",
-            "blsp-fused-norm", "blsp-1s", "kd", "kd-ckpt", "kd-select", "kd-full", "ssr1", "ssr2", "slm")
+            "blsp-fused-norm", "blsp-1s", "kd", "kd-ckpt", "kd-select", "kd-full", "kd2", "ssr1", "ssr2", "slm")
 WORDS = sorted(data.toy_vocabulary())                  # the spoken texts' words
 PROMPT, AFTER, CONTINUATION, EOS = list(range(5, 40)), list(range(40, 45)), 48, 2   # prompt pieces; targets
 
@@ -269,11 +270,11 @@ def kd_with_logits(llm, teacher, student, args, full):
 
 
 def kd_method(variant, enc, llm, s, keep):
-    """BLSP-KD stage 1: all three losses; `keep` holds kd-full's outputs until the step ends."""
-    kd_args = blsp_kd.KDArgs(**s["cformer"])
-    adapter = blsp_kd.CFormer(enc.dim, llm.config.hidden_size, kd_args.pre_layers, kd_args.post_layers,
-                              kd_args.heads)
-    vocab, flops = llm.config.vocab_size, blsp_kd.step_flops(enc, adapter, {}, llm)
+    """BLSP-KD stage 1 (stage 2 for kd2): all three losses; `keep` holds kd-full's outputs until
+    the step ends."""
+    kd_args = blsp_kd.KDArgs(**s["cformer"], stage=2 if variant == "kd2" else 1)
+    module, adapter, ctx = blsp_kd.build(kd_args, None, enc, llm)     # blsp_kd.py's trained parts
+    vocab, flops = llm.config.vocab_size, blsp_kd.step_flops(enc, adapter, module, llm)
 
     def step(batch):
         n = [max(1, int(3 * d)) for d in batch["durs"]]  # a transcript of ~3 tokens/s; N vectors by CIF
@@ -281,8 +282,8 @@ def kd_method(variant, enc, llm, s, keep):
         transcripts = [torch.randint(100, vocab, (m,)).tolist() for m in n]
         pairs = [blsp_kd.kd_pair(PROMPT, AFTER, t, v, r)
                  for t, v, r in zip(transcripts, vecs, batch["response"])]
-        if variant in ("kd", "kd-ckpt"):                  # this project: blsp_kd.kd_losses as it is
-            losses, _, ran = blsp_kd.kd_losses(llm, None, *zip(*pairs), kd_args, total, n_dev)
+        if variant in ("kd", "kd-ckpt", "kd2"):           # this project: blsp_kd.kd_losses as it is
+            losses, _, ran = blsp_kd.kd_losses(llm, ctx, *zip(*pairs), kd_args, total, n_dev)
             loss = sum(losses.values())
         else:
             loss, kept, ran = kd_with_logits(llm, *zip(*pairs), kd_args, full=variant == "kd-full")
@@ -290,7 +291,7 @@ def kd_method(variant, enc, llm, s, keep):
         tokens = sum(len(seg) for pair in pairs for s in pair for seg in s)
         rows = len(pairs) * CONTINUATION + sum(n)         # response + input KL
         return loss, tokens, flops(encoder_frames(batch), *ran, rows)
-    return adapter, step
+    return module, step
 
 
 def ssr_method(variant, enc, llm, s):

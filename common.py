@@ -677,17 +677,20 @@ def hidden_states(llm, sp):
     with checkpointing(llm), lora_masks_from(llm, P):
         rest = llm.base_model(inputs_embeds=sp.inputs_embeds[:, P:], past_key_values=cache,
                               use_cache=False).last_hidden_state   # reads it, stores nothing
-    if not read:
-        raise RuntimeError("the LLM's layers did not read the shared prefix's KV cache")
+    if set(read) != set(range(len(cache.layers))):
+        raise RuntimeError(f"{type(llm).__name__}: not every layer read the shared prefix's keys and "
+                           "values (set common.SHARED_PREFIX_MIN higher to run it for every sample)")
     return torch.cat([head.last_hidden_state.expand(B, -1, -1), rest], 1)
 
 
 def prefix_runs_once(llm, sp):
-    """A shared prefix of at least SHARED_PREFIX_MIN tokens, and nothing in the LLM that its
+    """A shared prefix of at least SHARED_PREFIX_MIN tokens, an LLM of attention layers only (whose
+    keys and values are the whole state a later position reads), and nothing in the LLM that its
     outputs could depend on or pass gradients to: no trained weight of the LLM's own, and LoRA only
     where it is off or masked to the speech (BLSP-KD's Partial LoRA: the prefix is text)."""
-    if sp.prefix < SHARED_PREFIX_MIN:
-        return False
+    kinds = getattr(llm.config.get_text_config(), "layer_types", None) or ["full_attention"]
+    if sp.prefix < SHARED_PREFIX_MIN or not set(kinds) <= {"full_attention", "sliding_attention"}:
+        return False                                # (recurrent or convolutional layers: a state)
     lora = [m for m in llm.modules() if isinstance(m, LoRALinear)]
     own = {id(p) for m in lora for p in (m.lora_A, m.lora_B)}
     return not any(p.requires_grad for p in llm.parameters() if id(p) not in own) and \

@@ -461,8 +461,8 @@ def test_shared_prefix_runs_once_under_partial_lora():
 def test_shared_prefix_found_and_run_once_only_where_exact():
     """splice finds the leading text that every sample shares (not a target, not speech, not
     left-padded; one position of the shortest sample left after it). hidden_states runs it once
-    only from SHARED_PREFIX_MIN tokens, with a frozen LLM whose LoRA, if any, is off or masked to
-    the speech."""
+    only from SHARED_PREFIX_MIN tokens, with a frozen LLM of attention layers only whose LoRA, if
+    any, is off or masked to the speech."""
     emb, v = nn.Embedding(100, 8), torch.zeros(2, 8)
 
     def prefix(*samples, pad_left=False):
@@ -490,6 +490,10 @@ def test_shared_prefix_found_and_run_once_only_where_exact():
     assert not common.prefix_runs_once(llm, sp)
     ctx.enabled = False                                    # LoRA off: the frozen LLM
     assert common.prefix_runs_once(llm, sp)
+    hybrid = common.freeze(tiny_causal_lm("Qwen3Next"))   # linear attention keeps a recurrent state
+    hsp = common.splice(hybrid.get_input_embeddings(), [[text(range(3, 21)), text([30 + i])] for i in range(2)])
+    assert hsp.prefix == 18 and not common.prefix_runs_once(hybrid, hsp)
+    assert common.hidden_states(hybrid, hsp).shape == (2, 19, 32)
     llm = common.freeze(tiny_causal_lm("Llama"))
     ctx, _ = common.add_lora(llm, masked=True)             # Partial LoRA: trained, masked
     assert common.prefix_runs_once(llm, sp)                # no mask: no update anywhere
@@ -1346,14 +1350,14 @@ def test_bench_fused_rms_norm_is_the_same_function_and_whole_seconds_pad(monkeyp
 
 
 def test_bench_tiny_bf16_on_cpu_runs_the_other_methods():
-    """--precision bf16 on a CPU through BLSP-KD (fp32 KL from bf16 logits), SSR stage 2 (LoRA under
-    autocast) and SLM (T5 in bf16)."""
+    """--precision bf16 on a CPU through BLSP-KD (fp32 KL from bf16 logits; stage 2 with Partial
+    LoRA), SSR stage 2 (LoRA under autocast) and SLM (T5 in bf16)."""
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
-                        "--vocab", "2000", "--precision", "bf16", "--variants", "kd,ssr2,slm"],
+                        "--vocab", "2000", "--precision", "bf16", "--variants", "kd,kd2,ssr2,slm"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "frozen models in bf16" in r.stdout and "FAILED" not in r.stdout
-    assert {"kd", "ssr2", "slm"} <= {l.split()[0] for l in r.stdout.splitlines() if l.strip()}
+    assert {"kd", "kd2", "ssr2", "slm"} <= {l.split()[0] for l in r.stdout.splitlines() if l.strip()}
 
 
 def test_model_flops_match_torch_flop_counter():
