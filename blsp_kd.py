@@ -199,20 +199,20 @@ def kd_pair(before, after, transcript_ids, vectors, response_ids):
 
 
 @contextlib.contextmanager
-def lora_mode(ctx, enabled, mask=None):
+def lora_mode(ctx, enabled, rows=None):
     """Teacher: LoRA off (exactly the frozen LLM); student: LoRA on the speech positions only."""
     if ctx is None:
         yield
         return
-    ctx.enabled, ctx.mask = enabled, mask
+    ctx.enabled, ctx.rows = enabled, rows
     try:
         yield
     finally:
-        ctx.enabled, ctx.mask = True, None
+        ctx.enabled, ctx.rows = True, None
 
 
 def llm_pass(llm, sp, ctx, student):
-    with lora_mode(ctx, student, sp.speech_mask if student else None):
+    with lora_mode(ctx, student, sp.speech_rows if student else None):
         return common.hidden_states(llm, sp)
 
 
@@ -275,7 +275,8 @@ def step_flops(encoder, cformer, module, llm, train_encoder=False):
     frozen, 6N with --unfreeze-encoder), the trained CFormer (6N per frame), the teacher pass
     forward only (2N), the student pass forward and input gradients (4N; 6N for its LoRA), the
     output layer at the KL rows in both passes (2N + 4N). T_t, T_s: the positions each pass ran
-    (a shared prefix once; in the student pass its 2N forward counted as 4N, a slight overcount)."""
+    (a shared prefix once; in the student pass its 2N forward counted as 4N, and LoRA counted at
+    every position where it runs at the speech rows only: slight overcounts)."""
     n_enc, n_cf = common.matrices(encoder), common.matrices(cformer)
     n_lora = common.matrices(module["lora"], trained=True) if "lora" in module else 0
     n_llm, n_head = common.llm_matrices(llm)

@@ -571,6 +571,7 @@ class Spliced:
     position_ids: torch.Tensor    # (B, T) 0.. on real positions
     labels: torch.Tensor          # (B, T) token id at target positions, -100 elsewhere
     speech_mask: torch.Tensor     # (B, T) True at speech positions
+    speech_rows: torch.Tensor     # the same as flat positions b*T+t (Partial LoRA's rows)
     spans: list                   # spans[b][k] = (start, end) of segment k of sample b
     targets: tuple                # (rows, ids): flat positions b*T+t that predict a target, the targets
     n_tokens: int                 # real (not padding) positions in all
@@ -599,7 +600,7 @@ def splice(embed, samples, pad_left=False):
     labels = torch.full((B, T), -100, dtype=torch.long)
     smask = torch.zeros(B, T, dtype=torch.bool)
     amask = torch.zeros(B, T, dtype=torch.long)
-    spans, t_next, v_next, tgt_rows, tgt_ids = [], 0, len(all_ids), [], []
+    spans, t_next, v_next, tgt_rows, tgt_ids, speech_rows = [], 0, len(all_ids), [], [], []
     for b, s in enumerate(samples):
         pos = T - lens[b] if pad_left else 0
         amask[b, pos:pos + lens[b]] = 1
@@ -613,6 +614,7 @@ def splice(embed, samples, pad_left=False):
                 index[b, pos:pos + n] = torch.arange(v_next, v_next + n)
                 v_next += n
                 smask[b, pos:pos + n] = True
+                speech_rows += range(b * T + pos, b * T + pos + n)
             tgt = seg.labels if seg.labels is not None else seg.ids if seg.loss else None
             if tgt is not None:
                 labels[b, pos:pos + n] = torch.tensor(tgt, dtype=torch.long)
@@ -624,8 +626,9 @@ def splice(embed, samples, pad_left=False):
     position_ids = (amask.cumsum(1) - 1).clamp(min=0)
     targets = tuple(to_gpu(torch.tensor(x, dtype=torch.long), dev) for x in (tgt_rows, tgt_ids))
     return Spliced(table[to_gpu(index, dev)], to_gpu(amask, dev), to_gpu(position_ids, dev),
-                   to_gpu(labels, dev), to_gpu(smask, dev), spans, targets, sum(lens), pad_left,
-                   0 if pad_left else shared_prefix(samples))
+                   to_gpu(labels, dev), to_gpu(smask, dev),
+                   to_gpu(torch.tensor(speech_rows, dtype=torch.long), dev), spans, targets, sum(lens),
+                   pad_left, 0 if pad_left else shared_prefix(samples))
 
 
 def shared_prefix(samples):
@@ -664,7 +667,7 @@ def hidden_states(llm, sp):
     if not P:
         with checkpointing(llm):
             return llm.base_model(inputs_embeds=sp.inputs_embeds, use_cache=False).last_hidden_state
-    with torch.no_grad(), lora_masks_from(llm, None):          # the prefix is text: no LoRA there
+    with torch.no_grad(), lora_rows_from(llm, None):           # the prefix is text: no LoRA there
         head = llm.base_model(inputs_embeds=sp.inputs_embeds[:1, :P], use_cache=True)
     cache, read = head.past_key_values, []
     for layer in cache.layers:                       # one sample's keys and values, for all B
@@ -674,7 +677,7 @@ def hidden_states(llm, sp):
         read.append(i)
         return torch.cat([cache.layers[i].keys, k], -2), torch.cat([cache.layers[i].values, v], -2)
     cache.update = prefix_and
-    with checkpointing(llm), lora_masks_from(llm, P):
+    with checkpointing(llm), lora_rows_from(llm, P, sp.inputs_embeds.shape[1]):
         rest = llm.base_model(inputs_embeds=sp.inputs_embeds[:, P:], past_key_values=cache,
                               use_cache=False).last_hidden_state   # reads it, stores nothing
     if set(read) != set(range(len(cache.layers))):
@@ -694,23 +697,23 @@ def prefix_runs_once(llm, sp):
     lora = [m for m in llm.modules() if isinstance(m, LoRALinear)]
     own = {id(p) for m in lora for p in (m.lora_A, m.lora_B)}
     return not any(p.requires_grad for p in llm.parameters() if id(p) not in own) and \
-        all(not m.ctx.enabled or (m.ctx.masked and (m.ctx.mask is None or m.ctx.mask is sp.speech_mask))
+        all(not m.ctx.enabled or (m.ctx.masked and (m.ctx.rows is None or m.ctx.rows is sp.speech_rows))
             for m in lora)
 
 
 @contextlib.contextmanager
-def lora_masks_from(llm, start):
-    """Masked LoRA's (B, T) masks from position `start` on, for a pass over inputs[:, start:]
+def lora_rows_from(llm, start, T=None):
+    """Masked LoRA's rows (flat b*T+t) for a pass over inputs[:, start:] of a (B, T) batch
     (start=None: no update anywhere, for the shared prefix's pass)."""
     ctxs = list({id(m.ctx): m.ctx for m in llm.modules() if isinstance(m, LoRALinear)}.values())
-    kept = [c.mask for c in ctxs]
-    for c, mask in zip(ctxs, kept):
-        c.mask = None if mask is None or start is None else mask[:, start:]
+    kept = [c.rows for c in ctxs]
+    for c, rows in zip(ctxs, kept):
+        c.rows = None if rows is None or start is None else rows // T * (T - start) + rows % T - start
     try:
         yield
     finally:
-        for c, mask in zip(ctxs, kept):
-            c.mask = mask
+        for c, rows in zip(ctxs, kept):
+            c.rows = rows
 
 
 def logits_at(llm, hidden, index, chunk=1024):
@@ -761,10 +764,11 @@ def lm_loss(llm, hidden, sp, reduction="sum"):
 
 class LoRAContext:
     """Shared switch of all LoRA layers of one model. enabled=False: exactly the base model.
-    masked=True: the update is multiplied by `mask` (B, T) (None: no update anywhere)."""
+    masked=True: the update only at `rows`, the flat positions b*T+t of a (B, T) input where the
+    mask m is 1 (Spliced.speech_rows; None: no update anywhere)."""
 
     def __init__(self, masked=False):
-        self.enabled, self.masked, self.mask = True, masked, None
+        self.enabled, self.masked, self.rows = True, masked, None
 
 
 class LoRALinear(nn.Module):
@@ -781,14 +785,17 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)
         ctx = self.ctx
-        if not ctx.enabled or (ctx.masked and ctx.mask is None):
+        if not ctx.enabled or (ctx.masked and ctx.rows is None):
             return y
         cast = not torch.is_autocast_enabled(x.device.type)     # autocast casts them itself
         a, b = (self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)) if cast else (self.lora_A, self.lora_B)
-        update = F.linear(F.linear(self.dropout(x), a), b) * self.scale
-        if ctx.masked:
-            update = update * ctx.mask[..., None].to(update.dtype)
-        return y + update.to(y.dtype)
+        if not ctx.masked:
+            return y + (F.linear(F.linear(self.dropout(x), a), b) * self.scale).to(y.dtype)
+        # m * (B A dropout(x)): computed at the rows where m = 1 only (the rest are zeros), so
+        # neither the update nor its saved inputs span the whole sequence
+        x_m = x.flatten(0, -2).index_select(0, ctx.rows)
+        update = F.linear(F.linear(self.dropout(x_m), a), b) * self.scale
+        return y.flatten(0, -2).index_add(0, ctx.rows, update.to(y.dtype)).view_as(y)
 
 
 def add_lora(llm, r=16, alpha=16, dropout=0.05, masked=False):
@@ -815,18 +822,18 @@ def add_lora(llm, r=16, alpha=16, dropout=0.05, masked=False):
 
 
 def _lora_state_for_recompute(ctx):
-    """Checkpointing context: the backward recomputes a layer with the LoRA switch and mask it
-    had in the forward (BLSP-KD sets its speech mask for the forward pass only)."""
-    state = (ctx.enabled, ctx.mask)
+    """Checkpointing context: the backward recomputes a layer with the LoRA switch and rows it
+    had in the forward (BLSP-KD sets its speech rows for the forward pass only)."""
+    state = (ctx.enabled, ctx.rows)
 
     @contextlib.contextmanager
     def recompute():
-        before = (ctx.enabled, ctx.mask)
-        ctx.enabled, ctx.mask = state
+        before = (ctx.enabled, ctx.rows)
+        ctx.enabled, ctx.rows = state
         try:
             yield
         finally:
-            ctx.enabled, ctx.mask = before
+            ctx.enabled, ctx.rows = before
     return contextlib.nullcontext(), recompute()
 
 
@@ -840,13 +847,13 @@ def generate(llm, sp, eos, max_new_tokens=64, lora=None):
     do not (they are text). Each read from the GPU makes the host wait, so on CUDA the end of the
     batch is checked every 8 tokens, and a decode step's mask is given as step_mask() makes it."""
     if lora is not None and lora.masked:
-        lora.mask = sp.speech_mask
+        lora.rows = sp.speech_rows
     embed = llm.get_input_embeddings()
     mask, pos = sp.attention_mask, sp.position_ids
     out = llm(inputs_embeds=sp.inputs_embeds, attention_mask=mask, position_ids=pos,
               use_cache=True, logits_to_keep=1)
     if lora is not None and lora.masked:
-        lora.mask = None
+        lora.rows = None
     B, every = mask.shape[0], 8 if mask.is_cuda else 1
     done = torch.zeros(B, dtype=torch.bool, device=mask.device)
     eos_t = to_gpu(torch.tensor(eos), mask.device)
@@ -1383,10 +1390,10 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
                     continue
                 sp = splice(embed, samples)
                 if lora is not None and lora.masked:
-                    lora.mask = sp.speech_mask if which == "speech" else None
+                    lora.rows = sp.speech_rows if which == "speech" else None
                 h = hidden_states(llm, sp)
                 if lora is not None:
-                    lora.mask = None
+                    lora.rows = None
                 loss, n = lm_loss(llm, h, sp)
                 sums["loss_" + which] += float(loss)
                 if which == "speech":

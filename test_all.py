@@ -303,6 +303,12 @@ def test_splice_speech_positions_and_gradient():
     sp = common.splice(emb, [[common.text([1, 2]), common.speech(v), common.text([3], loss=True)]])
     assert sp.speech_mask[0].tolist() == [False, False, True, True, True, False]
     torch.testing.assert_close(sp.inputs_embeds[0, 2:5], v)
+    w = torch.randn(1, 4)                                  # flat rows b*T+t, left padding too
+    for pad_left in (False, True):
+        sp2 = common.splice(emb, [[common.text([1]), common.speech(w), common.text([2])],
+                                  [common.speech(v), common.text([3, 4])]], pad_left)
+        assert torch.equal(sp2.speech_rows, sp2.speech_mask.flatten().nonzero()[:, 0])
+        assert sp2.speech_rows.tolist() == ([1, 5, 6, 7] if not pad_left else [3, 5, 6, 7])
     assert sp.labels[0].tolist() == [-100] * 5 + [3]
     sp.inputs_embeds.sum().backward()
     assert v.grad is not None and torch.equal(v.grad, torch.ones(3, 4))
@@ -441,11 +447,11 @@ def test_shared_prefix_runs_once_under_partial_lora():
     for (llm, ctx, lora), shared in ((models[0], False), (models[0], True), (models[1], True)):
         sp = common.splice(llm.get_input_embeddings(), samples)
         sp.prefix = sp.prefix if shared else 0
-        ctx.mask = sp.speech_mask
+        ctx.rows = sp.speech_rows
         assert common.prefix_runs_once(llm, sp) == shared
         h = common.hidden_states(llm, sp)
-        assert ctx.mask is sp.speech_mask                  # given back as it was
-        ctx.mask = None                                    # as BLSP-KD's lora_mode leaves it
+        assert ctx.rows is sp.speech_rows                  # given back as it was
+        ctx.rows = None                                    # as BLSP-KD's lora_mode leaves it
         loss, _ = common.lm_loss(llm, h, sp)
         out.append((h[sp.attention_mask.bool()], torch.autograd.grad(loss, vecs + lora),
                     sp.llm_tokens))
@@ -497,9 +503,9 @@ def test_shared_prefix_found_and_run_once_only_where_exact():
     llm = common.freeze(tiny_causal_lm("Llama"))
     ctx, _ = common.add_lora(llm, masked=True)             # Partial LoRA: trained, masked
     assert common.prefix_runs_once(llm, sp)                # no mask: no update anywhere
-    ctx.mask = sp.speech_mask                              # the speech only: the prefix is text
+    ctx.rows = sp.speech_rows                              # the speech only: the prefix is text
     assert common.prefix_runs_once(llm, sp)
-    ctx.mask = torch.ones_like(sp.speech_mask)             # any other mask might reach the prefix
+    ctx.rows = torch.arange(2 * 19)                        # any other rows might reach the prefix
     assert not common.prefix_runs_once(llm, sp)
 
 
@@ -557,12 +563,17 @@ def test_lora_masked_and_plain(tiny):
     assert len(layers) == 2 * 7                                      # q k v o gate up down per block
     for l in layers:
         nn.init.normal_(l.lora_B)                                   # a non-trivial update
-    ctx.mask = torch.zeros(2, 7)
+    ctx.rows = torch.zeros(0, dtype=torch.long)
     assert torch.equal(llm(input_ids=ids).logits, base)             # mask 0: exactly the base model
-    ctx.mask = torch.zeros(2, 7)
-    ctx.mask[:, 3:5] = 1
+    m = torch.zeros(2, 7)
+    m[:, 3:5] = 1
+    ctx.rows = m.flatten().nonzero()[:, 0]                          # rows 3, 4, 10, 11
     out = llm(input_ids=ids).logits
     assert torch.equal(out[:, :3], base[:, :3]) and not torch.allclose(out[:, 3:], base[:, 3:])
+    one = layers[0]                                                 # the paper's form, by hand:
+    x = torch.randn(2, 7, one.base.in_features)
+    slow = one.base(x) + m[..., None] * (x @ one.lora_A.T @ one.lora_B.T) * one.scale   # Wx + m BAx a/r
+    torch.testing.assert_close(one(x), slow)
     ctx.enabled = False
     assert torch.equal(llm(input_ids=ids).logits, base)             # teacher: LoRA off
     ctx.enabled, ctx.masked = True, False                           # plain LoRA everywhere
@@ -1007,7 +1018,7 @@ def test_grad_ckpt_with_partial_lora_same_gradients(tiny):
         sp = common.splice(llm.get_input_embeddings(), samples)
         torch.manual_seed(1)                              # the same LoRA dropout masks
         loss, _ = common.lm_loss(llm, blsp_kd.llm_pass(llm, sp, ctx, student=True), sp)
-        assert ctx.mask is None                           # reset after the forward, as in training
+        assert ctx.rows is None                           # reset after the forward, as in training
         loss.backward()
         return float(loss.detach()), [m.lora_A.grad.clone() for m in lora]
     l0, g0 = run(False)
@@ -1614,7 +1625,7 @@ def test_blsp_kd_plora_teacher_and_text_positions_are_the_frozen_llm():
     first = len(before)
     assert torch.equal(h[:, :first], base_speech[:, :first])    # causal: before speech untouched
     assert not torch.allclose(h[:, first:], base_speech[:, first:], atol=1e-3)
-    assert ctx.enabled and ctx.mask is None                     # switches restored
+    assert ctx.enabled and ctx.rows is None                     # switches restored
 
 
 # ----------------------------------------------------------------------------------------------
