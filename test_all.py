@@ -1241,9 +1241,15 @@ def test_compiled_adapter_and_llm_layers_compile_once_for_every_length(monkeypat
 
 
 def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path, monkeypatch):
-    """... and its training step never waits for the GPU (bench.HostSyncs counts none)."""
+    """... and its training step never waits for the GPU (bench.HostSyncs counts none), with the
+    tiny prompt's shared prefix run once, as a real chat template's is."""
     from safetensors.torch import load_file
     syncs = watch_host_syncs(monkeypatch)
+    monkeypatch.setattr(common, "SHARED_PREFIX_MIN", 2)
+    ran_once = []
+    runs_once = common.prefix_runs_once
+    monkeypatch.setattr(common, "prefix_runs_once", lambda llm, sp: ran_once.append(runs_once(llm, sp))
+                        or ran_once[-1])
     out = tmp_path / "run"
     args = ["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"],
             "--valid", tiny["valid"], "--out", str(out), "--steps", "24", "--batch-size", "8",
@@ -1252,6 +1258,7 @@ def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path, monkeypatch):
     before = {k: v.clone() for k, v in load_file(os.path.join(tiny["llm"], "model.safetensors")).items()}
     blsp.main(args)
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
+    assert len(ran_once) >= 24 and ran_once.count(True) >= 24
     l = losses(out)
     assert np.mean(l[-4:]) < np.mean(l[:4])             # the loss goes down
     ck = common.find_checkpoint(str(out))
@@ -1690,8 +1697,14 @@ def blsp_kd_write_manifest(folder, name, sentences, seed):
 
 
 def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
-    """Stage 1, stage 2 from it, eval; no training step waits for the GPU (bench.HostSyncs)."""
+    """Stage 1, stage 2 from it, eval; no training step waits for the GPU (bench.HostSyncs). The
+    tiny prompt's shared prefix (3 tokens) runs once, as a real chat template's does."""
     syncs = watch_host_syncs(monkeypatch)
+    monkeypatch.setattr(common, "SHARED_PREFIX_MIN", 2)
+    ran_once = []
+    runs_once = common.prefix_runs_once
+    monkeypatch.setattr(common, "prefix_runs_once", lambda llm, sp: ran_once.append(runs_once(llm, sp))
+                        or ran_once[-1])
     llm, tok = blsp_kd_tiny_llm()
     llm.save_pretrained(tmp_path / "llm")
     tok.save_pretrained(tmp_path / "llm")
@@ -1715,6 +1728,7 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
 
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     syncs.clear()
+    ran_once.clear()
     flags = dict(zip(common_args[::2], common_args[1::2]))       # the models come from --init
     stage2 = [x for k, v in flags.items() if k not in ("--llm", "--encoder", "--pre-layers",
                                                        "--post-layers", "--heads") for x in (k, v)]
@@ -1725,6 +1739,7 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     assert any(k.startswith("lora.") for k in state) and any(k.startswith("cformer.") for k in state)
     first_row = json.loads(open(os.path.join(s2, "metrics.jsonl")).readline())
     assert first_row["loss"] < losses[0]                        # starts from the stage-1 CFormer
+    assert len(ran_once) >= 6 and all(ran_once)                # teacher, student (Partial LoRA), eval
 
     capsys.readouterr()
     blsp_kd.main(["--ckpt", s2, "--eval", valid, "--device", "cpu", "--max-new-tokens", "4",
