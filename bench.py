@@ -272,7 +272,8 @@ def kd_with_logits(llm, teacher, student, args, full):
 def kd_method(variant, enc, llm, s, keep):
     """BLSP-KD stage 1 (stage 2 for kd2): all three losses; `keep` holds kd-full's outputs until
     the step ends."""
-    kd_args = blsp_kd.KDArgs(**s["cformer"], stage=2 if variant == "kd2" else 1)
+    kd_args = blsp_kd.KDArgs(**s["cformer"], stage=2 if variant == "kd2" else 1,
+                             grad_ckpt=variant.endswith("-ckpt"))
     module, adapter, ctx = blsp_kd.build(kd_args, None, enc, llm)     # blsp_kd.py's trained parts
     vocab, flops = llm.config.vocab_size, blsp_kd.step_flops(enc, adapter, module, llm)
 

@@ -38,7 +38,8 @@ is exactly the sum of the means; no rescaling of the speech vectors (the LLM lea
 an earlier toy LLM gave vectors of RMS 4.1 against 0.13 for its token embeddings, cosine 0.05 to
 their own word's, yet 96% of each vector's CIF weight lay within its word's frames); CFormer layers
 are PyTorch's pre-norm GELU layers (Whisper-style) with no positional encoding of their own (the
-encoder frames carry it); when the encoder is unfrozen it trains in fp32. Defaults are scaled to
+encoder frames carry it), and --grad-ckpt recomputes them in the backward as it does the LLM's
+layers; when the encoder is unfrozen it trains in fp32. Defaults are scaled to
 the toy setting (paper: 4 + 4 layers, 8 heads, stage 1 lr 1e-4, batch 768, 1000 warm-up steps, 1
 epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3, 30 warm-up steps, 1600 steps (about 2 min on
 one CPU thread). The input KL is on by default (METHODS.md: the paper's use of it is not
@@ -124,9 +125,11 @@ def encoder_layers(n, d, heads, ffn, dropout):
 
 
 class CFormer(nn.Module):
-    """Encoder frames (B, T, D) -> exactly N speech vectors per utterance (B, max N, d_llm)."""
+    """Encoder frames (B, T, D) -> exactly N speech vectors per utterance (B, max N, d_llm).
+    checkpoint (--grad-ckpt): each layer keeps its input only and runs again in the backward."""
 
-    def __init__(self, d_enc, d_llm, pre_layers=4, post_layers=4, heads=8, ffn=0, dropout=0.0):
+    def __init__(self, d_enc, d_llm, pre_layers=4, post_layers=4, heads=8, ffn=0, dropout=0.0,
+                 checkpoint=False):
         super().__init__()
         if d_enc % heads:
             raise common.UserError(f"--heads {heads} does not divide the encoder width {d_enc}")
@@ -135,13 +138,20 @@ class CFormer(nn.Module):
         self.proj = nn.Linear(d_enc - 1, d_enc)
         self.post = encoder_layers(post_layers, d_enc, heads, ffn, dropout)
         self.out = nn.Linear(d_enc, d_llm)
+        self.checkpoint = checkpoint
+
+    def layers(self, layers, x, pad):
+        for layer in layers:
+            if self.checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, src_key_padding_mask=pad, use_reentrant=False)
+            else:
+                x = layer(x, src_key_padding_mask=pad)
+        return x
 
     def weights(self, frames, lens):
         """-> (h (B, T, D), alpha (B, T)): pre-CIF layers, then alpha_t = sigmoid(h_t[D-1])."""
         pad = torch.arange(frames.shape[1], device=frames.device)[None] >= lens[:, None]
-        h = frames
-        for layer in self.pre:
-            h = layer(h, src_key_padding_mask=pad)
+        h = self.layers(self.pre, frames, pad)
         alpha = torch.sigmoid(h[..., -1].float()).masked_fill(pad, 0.0)
         return h, alpha
 
@@ -157,9 +167,7 @@ class CFormer(nn.Module):
         x = torch.bmm(w.to(h.dtype), h[..., :-1])                    # token k = sum_t W[k,t] h_t[:D-1]
         x = self.proj(x)
         pad = torch.arange(x.shape[1], device=x.device)[None] >= n[:, None]
-        for layer in self.post:
-            x = layer(x, src_key_padding_mask=pad)
-        return self.out(x), n, total
+        return self.out(self.layers(self.post, x, pad)), n, total
 
 
 def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
@@ -346,7 +354,7 @@ def evaluate(encoder, cformer, llm, tok, ctx, items, args, device):
 def build(args, device, encoder, llm):
     """-> (trainable ModuleDict, cformer, LoRA context or None)."""
     cformer = CFormer(encoder.dim, llm.config.hidden_size, args.pre_layers, args.post_layers,
-                      args.heads, args.ffn, args.dropout).to(device)
+                      args.heads, args.ffn, args.dropout, args.grad_ckpt).to(device)
     parts, ctx = dict(cformer=cformer), None
     if args.stage == 2:
         ctx, parts["lora"] = common.add_lora(llm, args.lora_r, args.lora_alpha, args.lora_dropout,

@@ -1549,6 +1549,28 @@ def test_blsp_kd_cformer_counts_and_padding_independence():
     assert n_inf.tolist() == [max(1, round(float(t))) for t in total.detach()]
 
 
+def test_blsp_kd_cformer_checkpointed_is_the_same_with_fewer_saved_tensors():
+    """--grad-ckpt: the CFormer's layers keep their inputs only and run again in the backward
+    (dropout on: the recompute draws the same masks); the same outputs and gradients."""
+    torch.manual_seed(0)
+    plain = blsp_kd.CFormer(8, 6, 2, 2, 2, dropout=0.1).train()
+    ckpt = blsp_kd.CFormer(8, 6, 2, 2, 2, dropout=0.1, checkpoint=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    frames, lens, n = torch.randn(2, 20, 8), torch.tensor([20, 11]), [4, 2]
+    out = []
+    for cf in (plain, ckpt):
+        saved = []
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            vecs, _, total = cf(frames, lens, n)
+        loss = (vecs ** 2).sum() + total.sum()
+        out.append((vecs, torch.autograd.grad(loss, list(cf.parameters())), sum(saved)))
+    torch.testing.assert_close(out[1][0], out[0][0])
+    for a, b in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(a, b)
+    assert out[1][2] < out[0][2] / 2
+
+
 # ----------------------------------------------------------------------------------------------
 # KD losses against two separate, plain LLM calls
 
@@ -1657,7 +1679,8 @@ def test_blsp_kd_only_trained_parts_get_gradients(stage, unfreeze):
     encoder = common.freeze(common.SpeechEncoder(w.encoder, "whisper",
                                                  WhisperFeatureExtractor(feature_size=80).mel_filters))
     args = blsp_kd_loss_args(unfreeze_encoder=unfreeze, stage=stage, pre_layers=1, post_layers=1, heads=2,
-                     ffn=0, dropout=0.0, lora_r=4, lora_alpha=4.0, lora_dropout=0.0)
+                     ffn=0, dropout=0.0, lora_r=4, lora_alpha=4.0, lora_dropout=0.0,
+                     grad_ckpt=unfreeze)                          # (the CFormer recomputed)
     module, cformer, ctx = blsp_kd.build(args, torch.device("cpu"), encoder, llm)
     before, after = common.prompt_pieces(tok, blsp_kd.CONTINUE_INSTRUCTION)
     batch = blsp_kd_toy_batch(tok, ["the cat sees the dog", "the old king helps the small bird"])
