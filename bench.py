@@ -59,6 +59,7 @@ Variants, measured with the same models in the same run (the official choices re
     ssr1          SSR stage 1: frozen aligner, CTC forced alignment of the text (on the CPU, as in
                   ssr.py), connector (4 layers at the LLM's width), distillation; the LLM is not run
                   ("tokens": the SSR vectors distilled)
+    ssr1-ckpt     ssr1 with --grad-ckpt (the connector's layers recomputed in the backward)
     ssr2          SSR stage 2: the SSR vectors (frozen connector) -> next-token prediction, LoRA
     slm           SLM: stacking adapter, [speech ; instruction] into the frozen T5 encoder, decoder
                   cross-entropy on a transcript-long target ("tokens": T5 encoder + decoder)
@@ -110,7 +111,8 @@ SCALES = dict(
                t5=dict(d=4096, layers=24, heads=64, ffn=10240, vocab=250112),      # mT0-XXL (13B)
                slm=dict(width=2048, layers=2, heads=16, ffn=8192)))                 # ~115M
 VARIANTS = ("blsp", "blsp-30s", "blsp-nobucket", "blsp-noprefix", "blsp-ckpt", "blsp-compile", "blsp-compile-llm",
-            "blsp-fused-norm", "blsp-1s", "kd", "kd-ckpt", "kd-select", "kd-full", "kd2", "ssr1", "ssr2", "slm")
+            "blsp-fused-norm", "blsp-1s", "kd", "kd-ckpt", "kd-select", "kd-full", "kd2", "ssr1", "ssr1-ckpt",
+            "ssr2", "slm")
 WORDS = sorted(data.toy_vocabulary())                  # the spoken texts' words
 PROMPT, AFTER, CONTINUATION, EOS = list(range(5, 40)), list(range(40, 45)), 48, 2   # prompt pieces; targets
 
@@ -301,22 +303,22 @@ def ssr_method(variant, enc, llm, s):
     tok, embed = common.default_tokenizer(), llm.get_input_embeddings()
     aligner = common.freeze(ssr.Aligner(enc.dim, 1, s["enc"]["heads"])).to(embed.weight.device)
     connector = ssr.Connector(enc.dim, llm.config.hidden_size, s["connector"]["layers"], s["llm"]["heads"],
-                              0.1).to(embed.weight.device)
+                              0.1, checkpoint=variant.endswith("-ckpt")).to(embed.weight.device)
     if variant == "ssr2":
         common.freeze(connector)
         trained = common.add_lora(llm, masked=False)[1]
-    flops = ssr.step_flops(enc, aligner, connector, llm, "1" if variant == "ssr1" else "2")
+    flops = ssr.step_flops(enc, aligner, connector, llm, "2" if variant == "ssr2" else "1")
 
     def step(batch):
         vecs, ids, _, _ = ssr.ssr_vectors(enc, aligner, connector, tok, batch, "forced")
-        if variant == "ssr1":                             # ssr.py's stage1_step
+        if variant != "ssr2":                             # ssr.py's stage1_step
             e = embed.weight[common.to_gpu(torch.tensor([i for x in ids for i in x]), embed.weight.device)]
             loss, n = ssr.distill_loss(torch.cat(vecs).float(), e.float(), 5.0)
             return loss, n, flops(encoder_frames(batch))
         sp = ssr.ntp_splice(embed, [common.speech(v) for v in vecs], ids, [tok.bos_token_id], tok.eos_token_id)
         loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp)    # ssr.py's stage2_step
         return loss, sp.n_tokens, flops(encoder_frames(batch), sp.n_tokens, rows)
-    return (connector if variant == "ssr1" else trained), step
+    return (trained if variant == "ssr2" else connector), step
 
 
 def slm_method(variant, enc, t5, s):

@@ -142,10 +142,7 @@ class CFormer(nn.Module):
 
     def layers(self, layers, x, pad):
         for layer in layers:
-            if self.checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, src_key_padding_mask=pad, use_reentrant=False)
-            else:
-                x = layer(x, src_key_padding_mask=pad)
+            x = common.recomputed(layer, x, on=self.checkpoint, src_key_padding_mask=pad)
         return x
 
     def weights(self, frames, lens):

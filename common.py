@@ -140,9 +140,10 @@ class Args:
     compile: bool = arg(False, "torch.compile the adapter (dynamic shapes; the first steps pay "
                                "the compile time: on an H100, 7B LLM, still 2.6 s a step over "
                                "the first 5 new lengths, against 0.32 s without; see README)")
-    grad_ckpt: bool = arg(False, "activation checkpointing of the frozen LLM: keep each layer's "
-                                 "input only, recompute the rest in the backward (less memory, "
-                                 "one more LLM forward)")
+    grad_ckpt: bool = arg(False, "activation checkpointing of the frozen LLM's layers (and of "
+                                 "BLSP-KD's CFormer, SSR's connector): keep each layer's input "
+                                 "only, recompute the rest in the backward (less memory, one more "
+                                 "forward)")
     log_every: int = arg(10, "log a metrics line every N steps")
     eval_every: int = arg(0, "validate every N steps (0: only at the end)")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
@@ -451,6 +452,15 @@ def enable_checkpointing(llm, context_fn=None):
     llm.checkpointed_layers = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
     for m in llm.checkpointed_layers:
         m._can_checkpoint_with_cache = True
+
+
+def recomputed(layer, *args, on=True, **kwargs):
+    """layer(*args, **kwargs), keeping only its inputs for the backward when `on` (--grad-ckpt for
+    a trained adapter's layers) and gradients are recorded: it runs again in the backward, with
+    the same dropout masks."""
+    if on and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
 
 
 @contextlib.contextmanager

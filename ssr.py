@@ -261,13 +261,14 @@ def token_boundaries(offsets, frames, n_frames):
 # The connector and the SSR vectors
 
 class Connector(nn.Module):
-    """Frames (B, T, d_enc) -> Linear -> L masked layers -> the outputs at the boundary frames."""
+    """Frames (B, T, d_enc) -> Linear -> L masked layers -> the outputs at the boundary frames.
+    checkpoint (--grad-ckpt): each layer keeps its input only and runs again in the backward."""
 
-    def __init__(self, d_enc, d_llm, layers, heads, dropout, blockwise=True):
+    def __init__(self, d_enc, d_llm, layers, heads, dropout, blockwise=True, checkpoint=False):
         super().__init__()
         self.proj = nn.Linear(d_enc, d_llm, bias=False)
         self.blocks = nn.ModuleList(Block(d_llm, heads, dropout) for _ in range(layers))
-        self.blockwise = blockwise
+        self.blockwise, self.checkpoint = blockwise, checkpoint
 
     def forward(self, frames, boundaries):
         x = self.proj(frames)
@@ -278,9 +279,10 @@ class Connector(nn.Module):
         rows = common.to_gpu(torch.tensor([b + [0] * (K - len(b)) for b in boundaries], dtype=torch.long),
                              x.device)
         for blk in self.blocks[:-1]:
-            x = blk(x, mask)
+            x = common.recomputed(blk, x, mask, on=self.checkpoint)
         # selection: the last layer runs only at the boundary frames (the only outputs used)
-        x = self.blocks[-1](x, mask, rows) if len(self.blocks) else x[torch.arange(B, device=x.device)[:, None], rows]
+        x = common.recomputed(self.blocks[-1], x, mask, rows, on=self.checkpoint) if len(self.blocks) \
+            else x[torch.arange(B, device=x.device)[:, None], rows]
         return [x[i, :len(b)] for i, b in enumerate(boundaries)]
 
 
@@ -451,7 +453,7 @@ def load_stage(module, out, name, required=None):
 def build(args, encoder, llm, device):
     aligner = Aligner(encoder.dim, args.aligner_layers, args.heads, common.load_ctc_head(args.encoder))
     connector = Connector(encoder.dim, llm.config.hidden_size, args.layers, args.heads, args.dropout,
-                          args.blockwise)
+                          args.blockwise, args.grad_ckpt)
     return aligner.to(device), connector.to(device)
 
 

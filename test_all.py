@@ -1931,12 +1931,19 @@ def ssr_connector_slow(con, frames, bnds):
     return out
 
 
-@pytest.mark.parametrize("blockwise", [False, True])
-def test_ssr_connector_last_layer_at_boundaries_equals_all_frames(blockwise):
+@pytest.mark.parametrize("blockwise,checkpoint", [(False, False), (True, False), (True, True)])
+def test_ssr_connector_last_layer_at_boundaries_equals_all_frames(blockwise, checkpoint):
+    """... also with --grad-ckpt (each layer recomputed in the backward, keeping its input only)."""
     torch.manual_seed(0)
-    con = ssr.Connector(12, 8, layers=3, heads=2, dropout=0.0, blockwise=blockwise)
+    con = ssr.Connector(12, 8, layers=3, heads=2, dropout=0.0, blockwise=blockwise, checkpoint=checkpoint)
     frames, bnds = torch.randn(3, 9, 12), [[1, 3, 6], [0, 4], []]
-    got, want = con(frames, bnds), ssr_connector_slow(con, frames, bnds)
+    saved = {}
+    for on in (not checkpoint, checkpoint):                # (the run compared comes last)
+        con.checkpoint, saved[on] = on, []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved[on].append(t.numel()) or t, lambda t: t):
+            got = con(frames, bnds)
+    assert sum(saved[True]) < sum(saved[False]) / 4        # the layers keep their inputs only
+    want = ssr_connector_slow(con, frames, bnds)
     assert [tuple(z.shape) for z in got] == [(3, 8), (2, 8), (0, 8)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
