@@ -360,6 +360,8 @@ def build(args, device, encoder, llm):
             parts["encoder"] = encoder.float()
             for p in encoder.model.parameters():
                 p.requires_grad_(True)
+            if args.grad_ckpt:                            # its layers recomputed, as the LLM's
+                common.enable_checkpointing(encoder.model)
     return nn.ModuleDict(parts), cformer, ctx
 
 

@@ -141,9 +141,9 @@ class Args:
                                "the compile time: on an H100, 7B LLM, still 2.6 s a step over "
                                "the first 5 new lengths, against 0.32 s without; see README)")
     grad_ckpt: bool = arg(False, "activation checkpointing of the frozen LLM's layers (and of "
-                                 "BLSP-KD's CFormer, SSR's connector): keep each layer's input "
-                                 "only, recompute the rest in the backward (less memory, one more "
-                                 "forward)")
+                                 "BLSP-KD's CFormer and unfrozen encoder, SSR's connector): keep "
+                                 "each layer's input only, recompute the rest in the backward "
+                                 "(less memory, one more forward)")
     log_every: int = arg(10, "log a metrics line every N steps")
     eval_every: int = arg(0, "validate every N steps (0: only at the end)")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
@@ -318,8 +318,10 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, wave, wave_lens):
         """wave (B, S) on the device, wave_lens (B,) on the host -> frames (B, T, d) and each
-        clip's frame count (B,), on the device; computed on the host, as output_lengths."""
-        h, lens = self.encode(wave, wave_lens)
+        clip's frame count (B,), on the device; computed on the host, as output_lengths. A trained
+        encoder under --grad-ckpt (enable_checkpointing(self.model)) recomputes its layers."""
+        with checkpointing(self.model):
+            h, lens = self.encode(wave, wave_lens)
         self.frames = h.shape[0] * h.shape[1]        # B x longest: the FLOP count of the step reads it
         return h, lens
 
@@ -440,17 +442,17 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
     return freeze(model).to(device), tok
 
 
-def enable_checkpointing(llm, context_fn=None):
-    """--grad-ckpt: transformers' activation checkpointing of every layer (non-reentrant; with
-    context_fn, the context its recompute runs in). The layers are listed once, for
-    checkpointing(). They keep a KV cache they are given (transformers drops it, as most caches
-    are written to): the only one a pass with gradients gets is hidden_states()' read-only prefix
-    cache, which a recompute reads as the forward did."""
+def enable_checkpointing(model, context_fn=None):
+    """--grad-ckpt: transformers' activation checkpointing of every layer of a model (the LLM, or
+    a trained speech encoder; non-reentrant; with context_fn, the context its recompute runs in).
+    The layers are listed once, for checkpointing(). They keep a KV cache they are given
+    (transformers drops it, as most caches are written to): the only one a pass with gradients
+    gets is hidden_states()' read-only prefix cache, which a recompute reads as the forward did."""
     from transformers.modeling_layers import GradientCheckpointingLayer
     kw = dict(use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
-    llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-    llm.checkpointed_layers = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for m in llm.checkpointed_layers:
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    model.checkpointed_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for m in model.checkpointed_layers:
         m._can_checkpoint_with_cache = True
 
 

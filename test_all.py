@@ -214,6 +214,41 @@ def test_whisper_real_length_equals_hf_at_30s_and_is_batch_invariant(tiny):
     torch.testing.assert_close(batch[0, :63], alone[0], atol=1e-4, rtol=1e-3)
 
 
+def test_trained_encoder_under_grad_ckpt_recomputes_its_layers(tiny, tmp_path):
+    """BLSP-KD --unfreeze-encoder --grad-ckpt: the encoder's layers keep their inputs only and run
+    again in the backward; the same frames and gradients (Whisper through our own layer loop,
+    wav2vec2 through transformers' forward)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                 conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                 num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+                                 do_stable_layer_norm=True)).save_pretrained(tmp_path / "w2v")
+    wave_lens = torch.tensor([16000, 9000])
+    wave = torch.randn(2, 16000) * (torch.arange(16000)[None] < wave_lens[:, None])
+    for path in (tiny["enc"], tmp_path / "w2v"):
+        out = []
+        for ckpt in (False, True):
+            enc = common.load_encoder(str(path), cpu()).float()
+            for p in enc.model.parameters():
+                p.requires_grad_(True)
+            if ckpt:
+                common.enable_checkpointing(enc.model)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                frames, _ = enc(wave, wave_lens)
+            grads = torch.autograd.grad(frames.square().sum(), list(enc.model.parameters()), allow_unused=True)
+            out.append((frames, grads, sum(saved)))            # (unused: wav2vec2's mask embedding)
+        torch.testing.assert_close(out[1][0], out[0][0])
+        assert sum(g is not None for g in out[1][1]) > 10
+        for a, b in zip(out[1][1], out[0][1]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert out[1][2] < 0.8 * out[0][2], (path, out[1][2], out[0][2])
+
+
 def test_encoder_frame_counts_on_the_host_equal_the_frames(tiny, tmp_path):
     """SpeechEncoder.output_lengths (on the host, from the clip lengths: what a step slices with)
     = the frame counts forward() gives = the frames of each clip encoded alone, for Whisper,
