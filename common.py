@@ -706,18 +706,17 @@ def prefix_runs_once(llm, sp):
     kinds = getattr(llm.config.get_text_config(), "layer_types", None) or ["full_attention"]
     if sp.prefix < SHARED_PREFIX_MIN or not set(kinds) <= {"full_attention", "sliding_attention"}:
         return False                                # (recurrent or convolutional layers: a state)
-    lora = [m for m in llm.modules() if isinstance(m, LoRALinear)]
-    own = {id(p) for m in lora for p in (m.lora_A, m.lora_B)}
-    return not any(p.requires_grad for p in llm.parameters() if id(p) not in own) and \
-        all(not m.ctx.enabled or (m.ctx.masked and (m.ctx.rows is None or m.ctx.rows is sp.speech_rows))
-            for m in lora)
+    return not any(p.requires_grad for name, p in llm.named_parameters()
+                   if not name.endswith((".lora_A", ".lora_B"))) and \
+        all(not c.enabled or (c.masked and (c.rows is None or c.rows is sp.speech_rows))
+            for c in getattr(llm, "lora_contexts", ()))
 
 
 @contextlib.contextmanager
 def lora_rows_from(llm, start, T=None):
     """Masked LoRA's rows (flat b*T+t) for a pass over inputs[:, start:] of a (B, T) batch
     (start=None: no update anywhere, for the shared prefix's pass)."""
-    ctxs = list({id(m.ctx): m.ctx for m in llm.modules() if isinstance(m, LoRALinear)}.values())
+    ctxs = getattr(llm, "lora_contexts", ())
     kept = [c.rows for c in ctxs]
     for c, rows in zip(ctxs, kept):
         c.rows = None if rows is None or start is None else rows // T * (T - start) + rows % T - start
@@ -828,6 +827,7 @@ def add_lora(llm, r=16, alpha=16, dropout=0.05, masked=False):
                     layers.append(lora)
     if not layers:
         raise UserError("LoRA: the LLM's blocks have no nn.Linear layers")
+    llm.lora_contexts = getattr(llm, "lora_contexts", []) + [ctx]   # for hidden_states()' prefix
     if getattr(llm, "checkpointed_layers", None):               # --grad-ckpt
         enable_checkpointing(llm, context_fn=lambda: _lora_state_for_recompute(ctx))
     return ctx, layers

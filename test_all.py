@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_all.py
 """
+import contextlib
 import json
 import os
 import random
@@ -64,6 +65,25 @@ def tiny(tmp_path_factory):
 
 def cpu():
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def saved_for_backward():
+    """-> a list that fills with the element count of each tensor the autograd graph keeps for the
+    backward (parameters count 0: they are kept anyway)."""
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: sizes.append(0 if isinstance(t, nn.Parameter) else t.numel()) or t, lambda t: t):
+        yield sizes
+
+
+def save_tiny_wav2vec2(path, layers=1):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                 intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                 conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                 num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+                                 do_stable_layer_norm=True)).save_pretrained(path)
 
 
 def run_python(*args, torchrun=False, timeout=300):
@@ -218,13 +238,8 @@ def test_trained_encoder_under_grad_ckpt_recomputes_its_layers(tiny, tmp_path):
     """BLSP-KD --unfreeze-encoder --grad-ckpt: the encoder's layers keep their inputs only and run
     again in the backward; the same frames and gradients (Whisper through our own layer loop,
     wav2vec2 through transformers' forward)."""
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
     torch.manual_seed(0)
-    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
-                                 conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-                                 num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
-                                 do_stable_layer_norm=True)).save_pretrained(tmp_path / "w2v")
+    save_tiny_wav2vec2(tmp_path / "w2v", layers=2)
     wave_lens = torch.tensor([16000, 9000])
     wave = torch.randn(2, 16000) * (torch.arange(16000)[None] < wave_lens[:, None])
     for path in (tiny["enc"], tmp_path / "w2v"):
@@ -235,8 +250,7 @@ def test_trained_encoder_under_grad_ckpt_recomputes_its_layers(tiny, tmp_path):
                 p.requires_grad_(True)
             if ckpt:
                 common.enable_checkpointing(enc.model)
-            saved = []
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            with saved_for_backward() as saved:
                 frames, _ = enc(wave, wave_lens)
             grads = torch.autograd.grad(frames.square().sum(), list(enc.model.parameters()), allow_unused=True)
             out.append((frames, grads, sum(saved)))            # (unused: wav2vec2's mask embedding)
@@ -253,13 +267,9 @@ def test_encoder_frame_counts_on_the_host_equal_the_frames(tiny, tmp_path):
     """SpeechEncoder.output_lengths (on the host, from the clip lengths: what a step slices with)
     = the frame counts forward() gives = the frames of each clip encoded alone, for Whisper,
     wav2vec2 and w2v-BERT."""
-    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel, Wav2Vec2Config, Wav2Vec2Model
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
     torch.manual_seed(0)
-    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
-                                 conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-                                 num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
-                                 do_stable_layer_norm=True)).save_pretrained(tmp_path / "w2v")
+    save_tiny_wav2vec2(tmp_path / "w2v")
     Wav2Vec2BertModel(Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=64, output_hidden_size=32,
                                          conv_depthwise_kernel_size=3)).save_pretrained(tmp_path / "bert")
@@ -570,9 +580,8 @@ def test_per_row_loss_chunks_equal_one_pass_and_keep_no_logits(tiny):
         return (lt.exp() * (lt - ls)).sum(-1)
 
     def run(chunked):
-        h_s, saved = h_s0.clone().requires_grad_(), []
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(0 if isinstance(t, nn.Parameter) else t.numel()) or t, lambda t: t):
+        h_s = h_s0.clone().requires_grad_()
+        with saved_for_backward() as saved:
             if chunked:                                    # 3 rows per chunk: 4 chunks
                 k = common.per_row_loss(llm, kl, [h_t, h_s], chunk_elems=3 * V)
                 ce = common.per_row_loss(llm, lambda s, y: F.cross_entropy(s, y, reduction="none"),
@@ -1021,9 +1030,7 @@ def test_grad_ckpt_same_loss_and_gradients_fewer_saved_activations(tiny):
         v = vecs.clone().requires_grad_(True)
         samples = [[text([2, 3]), speech(v[b]), text(ids[b], loss=True)] for b in range(2)]
         sp = common.splice(llm.get_input_embeddings(), samples)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(0 if isinstance(t, nn.Parameter) else t.numel()) or t, lambda t: t):
+        with saved_for_backward() as saved:
             loss, _ = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
         loss.backward()
         with torch.no_grad():
@@ -1594,9 +1601,8 @@ def test_blsp_kd_cformer_checkpointed_is_the_same_with_fewer_saved_tensors():
     frames, lens, n = torch.randn(2, 20, 8), torch.tensor([20, 11]), [4, 2]
     out = []
     for cf in (plain, ckpt):
-        saved = []
         torch.manual_seed(1)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with saved_for_backward() as saved:
             vecs, _, total = cf(frames, lens, n)
         loss = (vecs ** 2).sum() + total.sum()
         out.append((vecs, torch.autograd.grad(loss, list(cf.parameters())), sum(saved)))
@@ -1974,8 +1980,8 @@ def test_ssr_connector_last_layer_at_boundaries_equals_all_frames(blockwise, che
     frames, bnds = torch.randn(3, 9, 12), [[1, 3, 6], [0, 4], []]
     saved = {}
     for on in (not checkpoint, checkpoint):                # (the run compared comes last)
-        con.checkpoint, saved[on] = on, []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved[on].append(t.numel()) or t, lambda t: t):
+        con.checkpoint = on
+        with saved_for_backward() as saved[on]:
             got = con(frames, bnds)
     assert sum(saved[True]) < sum(saved[False]) / 4        # the layers keep their inputs only
     want = ssr_connector_slow(con, frames, bnds)
