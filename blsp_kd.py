@@ -39,7 +39,7 @@ an earlier toy LLM gave vectors of RMS 4.1 against 0.13 for its token embeddings
 their own word's, yet 96% of each vector's CIF weight lay within its word's frames); CFormer layers
 are PyTorch's pre-norm GELU layers (Whisper-style) with no positional encoding of their own (the
 encoder frames carry it), and --grad-ckpt recomputes them in the backward as it does the LLM's
-layers; when the encoder is unfrozen it trains in fp32. Defaults are scaled to
+layers; an unfrozen encoder trains in fp32 at a tenth of the lr (--encoder-lr). Defaults are scaled to
 the toy setting (paper: 4 + 4 layers, 8 heads, stage 1 lr 1e-4, batch 768, 1000 warm-up steps, 1
 epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3, 30 warm-up steps, 1600 steps (about 2 min on
 one CPU thread). The input KL is on by default (METHODS.md: the paper's use of it is not
@@ -72,6 +72,7 @@ class KDArgs(common.Args):
     stage: int = arg(1, "1: train the CFormer; 2: CFormer + Partial LoRA from a stage-1 --init")
     init: str = arg(None, "stage 2: stage-1 run directory to start from (its models and CFormer shape)")
     unfreeze_encoder: bool = arg(False, "stage 2: also train the speech encoder")
+    encoder_lr: float = arg(None, "--unfreeze-encoder: the encoder's peak learning rate (default: --lr / 10)")
     pre_layers: int = arg(2, "CFormer transformer layers before CIF (paper: 4)")
     post_layers: int = arg(2, "CFormer transformer layers after CIF (paper: 4)")
     heads: int = arg(4, "attention heads of the CFormer layers (paper: 8)")
@@ -448,8 +449,11 @@ def main(argv=None):
         module.train()
         return res
 
+    # a pre-trained encoder moves slower than the new parts ([choice]; at 5e-4 Whisper diverged)
+    scaled = [(module["encoder"].parameters(), (args.encoder_lr or args.lr / 10) / args.lr)] \
+        if "encoder" in module else []
     res = common.train(args, module, step_fn, train_items, device, rank, world, valid_fn,
-                       method="blsp_kd", model_fields=MODEL_FIELDS)
+                       method="blsp_kd", model_fields=MODEL_FIELDS, lr_scale=scaled)
     if rank == 0:
         module.eval()
         show_sample(encoder, cformer, llm, tok, ctx, valid_items[0], args, device)

@@ -1040,10 +1040,15 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay)
 
 
-def make_optimizer(params, args, device):
-    params = [p for p in params if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+def make_optimizer(params, args, device, lr_scale=()):
+    """AdamW, weight decay on matrices only. lr_scale: (parameters, factor) pairs that train at
+    factor x the schedule's lr (their groups keep "lr_scale"; train() multiplies it in)."""
+    lr_scale = [([p for p in ps if p.requires_grad], f) for ps, f in lr_scale]
+    own = {id(p) for ps, _ in lr_scale for p in ps}
+    sets = [([p for p in params if p.requires_grad and id(p) not in own], 1.0)] + lr_scale
+    groups = [dict(params=[p for p in ps if (p.ndim >= 2) == matrix], lr_scale=f,
+                   weight_decay=args.weight_decay if matrix else 0.0)
+              for ps, f in sets for matrix in (True, False)]
     betas = tuple(float(b) for b in args.betas.split(","))
     return torch.optim.AdamW(groups, lr=args.lr, betas=betas, fused=device.type == "cuda")
 
@@ -1129,7 +1134,7 @@ class Logger:
 
 
 def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=None,
-          method="method", model_fields=()):
+          method="method", model_fields=(), lr_scale=()):
     """Train the parameters of `module` that require grad.
 
     step_fn(batch) -> (loss_sum, n, logs): a micro-batch's summed loss over n units (target
@@ -1138,6 +1143,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     show, floats or 0-d tensors (read only when a metrics line is written, so no host-device sync
     per micro-batch); optionally "tokens" = LLM tokens processed, "flops" = model FLOPs (ints).
     valid_fn(step) -> dict of validation metrics. Returns the last validation metrics.
+    lr_scale: (parameters, factor) pairs that train at factor x the lr (make_optimizer).
     Rates leave validation out; data_wait = the share of the time spent waiting for batches.
     """
     from tqdm import tqdm
@@ -1148,13 +1154,19 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(dict(vars(args), world=world), f, indent=1)
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = make_optimizer(params, args, device)
+    opt = make_optimizer(params, args, device, lr_scale)
+    scales = [g["lr_scale"] for g in opt.param_groups]        # this run's, not the checkpoint's
     step, epoch, batch_pos = 0, 0, 0
     if args.resume:
         ck = find_checkpoint(args.resume, meta)
         load_trainable(module, ck)
         st = torch.load(os.path.join(ck, "train_state.pt"), weights_only=False)
-        opt.load_state_dict(st["optimizer"])
+        try:
+            opt.load_state_dict(st["optimizer"])
+        except ValueError as e:     # (the model fingerprint matched: an older grouping)
+            raise UserError(f"--resume {ck}: its optimizer state does not fit this run ({e})") from None
+        for g, f in zip(opt.param_groups, scales):
+            g["lr_scale"] = f
         step, epoch, batch_pos = st["step"], st["epoch"], st["batch_pos"]
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])
@@ -1222,7 +1234,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         while step < args.steps:
             start = (epoch, batch_pos, rng_state())
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, args)
+                g["lr"] = lr_at(step, args) * g["lr_scale"]
             loss_sum, units, logs = torch.zeros((), device=device), 0, {}
             for _ in range(args.grad_accum):
                 t_data = time.time()

@@ -783,9 +783,9 @@ def test_training_loop_waits_for_the_gpu_only_to_log(tiny, tmp_path, monkeypatch
     loading, all on the CPU, left out). (On a CPU, unfused AdamW reads the loss every step: free.)"""
     import bench
     items, to_device, make = data.read_manifest(tiny["train"]), common.to_device, common.make_optimizer
-    monkeypatch.setattr(common, "make_optimizer", lambda params, args, device: torch.optim.AdamW(
-        [dict(params=g["params"], weight_decay=g["weight_decay"])
-         for g in make(params, args, device).param_groups], lr=args.lr, fused=True))
+    monkeypatch.setattr(common, "make_optimizer", lambda params, args, device, lr_scale=(): torch.optim.AdamW(
+        [dict(params=g["params"], weight_decay=g["weight_decay"], lr_scale=g["lr_scale"])
+         for g in make(params, args, device, lr_scale).param_groups], lr=args.lr, fused=True))
     model = Toy()
 
     def step(batch):                         # the batch's audio only: no read, no copy
@@ -871,6 +871,29 @@ def test_resume_gives_the_same_losses(tiny, tmp_path):
 
 
 
+def test_lr_scale_trains_those_parameters_at_a_fraction_of_the_lr(tiny, tmp_path):
+    """train(lr_scale=[(params, f)]): AdamW's first update moves every weight by about the lr
+    (m / sqrt(v) = +-1), so the scaled Linear moves f x as far; resuming takes this run's factor."""
+    items = data.read_manifest(tiny["train"])
+    m, other = Toy(), nn.Linear(3, 1)
+    m.other = other
+    w0, o0 = m.lin.weight.detach().clone(), other.weight.detach().clone()
+    step = toy_step(m)
+
+    def both(batch):
+        loss, n, logs = step(batch)
+        return loss + other(batch["wave"][:, :3]).square().sum(), n, logs
+    a = toy_args(tmp_path / "run", steps=1, warmup=1, weight_decay=0.0)
+    common.train(a, m, both, items, cpu(), method="toy", lr_scale=[(other.parameters(), 0.1)])
+    assert (m.lin.weight - w0).abs().flatten().tolist() == pytest.approx([0.1] * 3, rel=1e-3)
+    assert (other.weight - o0).abs().flatten().tolist() == pytest.approx([0.01] * 3, rel=1e-3)
+    o1 = other.weight.detach().clone()      # resumed with another factor: this one applies
+    common.train(toy_args(tmp_path / "run", steps=2, warmup=1, weight_decay=0.0, schedule="constant",
+                          resume=str(tmp_path / "run")), m, both, items, cpu(), method="toy",
+                 lr_scale=[(other.parameters(), 0.5)])
+    assert 0.02 < float((other.weight.detach() - o1).abs().max()) <= 0.05 + 1e-6
+
+
 def test_sigterm_saves_the_last_finished_step(tiny, tmp_path):
     """kill (a cluster's preemption) stops like Ctrl-C: checkpoint of the last finished step, exit 143."""
     import signal
@@ -923,9 +946,10 @@ def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tm
     good step."""
     make = common.make_optimizer
 
-    def fused(params, args, device):
-        opt = make(params, args, device)
-        groups = [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in opt.param_groups]
+    def fused(params, args, device, lr_scale=()):
+        opt = make(params, args, device, lr_scale)
+        groups = [dict(params=g["params"], weight_decay=g["weight_decay"], lr_scale=g["lr_scale"])
+                  for g in opt.param_groups]
         return torch.optim.AdamW(groups, lr=args.lr, betas=opt.defaults["betas"], fused=True)
     monkeypatch.setattr(common, "make_optimizer", fused)
     items = data.read_manifest(tiny["train"])
