@@ -1680,6 +1680,46 @@ def _build_default_t5(path, size):
 
 
 CTC_CHARS = ["<blank>", " "] + list(data.LETTERS)
+CTC_INDEX = {c: i for i, c in enumerate(CTC_CHARS) if i}
+
+
+def ctc_labels(txt):
+    """Characters of " " + txt a CTC head over CTC_CHARS emits -> (their positions, their ids).
+    Lower-cased; characters outside CTC_CHARS skipped; no leading, double or final space."""
+    pos, ids = [], []
+    for i, c in enumerate(" " + txt):
+        c = c.lower()
+        if c in CTC_INDEX and not (c == " " and (not ids or ids[-1] == CTC_INDEX[" "])):
+            pos.append(i), ids.append(CTC_INDEX[c])
+    if ids and ids[-1] == CTC_INDEX[" "]:
+        pos.pop(), ids.pop()
+    return pos, ids
+
+
+def ctc_runs(labels, blank=0):
+    """A CTC path (frame labels) -> [label, last frame] per emitted label. A label lasts until the
+    next one starts (the blanks after it are its own); the final one ends with its run."""
+    out, prev = [], blank
+    for t, k in enumerate(labels):
+        if k != blank and k != prev:
+            if out:
+                out[-1][1] = t - 1
+            out.append([k, t])
+        elif k != blank:
+            out[-1][1] = t
+        prev = k
+    return out
+
+
+def ctc_greedy(logp):
+    """Greedy CTC decoding of log-probs (T, CTC_CHARS): best label per frame, merged ->
+    (text, {position in " " + text: last frame of that character}); no outer spaces."""
+    r = [(CTC_CHARS[k], t) for k, t in ctc_runs(logp.argmax(-1).tolist())]
+    while r and r[0][0] == " ":
+        r.pop(0)
+    while r and r[-1][0] == " ":
+        r.pop()
+    return "".join(c for c, _ in r), {i + 1: t for i, (c, t) in enumerate(r) if c != " "}
 
 
 def load_ctc_head(encoder_path):
@@ -1758,7 +1798,7 @@ def _build_default_encoder(path, size):
         for b in loader:
             frames, lens = enc(b["wave"], b["wave_lens"])
             logp = head(frames).log_softmax(-1).transpose(0, 1)
-            tgt = [torch.tensor([CTC_CHARS.index(c) for c in t]) for t in b["text"]]
+            tgt = [torch.tensor(ctc_labels(t)[1]) for t in b["text"]]
             loss = F.ctc_loss(logp, torch.cat(tgt), lens, torch.tensor([len(t) for t in tgt]),
                               zero_infinity=True)
             if step % 100 == 0:

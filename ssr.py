@@ -12,7 +12,7 @@ Paper step                                              -> code
   aligner: character CTC on the frozen encoder frames   -> Aligner, aligner_loss (F.ctc_loss)
   character frames, transcript known (training)         -> char_frames (common.ctc_forced_align:
                                                             torchaudio, or a pure-torch Viterbi)
-  character frames, no transcript (inference)           -> greedy_decode
+  character frames, no transcript (inference)           -> common.ctc_greedy
   characters -> LLM tokens: frame of the last character -> token_boundaries
   connector: Linear(d_enc->d_llm, no bias) -> L layers  -> Connector, causal_mask, blockwise_mask
              -> select the boundary frames: 1 per token    (the last layer runs at those frames only)
@@ -24,7 +24,7 @@ Project choices ([choice] in METHODS.md, or where it is silent):
 - aligner: pre-norm transformer layers (starting as the identity) + Linear over common.CTC_CHARS
   on the frozen frames; the Linear starts from the encoder folder's ctc_head.safetensors if any;
 - a CTC character lasts until the next emitted label (space included) starts: the blanks after it
-  are its own. Word-final characters then end where the exact boundaries say (toy: within 1 frame),
+  are its own (common.ctc_runs). Word-final characters then end where the exact boundaries say (toy: within 1 frame),
   which a bare CTC spike does not. --aligner oracle: the last 20 ms frame a character overlaps.
   Spaces and punctuation are never a token's aligned character;
 - connector layers: pre-norm, SDPA, GELU MLP, no positional encoding, no final norm. Blockwise
@@ -59,7 +59,6 @@ import data
 from common import arg, speech, text
 
 BLANK, SPACE = 0, common.CTC_CHARS.index(" ")
-CHAR_INDEX = {c: i for i, c in enumerate(common.CTC_CHARS) if i != BLANK}
 CONTINUE_INSTRUCTION = data.CONTINUE_INSTRUCTIONS[0]
 
 
@@ -131,7 +130,7 @@ def blockwise_mask(boundaries, T, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# The aligner: character CTC, forced alignment, greedy decoding
+# The aligner: character CTC (its labels, runs and greedy decoding: common's CTC section)
 
 class Aligner(nn.Module):
     """Frozen encoder frames (B, T, d_enc) -> character log-probs (B, T, |CTC_CHARS|)."""
@@ -156,23 +155,10 @@ class Aligner(nn.Module):
         return self.head(x).float().log_softmax(-1)
 
 
-def ctc_targets(txt):
-    """Characters of " " + txt that the aligner emits -> (their positions, their CTC ids).
-    Lower-cased; characters outside CTC_CHARS skipped; no leading, double or final space."""
-    pos, ids = [], []
-    for i, c in enumerate(" " + txt):
-        c = c.lower()
-        if c in CHAR_INDEX and not (c == " " and (not ids or ids[-1] == SPACE)):
-            pos.append(i), ids.append(CHAR_INDEX[c])
-    if ids and ids[-1] == SPACE:
-        pos.pop(), ids.pop()
-    return pos, ids
-
-
 def aligner_loss(logp, lens, texts):
     """CTC loss summed over the batch -> (loss, number of target characters). lens: frame counts
     on the host (CUDA's CTC reads the lengths on the host: from the GPU, a sync)."""
-    tgts = [ctc_targets(t)[1] for t in texts]
+    tgts = [common.ctc_labels(t)[1] for t in texts]
     loss = F.ctc_loss(logp.transpose(0, 1), common.to_gpu(torch.tensor([c for t in tgts for c in t], dtype=torch.long),
                                                          logp.device),
                       lens, torch.tensor([len(t) for t in tgts]), blank=BLANK, reduction="sum",
@@ -180,39 +166,14 @@ def aligner_loss(logp, lens, texts):
     return loss, sum(map(len, tgts))
 
 
-def runs(labels):
-    """A CTC path (frame labels) -> [label, last frame] per emitted label. A label lasts until the
-    next one starts (the blanks after it are its own); the final one ends with its run."""
-    out, prev = [], BLANK
-    for t, k in enumerate(labels):
-        if k != BLANK and k != prev:
-            if out:
-                out[-1][1] = t - 1
-            out.append([k, t])
-        elif k != BLANK:
-            out[-1][1] = t
-        prev = k
-    return out
-
-
 def char_frames(logp, txt):
     """Forced alignment -> {position in " " + txt: last frame} of each aligned non-space
     character, or None when the transcript cannot fit in the frames."""
-    pos, ids = ctc_targets(txt)
+    pos, ids = common.ctc_labels(txt)
     if logp.shape[0] < len(ids) + sum(a == b for a, b in zip(ids, ids[1:])):
         return None
-    ends = [t for _, t in runs(common.ctc_forced_align(logp, ids))] if ids else []
+    ends = [t for _, t in common.ctc_runs(common.ctc_forced_align(logp, ids))] if ids else []
     return {p: t for p, k, t in zip(pos, ids, ends) if k != SPACE}
-
-
-def greedy_decode(logp):
-    """No transcript: best label per frame, merged -> (text, {position in " " + text: frame})."""
-    r = [(common.CTC_CHARS[k], t) for k, t in runs(logp.argmax(-1).tolist())]
-    while r and r[0][0] == " ":
-        r.pop(0)
-    while r and r[-1][0] == " ":
-        r.pop()
-    return "".join(c for c, _ in r), {i + 1: t for i, (c, t) in enumerate(r) if c != " "}
 
 
 def aligner_cer(encoder, aligner, items, args, device):
@@ -222,8 +183,8 @@ def aligner_cer(encoder, aligner, items, args, device):
     for b in common.batches(items, args):
         _, lens, logp = encode(encoder, aligner, common.to_device(b, device))
         for i, (t, T) in enumerate(zip(b["text"], lens.tolist())):
-            ref = "".join(common.CTC_CHARS[k] for k in ctc_targets(t)[1])
-            err, n = err + common.edit_distance(ref, greedy_decode(logp[i, :T])[0]), n + len(ref)
+            ref = "".join(common.CTC_CHARS[k] for k in common.ctc_labels(t)[1])
+            err, n = err + common.edit_distance(ref, common.ctc_greedy(logp[i, :T])[0]), n + len(ref)
     return err / max(n, 1)
 
 
@@ -309,7 +270,7 @@ def ssr_vectors(encoder, aligner, connector, tok, batch, mode):
     for i, T in enumerate(lens.tolist()):
         txt = batch["text"][i] if "text" in batch else None
         if mode == "greedy":
-            txt, fr = greedy_decode(logp[i, :T])
+            txt, fr = common.ctc_greedy(logp[i, :T])
         else:
             fr = char_frames(logp[i, :T], txt) if mode == "forced" else \
                 oracle_frames(batch["chars"][i], txt, encoder.frame_seconds)

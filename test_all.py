@@ -1898,7 +1898,7 @@ def test_ssr_boundaries_same_frame_past_end_and_too_short():
 
 
 def test_ssr_ctc_targets_greedy_and_oracle_frames():
-    pos, ids = ssr.ctc_targets("Hi,  o ")
+    pos, ids = common.ctc_labels("Hi,  o ")
     assert [(" Hi,  o "[p].lower(), common.CTC_CHARS[i]) for p, i in zip(pos, ids)] == \
         [("h", "h"), ("i", "i"), (" ", " "), ("o", "o")]
     C = len(common.CTC_CHARS)
@@ -1906,7 +1906,7 @@ def test_ssr_ctc_targets_greedy_and_oracle_frames():
     logp = torch.full((len(path), C), -5.0)
     for t, c in enumerate(path):
         logp[t, common.CTC_CHARS.index(c)] = 0.0
-    assert ssr.greedy_decode(logp) == ("hi o", {1: 3, 2: 4, 4: 7})   # h lasts until i starts
+    assert common.ctc_greedy(logp) == ("hi o", {1: 3, 2: 4, 4: 7})   # h lasts until i starts
     chars = [["a", 0.08, 0.13], ["b", 0.13, 0.14]]
     assert ssr.oracle_frames(chars, "ab", 0.02) == {1: 6, 2: 6}
     with pytest.raises(data.DataError):
@@ -2093,7 +2093,7 @@ def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, mon
         it["text"] = it["text"].capitalize() + "!"
 
     def perfect(encoder, aligner, batch):      # log-probs whose greedy path spells each target
-        paths = [[k for c in ssr.ctc_targets(t)[1] for k in (c, ssr.BLANK)] for t in batch["text"]]
+        paths = [[k for c in common.ctc_labels(t)[1] for k in (c, ssr.BLANK)] for t in batch["text"]]
         T = max(map(len, paths))
         logp = torch.full((len(paths), T, len(common.CTC_CHARS)), -10.0)
         for i, p in enumerate(paths):
