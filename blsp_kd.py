@@ -409,6 +409,10 @@ def main(argv=None):
         raise common.UserError(f"--stage must be 1 or 2, not {args.stage}")
     if args.stage == 2 and not args.init:
         raise common.UserError("--stage 2 needs --init RUN_DIR (a stage-1 run)")
+    if args.unfreeze_encoder and args.stage != 2:
+        raise common.UserError("--unfreeze-encoder is for stage 2 (stage 1 trains the CFormer only)")
+    if args.encoder_lr is not None and not args.unfreeze_encoder:
+        raise common.UserError("--encoder-lr is the lr of an unfrozen encoder: add --unfreeze-encoder")
     args.lr = args.lr or STAGE_LR[args.stage]
     args.out = args.out or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
     if args.init:   # the stage-1 run fixes the models and the CFormer's shape (unset: its own)

@@ -1820,11 +1820,14 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     flags = dict(zip(common_args[::2], common_args[1::2]))       # the models come from --init
     stage2 = [x for k, v in flags.items() if k not in ("--llm", "--encoder", "--pre-layers",
                                                        "--post-layers", "--heads") for x in (k, v)]
-    blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1])
+    blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1, "--unfreeze-encoder"])
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     from safetensors.torch import load_file
     state = load_file(os.path.join(common.find_checkpoint(s2), "trainable.safetensors"))
     assert any(k.startswith("lora.") for k in state) and any(k.startswith("cformer.") for k in state)
+    assert any(k.startswith("encoder.") for k in state)
+    opt = torch.load(os.path.join(common.find_checkpoint(s2), "train_state.pt"), weights_only=False)["optimizer"]
+    assert [g["lr_scale"] for g in opt["param_groups"]] == pytest.approx([1, 1, 0.1, 0.1])   # encoder: lr / 10
     first_row = json.loads(open(os.path.join(s2, "metrics.jsonl")).readline())
     assert first_row["loss"] < losses[0]                        # starts from the stage-1 CFormer
     assert len(ran_once) >= 6 and all(ran_once)                # teacher, student (Partial LoRA), eval
@@ -1842,6 +1845,11 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         blsp_kd.main(stage2 + ["--out", str(tmp_path / "bad"), "--stage", "2", "--init", s1, "--heads", "3"])
     assert e.value.code == 2 and "its --heads is 2, not 3" in capsys.readouterr().err
+    for extra, msg in ((["--unfreeze-encoder"], "--unfreeze-encoder is for stage 2"),
+                       (["--encoder-lr", "1e-5"], "--encoder-lr is the lr of an unfrozen encoder")):
+        with pytest.raises(SystemExit) as e:
+            blsp_kd.main(common_args + ["--out", str(tmp_path / "bad")] + extra)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
 # ============================================================================================
