@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -999,6 +1000,25 @@ def wer(refs, hyps):
         errors += edit_distance(r, h)
         words += len(r)
     return errors / max(words, 1)
+
+
+def corpus_bleu(refs, hyps, max_n=4):
+    """Corpus BLEU-4 in points (Papineni et al. 2002): clipped n-gram precisions summed over the
+    corpus, geometric mean, brevity penalty exp(1 - r/c) when c < r; after normalize."""
+    hits, totals, r_len, c_len = [0] * max_n, [0] * max_n, 0, 0
+    for r, h in zip(refs, hyps):
+        r, h = normalize(r).split(), normalize(h).split()
+        r_len, c_len = r_len + len(r), c_len + len(h)
+        for n in range(1, max_n + 1):
+            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+            hits[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+            totals[n - 1] += max(len(h) - n + 1, 0)
+    if c_len == 0 or min(hits) == 0:
+        return 0.0
+    log_p = sum(math.log(h / t) for h, t in zip(hits, totals)) / max_n
+    bp = 1.0 if c_len >= r_len else math.exp(1 - r_len / c_len)
+    return 100 * bp * math.exp(log_p)
 
 
 # ============================================================================================

@@ -18,7 +18,7 @@ Paper step                                            -> code
   loss: decoder cross-entropy on the target text       -> slm_loss()
   multitask batches, instruction templates per task   -> draw_tasks(), instructions()
   zero-shot instructions at test time                 -> answer(), evaluate(), infer()
-  metrics: WER (ASR), BLEU (AST)                       -> common.wer, corpus_bleu()
+  metrics: WER (ASR), BLEU (AST)                       -> common.wer, common.corpus_bleu
 
 Project choices (the record is silent or marks them [choice]): stack k = 4 frames of a 20 ms
 encoder (80 ms per vector) -> Linear -> N pre-norm transformer layers with sinusoidal positions ->
@@ -52,7 +52,6 @@ import json
 import math
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -263,32 +262,13 @@ def draw_tasks(batch, tasks, language, rng=random):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: WER, a small corpus BLEU, held-out phrasing and zero-shot tasks
-
-def corpus_bleu(refs, hyps, max_n=4):
-    """Corpus BLEU-4 in points (Papineni et al. 2002): clipped n-gram precisions summed over the
-    corpus, geometric mean, brevity penalty exp(1 - r/c) when c < r; after common.normalize."""
-    hits, totals, r_len, c_len = [0] * max_n, [0] * max_n, 0, 0
-    for r, h in zip(refs, hyps):
-        r, h = common.normalize(r).split(), common.normalize(h).split()
-        r_len, c_len = r_len + len(r), c_len + len(h)
-        for n in range(1, max_n + 1):
-            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-            hits[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
-            totals[n - 1] += max(len(h) - n + 1, 0)
-    if c_len == 0 or min(hits) == 0:
-        return 0.0
-    log_p = sum(math.log(h / t) for h, t in zip(hits, totals)) / max_n
-    bp = 1.0 if c_len >= r_len else math.exp(1 - r_len / c_len)
-    return 100 * bp * math.exp(log_p)
-
+# Evaluation: WER, BLEU, held-out phrasing and zero-shot tasks
 
 def scores(task, refs, hyps):
     w = common.wer(refs, hyps)
     if task == "asr":
         return dict(wer=w)
-    return dict(bleu=corpus_bleu(refs, hyps), word_acc=max(0.0, 1 - w))
+    return dict(bleu=common.corpus_bleu(refs, hyps), word_acc=max(0.0, 1 - w))
 
 
 @torch.no_grad()

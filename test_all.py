@@ -2351,17 +2351,17 @@ def test_slm_generate_batched_equals_one_at_a_time(slm_tok):
     assert slm.answer(llm, slm_tok, samples[:1], 6) == [slm_tok.decode(batched[0]).strip()]
 
 
-def test_slm_corpus_bleu_against_hand_computation():
-    assert slm.corpus_bleu(["a b c d e f"], ["a b c d e f"]) == pytest.approx(100)
+def test_corpus_bleu_against_hand_computation():
+    assert common.corpus_bleu(["a b c d e f"], ["a b c d e f"]) == pytest.approx(100)
     # precisions 5/6, 4/5, 3/4, 2/3, no brevity penalty
-    assert slm.corpus_bleu(["a b c d e f"], ["a b c d e x"]) == pytest.approx(100 * (1 / 3) ** 0.25)
+    assert common.corpus_bleu(["a b c d e f"], ["a b c d e x"]) == pytest.approx(100 * (1 / 3) ** 0.25)
     # all precisions 1, c = 5 < r = 6: BP = exp(1 - 6/5)
-    assert slm.corpus_bleu(["a b c d e f"], ["a b c d e"]) == pytest.approx(100 * math.exp(-0.2))
+    assert common.corpus_bleu(["a b c d e f"], ["a b c d e"]) == pytest.approx(100 * math.exp(-0.2))
     # clipping: "the the the the" against one "the"; corpus-level sums over sentences
-    assert slm.corpus_bleu(["the cat"], ["the the the the"]) == 0.0
+    assert common.corpus_bleu(["the cat"], ["the the the the"]) == 0.0
     p = [(5 + 4) / (6 + 4), (4 + 0) / (5 + 3), (3 + 0) / (4 + 2), (2 + 0) / (3 + 1)]
     want = 100 * math.exp(sum(map(math.log, p)) / 4)         # c = 10 = r: BP 1
-    assert slm.corpus_bleu(["a b c d e f", "w x y z"], ["a b c d e x", "x w z y"]) == pytest.approx(want)
+    assert common.corpus_bleu(["a b c d e f", "w x y z"], ["a b c d e x", "x w z y"]) == pytest.approx(want)
 
 
 def test_slm_draw_tasks_uses_trained_phrasings_only():
