@@ -1905,7 +1905,7 @@ def test_ssr_boundaries_same_frame_past_end_and_too_short():
     assert ssr.token_boundaries([], frames, 2) == []
 
 
-def test_ssr_ctc_targets_greedy_and_oracle_frames():
+def test_ssr_ctc_labels_greedy_and_oracle_frames():
     pos, ids = common.ctc_labels("Hi,  o ")
     assert [(" Hi,  o "[p].lower(), common.CTC_CHARS[i]) for p, i in zip(pos, ids)] == \
         [("h", "h"), ("i", "i"), (" ", " "), ("o", "o")]
