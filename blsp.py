@@ -54,9 +54,9 @@ CONTINUE_INSTRUCTION = ("Continue the following text in a coherent and engaging 
 
 @dataclass
 class BLSPArgs(common.Args):
-    bottleneck: int = arg(512, "width of the adapter's residual bottleneck (paper: 512)")
-    continuation_tokens: int = arg(64, "step 1: at most this many new tokens per continuation")
-    gen_batch_size: int = arg(64, "step 1: transcripts per generation batch")
+    bottleneck: int = arg(512, "width of the adapter's residual bottleneck (paper: 512)", min=1)
+    continuation_tokens: int = arg(64, "step 1: at most this many new tokens per continuation", min=1)
+    gen_batch_size: int = arg(64, "step 1: transcripts per generation batch", min=1)
     steps: int = arg(800, "optimizer steps")
     batch_size: int = arg(32, "utterances per micro-batch (per process; paper: 768 in all)")
     lr: float = arg(1.5e-3, "peak learning rate (paper: 5e-5 at batch 768)")

@@ -69,25 +69,27 @@ STAGE_LR = {1: 1.5e-3, 2: 1e-3}
 
 @dataclass
 class KDArgs(common.Args):
-    stage: int = arg(1, "1: train the CFormer; 2: CFormer + Partial LoRA from a stage-1 --init")
+    stage: int = arg(1, "1: train the CFormer; 2: CFormer + Partial LoRA from a stage-1 --init",
+                     min=1, max=2)
     init: str = arg(None, "stage 2: stage-1 run directory to start from (its models and CFormer shape)")
     unfreeze_encoder: bool = arg(False, "stage 2: also train the speech encoder")
-    encoder_lr: float = arg(None, "--unfreeze-encoder: the encoder's peak learning rate (default: --lr / 10)")
-    pre_layers: int = arg(2, "CFormer transformer layers before CIF (paper: 4)")
-    post_layers: int = arg(2, "CFormer transformer layers after CIF (paper: 4)")
-    heads: int = arg(4, "attention heads of the CFormer layers (paper: 8)")
-    ffn: int = arg(0, "feed-forward width of the CFormer layers (0: 4 x encoder width)")
-    dropout: float = arg(0.0, "dropout inside the CFormer layers")
+    encoder_lr: float = arg(None, "--unfreeze-encoder: the encoder's peak learning rate "
+                                  "(default: --lr / 10)", min=0)
+    pre_layers: int = arg(2, "CFormer transformer layers before CIF (paper: 4)", min=0)
+    post_layers: int = arg(2, "CFormer transformer layers after CIF (paper: 4)", min=0)
+    heads: int = arg(4, "attention heads of the CFormer layers (paper: 8)", min=1)
+    ffn: int = arg(0, "feed-forward width of the CFormer layers (0: 4 x encoder width)", min=0)
+    dropout: float = arg(0.0, "dropout inside the CFormer layers", min=0, max=1)
     length_loss: bool = arg(True, "length loss |sum alpha - N| / N")
     response_kl: bool = arg(True, "KL(teacher || student) on the continuation positions")
     input_kl: bool = arg(True, "KL(teacher || student) at transcript token i vs speech vector i")
     response_ce: bool = arg(False, "cross-entropy on the continuation (BLSP's objective)")
-    temperature: float = arg(2.0, "KL temperature (paper: 2)")
-    lora_r: int = arg(16, "stage 2: LoRA rank (paper: 16)")
-    lora_alpha: float = arg(16.0, "stage 2: LoRA alpha (paper: 16)")
-    lora_dropout: float = arg(0.05, "stage 2: LoRA dropout (paper: 0.05)")
-    continuation_tokens: int = arg(48, "at most this many new tokens per continuation (paper: 48)")
-    gen_batch_size: int = arg(64, "transcripts per continuation-generation batch")
+    temperature: float = arg(2.0, "KL temperature (paper: 2)", above=0)
+    lora_r: int = arg(16, "stage 2: LoRA rank (paper: 16)", min=1)
+    lora_alpha: float = arg(16.0, "stage 2: LoRA alpha (paper: 16)", min=0)
+    lora_dropout: float = arg(0.05, "stage 2: LoRA dropout (paper: 0.05)", min=0, max=1)
+    continuation_tokens: int = arg(48, "at most this many new tokens per continuation (paper: 48)", min=1)
+    gen_batch_size: int = arg(64, "transcripts per continuation-generation batch", min=1)
     steps: int = arg(1600, "optimizer steps")
     lr: float = arg(None, f"peak learning rate (default: stage 1 {STAGE_LR[1]}, stage 2 {STAGE_LR[2]})")
     warmup: int = arg(30, "warm-up steps (paper: 1000)")
@@ -405,8 +407,6 @@ def main(argv=None):
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)
-    if args.stage not in (1, 2):
-        raise common.UserError(f"--stage must be 1 or 2, not {args.stage}")
     if args.stage == 2 and not args.init:
         raise common.UserError("--stage 2 needs --init RUN_DIR (a stage-1 run)")
     if args.unfreeze_encoder and args.stage != 2:

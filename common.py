@@ -104,6 +104,8 @@ def guard(main_fn):
 # Arguments
 
 def arg(default, help, **kw):
+    """A dataclass field that parse_args turns into --flag; min, max (inclusive) and above
+    (exclusive) bound a number (a method's override of a common field keeps the common bounds)."""
     return field(default=default, metadata=dict(help=help, **kw))
 
 
@@ -118,17 +120,17 @@ class Args:
     valid: str = arg(None, "validation manifest; default: the toy corpus's valid split")
     out: str = arg(None, "run directory: config, metrics.jsonl, checkpoints (default runs/METHOD)")
     resume: str = arg(None, "run directory to resume from (its latest checkpoint)")
-    steps: int = arg(300, "optimizer steps")
-    batch_size: int = arg(16, "utterances per micro-batch (per process)")
-    max_seconds: float = arg(None, "at most this many seconds of padded audio per micro-batch")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(1e-3, "peak learning rate")
-    min_lr_ratio: float = arg(0.0, "final learning rate as a fraction of the peak")
-    weight_decay: float = arg(0.05, "AdamW weight decay (matrices only)")
+    steps: int = arg(300, "optimizer steps", min=0)
+    batch_size: int = arg(16, "utterances per micro-batch (per process)", min=1)
+    max_seconds: float = arg(None, "at most this many seconds of padded audio per micro-batch", above=0)
+    grad_accum: int = arg(1, "micro-batches per optimizer step", min=1)
+    lr: float = arg(1e-3, "peak learning rate", min=0)
+    min_lr_ratio: float = arg(0.0, "final learning rate as a fraction of the peak", min=0, max=1)
+    weight_decay: float = arg(0.05, "AdamW weight decay (matrices only)", min=0)
     betas: str = arg("0.9,0.999", "AdamW betas")
-    warmup: int = arg(30, "warm-up steps")
-    schedule: str = arg("linear", "decay after warm-up: linear | cosine | constant")
-    clip: float = arg(1.0, "gradient clipping (max global norm)")
+    warmup: int = arg(30, "warm-up steps", min=0)
+    schedule: str = arg("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
+    clip: float = arg(1.0, "gradient clipping (max global norm; 0: none)", min=0)
     seed: int = arg(0, "random seed")
     device: str = arg(None, "cuda | cpu (default: cuda when available)")
     precision: str = arg("auto", "frozen models' weights and autocast: auto (bf16 on CUDA, fp32 on "
@@ -136,8 +138,8 @@ class Args:
                                  "(AVX512-BF16, AMX): about 2x the training step on a 2-core EPYC (README)",
                          choices=("auto", "bf16", "fp32"))
     threads: int = arg(0, "CPU threads for torch (0: 1 with the built-in tiny models, whose "
-                          "matrices are too small to gain from more; else torch's default)")
-    workers: int = arg(0, "data-loading worker processes")
+                          "matrices are too small to gain from more; else torch's default)", min=0)
+    workers: int = arg(0, "data-loading worker processes", min=0)
     compile: bool = arg(False, "torch.compile the adapter (dynamic shapes; the first steps pay "
                                "the compile time: on an H100, 7B LLM, still 2.6 s a step over "
                                "the first 5 new lengths, against 0.32 s without; see README)")
@@ -145,10 +147,10 @@ class Args:
                                  "BLSP-KD's CFormer and unfrozen encoder, SSR's connector): keep "
                                  "each layer's input only, recompute the rest in the backward "
                                  "(less memory, one more forward)")
-    log_every: int = arg(10, "log a metrics line every N steps")
-    eval_every: int = arg(0, "validate every N steps (0: only at the end)")
-    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
-    max_valid: int = arg(200, "at most this many validation utterances")
+    log_every: int = arg(10, "log a metrics line every N steps", min=1)
+    eval_every: int = arg(0, "validate every N steps (0: only at the end)", min=0)
+    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)", min=0)
+    max_valid: int = arg(200, "at most this many validation utterances", min=1)
     skip_bad: bool = arg(False, "skip unreadable or empty audio instead of stopping")
     prompt: str = arg("auto", "prompt format: auto (chat template if the tokenizer has one) | "
                                "chat | blsp (###[Human]: ... ###[Assistant]:)")
@@ -156,14 +158,17 @@ class Args:
     infer: str = arg(None, "audio file: print the LLM's answer to it")
     instruction: str = arg(None, "instruction for --infer / --eval (default: the method's)")
     eval: str = arg(None, "manifest to evaluate a --ckpt on")
-    max_new_tokens: int = arg(64, "generation length limit")
+    max_new_tokens: int = arg(64, "generation length limit", min=1)
 
 
 def parse_args(cls, argv=None, **defaults):
-    """argparse from a dataclass: every field is --flag-name with its help line."""
+    """argparse from a dataclass: every field is --flag-name with its help line; choices and
+    bounds are checked (a bad value: a one-line error naming the flag)."""
     import argparse
     p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_meta = {f.name: f.metadata for f in dataclasses.fields(Args)}
+    meta = {f.name: {**common_meta.get(f.name, {}), **f.metadata} for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         default = defaults.get(f.name, f.default)
         name = "--" + f.name.replace("_", "-")
@@ -173,8 +178,17 @@ def parse_args(cls, argv=None, **defaults):
         else:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
             typ = typ if typ in (int, float, str) else str
-            p.add_argument(name, type=typ, default=default, help=h, choices=f.metadata.get("choices"))
-    return cls(**vars(p.parse_args(argv)))
+            p.add_argument(name, type=typ, default=default, help=h, choices=meta[f.name].get("choices"))
+    args = cls(**vars(p.parse_args(argv)))
+    for k, b in meta.items():
+        v = getattr(args, k)
+        if v is None or isinstance(v, (bool, str)):
+            continue
+        if "min" in b and v < b["min"] or "above" in b and v <= b["above"] or "max" in b and v > b["max"]:
+            want = [f"at least {b['min']}" if "min" in b else f"above {b['above']}" if "above" in b else "",
+                    f"at most {b['max']}" if "max" in b else ""]
+            raise UserError(f"--{k.replace('_', '-')} must be {' and '.join(w for w in want if w)}, not {v}")
+    return args
 
 
 # ============================================================================================

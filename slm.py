@@ -79,12 +79,12 @@ def held_out(task, language):
 
 @dataclass
 class SLMArgs(common.Args):
-    stack: int = arg(4, "adapter: stack this many encoder frames into one vector (shortening)")
-    width: int = arg(128, "adapter: transformer width")
-    layers: int = arg(2, "adapter: transformer layers (paper: 'as few as two')")
-    heads: int = arg(4, "adapter: attention heads")
-    ffn: int = arg(512, "adapter: feed-forward width")
-    dropout: float = arg(0.0, "adapter: dropout")
+    stack: int = arg(4, "adapter: stack this many encoder frames into one vector (shortening)", min=1)
+    width: int = arg(128, "adapter: transformer width", min=1)
+    layers: int = arg(2, "adapter: transformer layers (paper: 'as few as two')", min=1)
+    heads: int = arg(4, "adapter: attention heads", min=1)
+    ffn: int = arg(512, "adapter: feed-forward width", min=1)
+    dropout: float = arg(0.0, "adapter: dropout", min=0, max=1)
     order: str = arg("speech-first", "T5 encoder input: speech-first | instruction-first",
                      choices=["speech-first", "instruction-first"])
     tasks: str = arg("asr,ast", "training tasks, comma-separated, among " + ",".join(TASKS))
@@ -321,9 +321,8 @@ def evaluate(encoder, adapter, llm, tok, items, args, device, tasks, trained=(),
 # Inference and evaluation of a trained adapter
 
 def build(args, device):
-    if min(args.stack, args.layers, args.width, args.heads) < 1 or args.width % args.heads:
-        raise common.UserError("--stack, --layers, --width, --heads must be >= 1, and --width a "
-                               "multiple of --heads")
+    if args.width % args.heads:
+        raise common.UserError(f"--heads {args.heads} does not divide the adapter's --width {args.width}")
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, kind="seq2seq", grad_ckpt=args.grad_ckpt)
     if not llm.config.is_encoder_decoder:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -1370,6 +1371,27 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
             blsp.main(base + ["--train", tiny["train"]] + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+
+
+def test_bad_numbers_are_one_line_errors_naming_the_flag():
+    """Bounds of common.Args hold in every method, also where a method overrides the field's
+    default (BLSP's --batch-size, SSR's --min-lr-ratio); a method's own bounds, and choices."""
+    cases = [(blsp.BLSPArgs, ["--lr", "-1"], "--lr must be at least 0, not -1.0"),
+             (blsp.BLSPArgs, ["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+             (blsp.BLSPArgs, ["--log-every", "0"], "--log-every must be at least 1, not 0"),
+             (blsp.BLSPArgs, ["--max-seconds", "0"], "--max-seconds must be above 0, not 0.0"),
+             (ssr.SSRArgs, ["--min-lr-ratio", "1.5"], "--min-lr-ratio must be at least 0 and at most 1, not 1.5"),
+             (ssr.SSRArgs, ["--text-mix", "-0.5"], "--text-mix must be at least 0 and at most 1, not -0.5"),
+             (blsp_kd.KDArgs, ["--stage", "3"], "--stage must be at least 1 and at most 2, not 3"),
+             (blsp_kd.KDArgs, ["--temperature", "0"], "--temperature must be above 0, not 0.0"),
+             (slm.SLMArgs, ["--stack", "0"], "--stack must be at least 1, not 0")]
+    for cls, argv, msg in cases:
+        with pytest.raises(common.UserError, match="^" + re.escape(msg) + "$"):
+            common.parse_args(cls, argv)
+    ok = common.parse_args(ssr.SSRArgs, ["--lr", "0", "--text-mix", "1", "--warmup", "0"])  # bounds are inclusive
+    assert (ok.lr, ok.text_mix, ok.warmup, ok.schedule) == (0.0, 1.0, 0, "cosine")
+    with pytest.raises(SystemExit):
+        common.parse_args(ssr.SSRArgs, ["--schedule", "step"])     # SSR's own default, common's choices
 
 
 # ============================================================================================
