@@ -153,7 +153,7 @@ class Args:
     max_valid: int = arg(200, "at most this many validation utterances", min=1)
     skip_bad: bool = arg(False, "skip unreadable or empty audio instead of stopping")
     prompt: str = arg("auto", "prompt format: auto (chat template if the tokenizer has one) | "
-                               "chat | blsp (###[Human]: ... ###[Assistant]:)")
+                               "chat | blsp (###[Human]: ... ###[Assistant]:)", choices=("auto", "chat", "blsp"))
     ckpt: str = arg(None, "run directory with a trained checkpoint (for --infer / --eval)")
     infer: str = arg(None, "audio file: print the LLM's answer to it")
     instruction: str = arg(None, "instruction for --infer / --eval (default: the method's)")
@@ -188,6 +188,15 @@ def parse_args(cls, argv=None, **defaults):
             want = [f"at least {b['min']}" if "min" in b else f"above {b['above']}" if "above" in b else "",
                     f"at most {b['max']}" if "max" in b else ""]
             raise UserError(f"--{k.replace('_', '-')} must be {' and '.join(w for w in want if w)}, not {v}")
+    betas = re.fullmatch(r"\s*([0-9.eE+-]+)\s*,\s*([0-9.eE+-]+)\s*", args.betas)
+    try:
+        ok = betas and all(0 <= float(b) < 1 for b in betas.groups())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"--betas must be two numbers in [0, 1) such as 0.9,0.999, not {args.betas!r}")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise UserError(f"--device must be cuda, cuda:N or cpu, not {args.device!r}")
     return args
 
 
@@ -199,11 +208,14 @@ def setup(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {dev}: no CUDA device is visible")
     if world > 1 and not torch.distributed.is_initialized():
         importlib.import_module("torch._dynamo")           # before the group: see end_processes
         # an hour's timeout: rank 0 validates alone while the others wait at the next all_reduce
+        if dev.startswith("cuda:"):
+            raise UserError(f"--device {dev}: under torchrun each process takes the GPU of its "
+                            "LOCAL_RANK; give --device cuda (CUDA_VISIBLE_DEVICES picks the GPUs)")
         torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=1))
         atexit.register(end_processes)

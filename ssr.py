@@ -455,9 +455,9 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
         def aligner_valid(step):
             return dict(cer=aligner_cer(encoder, aligner, valid_items, args, device))
 
-        common.train(stage_args(args, "aligner", args.aligner_steps, args.aligner_lr), aligner,
-                     aligner_step, train_items, device, rank, world, aligner_valid,
-                     method="ssr-aligner", model_fields=fields)
+        res = common.train(stage_args(args, "aligner", args.aligner_steps, args.aligner_lr), aligner,
+                           aligner_step, train_items, device, rank, world, aligner_valid,
+                           method="ssr-aligner", model_fields=fields)
     else:       # (not after training it: under torchrun, rank 0 may still be writing its checkpoint)
         load_stage(aligner, args.out, "aligner")
         trained = os.path.isfile(os.path.join(args.out, "aligner", "latest"))
@@ -465,6 +465,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
             print("ssr: warning: no trained aligner and no pre-trained CTC head: CTC boundaries are "
                   "random (run --stage aligner first)", file=sys.stderr)
     common.freeze(aligner)
+    if stages == ["aligner"]:
+        return res
 
     fields += ("layers", "blockwise")
     if "1" in stages:

@@ -1384,7 +1384,10 @@ def test_bad_numbers_are_one_line_errors_naming_the_flag():
              (ssr.SSRArgs, ["--text-mix", "-0.5"], "--text-mix must be at least 0 and at most 1, not -0.5"),
              (blsp_kd.KDArgs, ["--stage", "3"], "--stage must be at least 1 and at most 2, not 3"),
              (blsp_kd.KDArgs, ["--temperature", "0"], "--temperature must be above 0, not 0.0"),
-             (slm.SLMArgs, ["--stack", "0"], "--stack must be at least 1, not 0")]
+             (slm.SLMArgs, ["--stack", "0"], "--stack must be at least 1, not 0"),
+             (blsp.BLSPArgs, ["--betas", "0.9"], "--betas must be two numbers in [0, 1) such as 0.9,0.999, not '0.9'"),
+             (blsp.BLSPArgs, ["--betas", "0.9,1"], "--betas must be two numbers in [0, 1) such as 0.9,0.999, not '0.9,1'"),
+             (blsp.BLSPArgs, ["--device", "tpu"], "--device must be cuda, cuda:N or cpu, not 'tpu'")]
     for cls, argv, msg in cases:
         with pytest.raises(common.UserError, match="^" + re.escape(msg) + "$"):
             common.parse_args(cls, argv)
@@ -1392,6 +1395,9 @@ def test_bad_numbers_are_one_line_errors_naming_the_flag():
     assert (ok.lr, ok.text_mix, ok.warmup, ok.schedule) == (0.0, 1.0, 0, "cosine")
     with pytest.raises(SystemExit):
         common.parse_args(ssr.SSRArgs, ["--schedule", "step"])     # SSR's own default, common's choices
+    with pytest.raises(SystemExit):
+        common.parse_args(blsp.BLSPArgs, ["--prompt", "llama"])
+    assert common.parse_args(blsp.BLSPArgs, ["--betas", " 0.9, 0.95", "--device", "cuda:1"]).betas == " 0.9, 0.95"
 
 
 # ============================================================================================
@@ -2157,6 +2163,18 @@ def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:                 # stage 2 without a stage-1 checkpoint
         ssr.main(ssr_base_args(ssr_tiny, tmp_path / "empty") + ["--stage", "2"])
     assert e.value.code == 2
+
+
+def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
+    """--stage aligner, then 1, then 2, each its own command: each trains its stage only, from the
+    ones before (--stage aligner once ended in "no checkpoint" for stage 1, exit 2)."""
+    out, base = tmp_path / "run", ssr_base_args(ssr_tiny, tmp_path / "run")
+    for stage in ("aligner", "1", "2"):
+        ssr.main(base + ["--stage", stage, "--aligner-steps", "2", "--steps", "2", "--stage2-steps", "1"])
+        done = [s for s in ("aligner", "stage1", "stage2") if os.path.isfile(out / s / "latest")]
+        assert len(done) == {"aligner": 1, "1": 2, "2": 3}[stage], (stage, done)
+        final = json.loads(capsys.readouterr().out.split("final: ")[-1].splitlines()[0])
+        assert {"aligner": "cer", "1": "acc_forced", "2": "text_loss"}[stage] in final
 
 
 def test_ssr_all_stages_under_torchrun(ssr_tiny, tmp_path):
