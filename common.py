@@ -1163,6 +1163,13 @@ def load_trainable(module, ckpt_dir):
     return module
 
 
+def data_order(args, items, world):
+    """What fixes the order of the training batches (an exact resume needs the same)."""
+    paths = hashlib.sha1("\n".join(str(it.get("audio")) for it in items).encode()).hexdigest()[:12]
+    return dict(utterances=len(items), manifest=paths, batch_size=args.batch_size,
+                max_seconds=args.max_seconds, seed=args.seed, processes=world)
+
+
 def model_fingerprint(args, fields):
     """Hash of the arguments that shape the trained model (for resume checks)."""
     d = {k: getattr(args, k) for k in fields}
@@ -1195,7 +1202,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     from tqdm import tqdm
     out = args.out
     os.makedirs(out, exist_ok=True)
-    meta = dict(method=method, model=model_fingerprint(args, model_fields))
+    meta = dict(method=method, model=model_fingerprint(args, model_fields),
+                data=data_order(args, train_items, world))
     if rank == 0:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(dict(vars(args), world=world), f, indent=1)
@@ -1221,6 +1229,13 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             torch.cuda.set_rng_state_all(st["rng"]["cuda"])
         if rank == 0:
             print(f"resumed from {ck} at step {step}")
+            with open(os.path.join(ck, "meta.json")) as f:
+                was = json.load(f).get("data", meta["data"])
+            changed = [f"{k} {was.get(k)} -> {v}" for k, v in meta["data"].items() if was.get(k) != v]
+            if changed:
+                print(f"warning: resumed with another data order ({', '.join(changed)}): the "
+                      f"batches from here differ from those the interrupted run would have seen",
+                      file=sys.stderr)
     loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
                                        args.seed, rank, world, args.workers, args.skip_bad,
                                        pin_memory=device.type == "cuda")

@@ -913,7 +913,7 @@ def test_sigterm_saves_the_last_finished_step(tiny, tmp_path):
     assert e.value.code == 143 and open(tmp_path / "run" / "latest").read().strip() == "ckpt-2"
     assert signal.getsignal(signal.SIGTERM) is before                # the handler is put back
 
-def test_resume_errors(tiny, tmp_path):
+def test_resume_errors(tiny, tmp_path, capsys):
     items = data.read_manifest(tiny["train"])
     with pytest.raises(common.UserError, match="no checkpoint"):
         (tmp_path / "empty").mkdir()
@@ -924,6 +924,16 @@ def test_resume_errors(tiny, tmp_path):
     with pytest.raises(common.UserError, match="checkpoint of another method"):
         common.train(toy_args(tmp_path / "b", resume=str(tmp_path / "a")), m, toy_step(m), items, cpu(),
                      method="other")
+    # another batch order: a warning naming what changed (the same order: none)
+    capsys.readouterr()
+    common.train(toy_args(tmp_path / "a", steps=2, resume=str(tmp_path / "a")), m, toy_step(m), items,
+                 cpu(), method="toy")
+    assert "warning" not in capsys.readouterr().err
+    common.train(toy_args(tmp_path / "a", steps=3, batch_size=2, resume=str(tmp_path / "a")), m, toy_step(m),
+                 items[:-1], cpu(), method="toy")
+    err = capsys.readouterr().err
+    assert "warning: resumed with another data order" in err and "batch_size 4 -> 2" in err, err
+    assert f"utterances {len(items)} -> {len(items) - 1}" in err and "seed" not in err
 
 
 def test_nan_loss_stops_naming_the_step(tiny, tmp_path):
