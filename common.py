@@ -1177,8 +1177,24 @@ def model_fingerprint(args, fields):
 
 
 class Logger:
-    def __init__(self, out, rank):
+    """metrics.jsonl of a run: one JSON line per logged step and per validation. A fresh run
+    starts it empty; a resumed one drops the lines past its checkpoint (the interrupted run's
+    steps that are run again)."""
+
+    def __init__(self, out, rank, step=0):
         self.path = os.path.join(out, "metrics.jsonl") if rank == 0 else None
+        if self.path and os.path.isfile(self.path):
+            keep = []
+            with open(self.path) as f:
+                for line in f if step else []:
+                    try:
+                        if json.loads(line).get("step", 0) <= step:
+                            keep.append(line)
+                    except json.JSONDecodeError:
+                        pass                    # a line cut by the interruption
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(self.path + ".tmp", self.path)
 
     def __call__(self, **row):
         if self.path:
@@ -1201,6 +1217,10 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     """
     from tqdm import tqdm
     out = args.out
+    if not args.resume and os.path.isfile(os.path.join(out, "latest")):
+        raise UserError(f"--out {out} holds a run already (its latest checkpoint: "
+                        f"{open(os.path.join(out, 'latest')).read().strip()}): --resume {out} continues "
+                        f"it; to start again, remove it or give another --out")
     os.makedirs(out, exist_ok=True)
     meta = dict(method=method, model=model_fingerprint(args, model_fields),
                 data=data_order(args, train_items, world))
@@ -1255,7 +1275,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     yield b
             epoch, batch_pos = epoch + 1, 0
 
-    log = Logger(out, rank)
+    log = Logger(out, rank, step)
     it = micro_batches()
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
                mininterval=1.0, file=sys.stdout if not sys.stderr.isatty() else sys.stderr)

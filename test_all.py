@@ -924,11 +924,25 @@ def test_resume_errors(tiny, tmp_path, capsys):
     with pytest.raises(common.UserError, match="checkpoint of another method"):
         common.train(toy_args(tmp_path / "b", resume=str(tmp_path / "a")), m, toy_step(m), items, cpu(),
                      method="other")
-    # another batch order: a warning naming what changed (the same order: none)
+    # a fresh run into a run directory: refused, nothing of the old run touched
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    with pytest.raises(common.UserError, match="holds a run already .*ckpt-1.*--resume"):
+        common.train(toy_args(tmp_path / "a", steps=1), m, toy_step(m), items, cpu(), method="toy")
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    # resumed: the metrics lines past the checkpoint (an interrupted run's) go; another batch
+    # order: a warning naming what changed (the same order: none)
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(dict(step=7, loss=9.0)) + "\n" + '{"step": 8, "lo')
     capsys.readouterr()
     common.train(toy_args(tmp_path / "a", steps=2, resume=str(tmp_path / "a")), m, toy_step(m), items,
                  cpu(), method="toy")
     assert "warning" not in capsys.readouterr().err
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl"))] == [1, 2]
+    # a fresh run where an earlier one stopped before its first checkpoint: its lines go
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.jsonl").write_text(json.dumps(dict(step=5, loss=1.0)) + "\n")
+    common.train(toy_args(tmp_path / "c", steps=1), m, toy_step(m), items, cpu(), method="toy")
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "c" / "metrics.jsonl"))] == [1]
     common.train(toy_args(tmp_path / "a", steps=3, batch_size=2, resume=str(tmp_path / "a")), m, toy_step(m),
                  items[:-1], cpu(), method="toy")
     err = capsys.readouterr().err
