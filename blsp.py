@@ -197,6 +197,7 @@ def main(argv=None):
     if args.ckpt:
         return infer(args, device)
     args.out = args.out or "runs/blsp"
+    common.check_out(args)                # before the continuations are generated into it
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args)

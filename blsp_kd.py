@@ -415,6 +415,7 @@ def main(argv=None):
         raise common.UserError("--encoder-lr is the lr of an unfrozen encoder: add --unfreeze-encoder")
     args.lr = args.lr or STAGE_LR[args.stage]
     args.out = args.out or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
+    common.check_out(args)                # before the continuations are generated into it
     if args.init:   # the stage-1 run fixes the models and the CFormer's shape (unset: its own)
         init_ck = common.find_checkpoint(args.init)
         with open(os.path.join(args.init, "config.json")) as f:

@@ -1163,6 +1163,16 @@ def load_trainable(module, ckpt_dir):
     return module
 
 
+def check_out(args):
+    """A run never starts afresh over another: --out holding a checkpoint needs --resume. (Called
+    by train, and early by the scripts that generate data into --out first.)"""
+    latest = os.path.join(args.out, "latest")
+    if not args.resume and os.path.isfile(latest):
+        raise UserError(f"--out {args.out} holds a run already (its latest checkpoint: "
+                        f"{open(latest).read().strip()}): --resume {args.out} continues it; to start "
+                        f"again, remove it or give another --out")
+
+
 def data_order(args, items, world):
     """What fixes the order of the training batches (an exact resume needs the same)."""
     paths = hashlib.sha1("\n".join(str(it.get("audio")) for it in items).encode()).hexdigest()[:12]
@@ -1217,10 +1227,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     """
     from tqdm import tqdm
     out = args.out
-    if not args.resume and os.path.isfile(os.path.join(out, "latest")):
-        raise UserError(f"--out {out} holds a run already (its latest checkpoint: "
-                        f"{open(os.path.join(out, 'latest')).read().strip()}): --resume {out} continues "
-                        f"it; to start again, remove it or give another --out")
+    check_out(args)
     os.makedirs(out, exist_ok=True)
     meta = dict(method=method, model=model_fingerprint(args, model_fields),
                 data=data_order(args, train_items, world))

@@ -1386,15 +1386,19 @@ def test_blsp_main_precision_bf16_on_cpu(tiny, tmp_path, monkeypatch):
 
 
 def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "latest").write_text("ckpt-5")                      # another run's directory
     base = ["--llm", tiny["llm"], "--encoder", tiny["enc"], "--out", str(tmp_path / "r")]
     for extra, msg in ((["--train", str(tmp_path / "nope.jsonl")], "manifest not found"),
                        (["--llm", str(tmp_path / "none")], "--llm: not a folder"),
                        (["--encoder", str(tmp_path / "none")], "--encoder: not a folder"),
-                       (["--resume", str(tmp_path)], "no checkpoint")):
+                       (["--resume", str(tmp_path)], "no checkpoint"),
+                       (["--out", str(tmp_path / "old")], "--out " + str(tmp_path / "old") + " holds a run")):
         with pytest.raises(SystemExit) as e:
             blsp.main(base + ["--train", tiny["train"]] + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+    assert os.listdir(tmp_path / "old") == ["latest"]        # refused before writing continuations
 
 
 def test_bad_numbers_are_one_line_errors_naming_the_flag():
