@@ -52,6 +52,9 @@ def read_manifest(path, required=("audio", "text")):
                     raise DataError(f"{path}:{n}: missing field '{key}'")
             if "text" in required and not str(row["text"]).strip():
                 raise DataError(f"{path}:{n}: empty transcript")
+            for key in ("audio", "text"):
+                if key in row and not isinstance(row[key], str):
+                    raise DataError(f"{path}:{n}: '{key}' must be a string, not {type(row[key]).__name__}")
             row["audio"] = os.path.join(root, row["audio"])
             row["where"] = f"{path}:{n}"
             items.append(row)

@@ -127,6 +127,12 @@ def test_manifest_errors_name_file_and_line(tmp_path):
     p.write_text('{"audio": "a.wav", "text": "  "}\n')
     with pytest.raises(data.DataError, match=r"m.jsonl:1: empty transcript"):
         data.read_manifest(str(p))
+    p.write_text('{"audio": "a.wav", "text": "hi"}\n{"audio": "a.wav", "text": 42}\n')
+    with pytest.raises(data.DataError, match=r"m.jsonl:2: 'text' must be a string, not int"):
+        data.read_manifest(str(p))
+    p.write_text('{"audio": null, "text": "hi"}\n')
+    with pytest.raises(data.DataError, match=r"m.jsonl:1: 'audio' must be a string, not NoneType"):
+        data.read_manifest(str(p))
     with pytest.raises(data.DataError, match="manifest not found"):
         data.read_manifest(str(tmp_path / "nope.jsonl"))
 
