@@ -455,6 +455,15 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
         raise UserError(f"--llm: not a folder: {path}")
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM
     try:
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"--llm {path}: cannot read a model config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    if kind == "causal" and getattr(cfg, "is_encoder_decoder", False):   # (Whisper would load its decoder)
+        raise UserError(f"--llm {path}: an encoder-decoder model ({cfg.model_type}); this method needs a "
+                        f"decoder-only causal LM (SLM takes a T5-family model)")
+    try:
         tok = AutoTokenizer.from_pretrained(path)
         model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="sdpa")
     except Exception as e:

@@ -317,6 +317,10 @@ def test_encoder_and_llm_path_errors(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(common.UserError, match="cannot"):
         common.load_llm(str(tmp_path / "junk"), cpu())
+    from transformers import WhisperConfig
+    WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path / "whisper")
+    with pytest.raises(common.UserError, match=r"an encoder-decoder model \(whisper\).*decoder-only"):
+        common.load_llm(str(tmp_path / "whisper"), cpu())     # (AutoModelForCausalLM takes its decoder)
 
 
 # ============================================================================================
