@@ -117,7 +117,8 @@ class Args:
     encoder_layer: int = arg(-1, "which encoder layer's output to use, numbered as HF's hidden_states "
                                  "(0: the input of the first layer; -1: the last, after its final norm)")
     train: str = arg(None, "training manifest (JSON lines); default: the built-in toy corpus")
-    valid: str = arg(None, "validation manifest; default: the toy corpus's valid split")
+    valid: str = arg(None, "validation manifest; default: the last 10%% of --train (1 to 50 lines, "
+                           "held out from training), or the toy corpus's valid split")
     out: str = arg(None, "run directory: config, metrics.jsonl, checkpoints (default runs/METHOD)")
     resume: str = arg(None, "run directory to resume from (its latest checkpoint)")
     steps: int = arg(300, "optimizer steps", min=0)
@@ -1063,7 +1064,14 @@ def manifests(args):
     """(train items, valid items): the user's manifests or the built-in toy corpus."""
     if args.train:
         train = data.read_manifest(args.train)
-        valid = data.read_manifest(args.valid) if args.valid else train[-min(50, len(train) // 10 or 1):]
+        if args.valid:
+            valid = data.read_manifest(args.valid)
+        else:                        # held out: the last 10% of the lines (1 to 50)
+            k = min(50, max(1, len(train) // 10)) if len(train) > 1 else 0
+            train, valid = (train[:-k], train[-k:]) if k else (train, train)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"no --valid: the last {k} utterance(s) of --train are held out for validation"
+                      if k else "no --valid: the one utterance of --train validates too")
     else:
         tm, vm = data.toy_corpus()
         train, valid = data.read_manifest(tm), data.read_manifest(args.valid or vm)

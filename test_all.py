@@ -116,6 +116,19 @@ def watch_host_syncs(monkeypatch, steps=2):
 # ============================================================================================
 # data.py
 
+def test_no_valid_holds_out_the_last_tenth_of_train(tmp_path, capsys):
+    """--train without --valid: validation never sees a clip that trains (the last 10%, 1 to 50)."""
+    p = tmp_path / "m.jsonl"
+    for n, k in ((30, 3), (5, 1), (1000, 50)):
+        p.write_text("".join(json.dumps(dict(audio=f"{i}.wav", text=f"t {i}")) + "\n" for i in range(n)))
+        train, valid = common.manifests(common.Args(train=str(p)))
+        assert (len(train), len(valid)) == (n - k, k) and not {t["audio"] for t in train} & {v["audio"] for v in valid}
+        assert f"the last {k} utterance(s) of --train are held out" in capsys.readouterr().out
+    p.write_text(json.dumps(dict(audio="0.wav", text="t")) + "\n")
+    train, valid = common.manifests(common.Args(train=str(p)))
+    assert train == valid and "validates too" in capsys.readouterr().out
+
+
 def test_manifest_errors_name_file_and_line(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text('{"audio": "a.wav", "text": "hi"}\n{"audio": "b.wav" "text": "x"}\n')
