@@ -438,6 +438,10 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
         common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
     stages = [args.stage] if args.stage != "all" else ["aligner", "1"] + (["2"] if args.stage2_steps else [])
+    for st, name in (("aligner", "aligner"), ("1", "stage1"), ("2", "stage2")):   # (before any training)
+        if st in stages and not args.resume and os.path.isfile(os.path.join(args.out, name, "latest")):
+            raise common.UserError(f"--out {args.out} holds a trained {name} already: --resume {args.out} "
+                                   f"continues the run; to start again, remove it or give another --out")
     modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]
     train_mode = "oracle" if args.aligner == "oracle" else "forced"
     fields, res = ("llm", "encoder", "encoder_layer", "aligner_layers", "heads"), {}

@@ -2226,6 +2226,9 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
         assert len(done) == {"aligner": 1, "1": 2, "2": 3}[stage], (stage, done)
         final = json.loads(capsys.readouterr().out.split("final: ")[-1].splitlines()[0])
         assert {"aligner": "cer", "1": "acc_forced", "2": "text_loss"}[stage] in final
+    with pytest.raises(SystemExit) as e:                # again: refused, naming the run, not a stage
+        ssr.main(base + ["--stage", "1"])
+    assert e.value.code == 2 and f"holds a trained stage1 already: --resume {out} " in capsys.readouterr().err
 
 
 def test_ssr_all_stages_under_torchrun(ssr_tiny, tmp_path):
