@@ -155,7 +155,7 @@ def step_flops(encoder, adapter, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok, run config)."""
-    ck = common.find_checkpoint(args.ckpt)
+    ck = common.find_checkpoint(args.ckpt, dict(method="blsp"))
     with open(os.path.join(args.ckpt, "config.json")) as f:
         cfg = json.load(f)
     encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"])

@@ -370,7 +370,7 @@ def build(args, device, encoder, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
-    ck = common.find_checkpoint(args.ckpt)
+    ck = common.find_checkpoint(args.ckpt, dict(method="blsp_kd"))
     with open(os.path.join(args.ckpt, "config.json")) as f:
         cfg = json.load(f)
     for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
@@ -417,7 +417,7 @@ def main(argv=None):
     args.out = args.out or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
     common.check_out(args)                # before the continuations are generated into it
     if args.init:   # the stage-1 run fixes the models and the CFormer's shape (unset: its own)
-        init_ck = common.find_checkpoint(args.init)
+        init_ck = common.find_checkpoint(args.init, dict(method="blsp_kd"))
         with open(os.path.join(args.init, "config.json")) as f:
             cfg = json.load(f)
         for k in ("llm", "encoder", "encoder_layer", "pre_layers", "post_layers", "heads", "ffn"):

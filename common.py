@@ -1158,8 +1158,8 @@ def find_checkpoint(run_dir, meta=None):
     ck = os.path.join(run_dir, open(latest).read().strip())
     with open(os.path.join(ck, "meta.json")) as f:
         saved = json.load(f)
-    if meta is not None:
-        for k in ("method", "model"):
+    if meta is not None:                    # (the keys it has: method, model)
+        for k in meta.keys() & {"method", "model"}:
             if saved.get(k) != meta.get(k):
                 raise UserError(f"{ck}: checkpoint of another {k} ({saved.get(k)} != {meta.get(k)})")
     return ck

@@ -334,7 +334,7 @@ def build(args, device):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the sizes."""
-    ck = common.find_checkpoint(args.ckpt)
+    ck = common.find_checkpoint(args.ckpt, dict(method="slm"))
     with open(os.path.join(args.ckpt, "config.json")) as f:
         cfg = json.load(f)
     for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn",

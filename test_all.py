@@ -1924,6 +1924,17 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         blsp_kd.main(stage2 + ["--out", str(tmp_path / "bad"), "--stage", "2", "--init", s1, "--heads", "3"])
     assert e.value.code == 2 and "its --heads is 2, not 3" in capsys.readouterr().err
+    other = tmp_path / "other" / "ckpt-1"                 # another method's run
+    other.mkdir(parents=True)
+    (other / "meta.json").write_text(json.dumps(dict(method="blsp", model="x")))
+    (tmp_path / "other" / "latest").write_text("ckpt-1")
+    with pytest.raises(SystemExit) as e:
+        blsp_kd.main(stage2 + ["--out", str(tmp_path / "bad"), "--stage", "2", "--init", str(tmp_path / "other")])
+    assert e.value.code == 2 and "checkpoint of another method (blsp != blsp_kd)" in capsys.readouterr().err
+    for script in (blsp, slm):                            # --ckpt of another method's run
+        with pytest.raises(SystemExit) as e:
+            script.main(["--ckpt", s1, "--infer", "x.wav", "--device", "cpu"])
+        assert e.value.code == 2 and "checkpoint of another method (blsp_kd != " in capsys.readouterr().err
     for extra, msg in ((["--unfreeze-encoder"], "--unfreeze-encoder is for stage 2"),
                        (["--encoder-lr", "1e-5"], "--encoder-lr is the lr of an unfrozen encoder")):
         with pytest.raises(SystemExit) as e:
