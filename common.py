@@ -1180,13 +1180,14 @@ def load_trainable(module, ckpt_dir):
     return module
 
 
-def check_out(args):
+def check_out(args, resume_dir=None):
     """A run never starts afresh over another: --out holding a checkpoint needs --resume. (Called
-    by train, and early by the scripts that generate data into --out first.)"""
-    latest = os.path.join(args.out, "latest")
+    by train, and early by the scripts that generate data into --out first.) resume_dir: what
+    --resume takes, when not --out (SSR: the run's directory, above its stages')."""
+    latest, resume_dir = os.path.join(args.out, "latest"), resume_dir or args.out
     if not args.resume and os.path.isfile(latest):
-        raise UserError(f"--out {args.out} holds a run already (its latest checkpoint: "
-                        f"{open(latest).read().strip()}): --resume {args.out} continues it; to start "
+        raise UserError(f"--out {resume_dir} holds a run already (its latest checkpoint: "
+                        f"{open(latest).read().strip()}): --resume {resume_dir} continues it; to start "
                         f"again, remove it or give another --out")
 
 
@@ -1230,7 +1231,7 @@ class Logger:
 
 
 def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=None,
-          method="method", model_fields=(), lr_scale=()):
+          method="method", model_fields=(), lr_scale=(), resume_dir=None):
     """Train the parameters of `module` that require grad.
 
     step_fn(batch) -> (loss_sum, n, logs): a micro-batch's summed loss over n units (target
@@ -1240,11 +1241,12 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     per micro-batch); optionally "tokens" = LLM tokens processed, "flops" = model FLOPs (ints).
     valid_fn(step) -> dict of validation metrics. Returns the last validation metrics.
     lr_scale: (parameters, factor) pairs that train at factor x the lr (make_optimizer).
+    resume_dir: the directory --resume takes, when not args.out (named in messages).
     Rates leave validation out; data_wait = the share of the time spent waiting for batches.
     """
     from tqdm import tqdm
     out = args.out
-    check_out(args)
+    check_out(args, resume_dir)
     os.makedirs(out, exist_ok=True)
     meta = dict(method=method, model=model_fingerprint(args, model_fields),
                 data=data_order(args, train_items, world))
@@ -1430,7 +1432,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     checkpoint(start)
     if interrupted:
         if rank == 0:
-            print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {out}")
+            print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {resume_dir or out}")
         sys.exit(130 if interrupted == "Ctrl-C" else 143)
     dt = time.time() - t0 - seen["valid_s"]             # training time, without validations
     if valid_fn:

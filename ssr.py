@@ -438,7 +438,11 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
         common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
     stages = [args.stage] if args.stage != "all" else ["aligner", "1"] + (["2"] if args.stage2_steps else [])
-    for st, name in (("aligner", "aligner"), ("1", "stage1"), ("2", "stage2")):   # (before any training)
+    names = {"aligner": "aligner", "1": "stage1", "2": "stage2"}
+    if args.resume and not any(os.path.isfile(os.path.join(args.resume, n, "latest")) for n in names.values()):
+        raise common.UserError(f"--resume {args.resume}: no stage checkpoint in it (aligner/, stage1/, "
+                               f"stage2/): --resume takes the run's directory")
+    for st, name in names.items():                      # (before any training)
         if st in stages and not args.resume and os.path.isfile(os.path.join(args.out, name, "latest")):
             raise common.UserError(f"--out {args.out} holds a trained {name} already: --resume {args.out} "
                                    f"continues the run; to start again, remove it or give another --out")
@@ -461,7 +465,7 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
 
         res = common.train(stage_args(args, "aligner", args.aligner_steps, args.aligner_lr), aligner,
                            aligner_step, train_items, device, rank, world, aligner_valid,
-                           method="ssr-aligner", model_fields=fields)
+                           method="ssr-aligner", model_fields=fields, resume_dir=args.out)
     else:       # (not after training it: under torchrun, rank 0 may still be writing its checkpoint)
         load_stage(aligner, args.out, "aligner")
         trained = os.path.isfile(os.path.join(args.out, "aligner", "latest"))
@@ -487,7 +491,7 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
         res = common.train(stage_args(args, "stage1", args.steps, args.lr), connector, stage1_step,
                            train_items, device, rank, world, lambda step: distill_eval(
                                encoder, aligner, connector, embed, tok, valid_items, args, device, modes),
-                           method="ssr-stage1", model_fields=fields)
+                           method="ssr-stage1", model_fields=fields, resume_dir=args.out)
         if rank == 0:
             report(res, modes)
     else:
@@ -526,7 +530,8 @@ def run_stages(args, encoder, llm, tok, device, rank, world):
         before = stage2_valid(0) if rank == 0 else {}
         res = {**res, **common.train(stage_args(args, "stage2", args.stage2_steps, args.stage2_lr), module,
                            stage2_step, train_items, device, rank, world, stage2_valid,
-                           method="ssr-stage2", model_fields=fields + ("finetune",))}
+                           method="ssr-stage2", model_fields=fields + ("finetune",),
+                           resume_dir=args.out)}
         for k in ("speech_loss", "text_loss", "content_acc", "content_acc_text", "repeat_wer"):
             if rank == 0 and k in res:      # (content_acc: only for manifests with continuations)
                 print(f"stage 2 {k:17s} before {before.get(k, math.nan):.4f} -> after {res[k]:.4f}")

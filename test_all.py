@@ -2240,6 +2240,9 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:                # again: refused, naming the run, not a stage
         ssr.main(base + ["--stage", "1"])
     assert e.value.code == 2 and f"holds a trained stage1 already: --resume {out} " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                # a stage's directory given to --resume
+        ssr.main(base + ["--resume", str(out / "stage1")])
+    assert e.value.code == 2 and "no stage checkpoint in it" in capsys.readouterr().err
 
 
 def test_ssr_all_stages_under_torchrun(ssr_tiny, tmp_path):
