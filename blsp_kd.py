@@ -455,7 +455,8 @@ def main(argv=None):
         return res
 
     # a pre-trained encoder moves slower than the new parts ([choice]; at 5e-4 Whisper diverged)
-    scaled = [(module["encoder"].parameters(), (args.encoder_lr or args.lr / 10) / args.lr)] \
+    encoder_lr = args.lr / 10 if args.encoder_lr is None else args.encoder_lr
+    scaled = [(module["encoder"].parameters(), encoder_lr / args.lr if args.lr else 0.0)] \
         if "encoder" in module else []
     res = common.train(args, module, step_fn, train_items, device, rank, world, valid_fn,
                        method="blsp_kd", model_fields=MODEL_FIELDS, lr_scale=scaled)

@@ -189,12 +189,11 @@ def parse_args(cls, argv=None, **defaults):
             want = [f"at least {b['min']}" if "min" in b else f"above {b['above']}" if "above" in b else "",
                     f"at most {b['max']}" if "max" in b else ""]
             raise UserError(f"--{k.replace('_', '-')} must be {' and '.join(w for w in want if w)}, not {v}")
-    betas = re.fullmatch(r"\s*([0-9.eE+-]+)\s*,\s*([0-9.eE+-]+)\s*", args.betas)
     try:
-        ok = betas and all(0 <= float(b) < 1 for b in betas.groups())
+        betas = [float(b) for b in args.betas.split(",")]
     except ValueError:
-        ok = False
-    if not ok:
+        betas = []
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise UserError(f"--betas must be two numbers in [0, 1) such as 0.9,0.999, not {args.betas!r}")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise UserError(f"--device must be cuda, cuda:N or cpu, not {args.device!r}")
@@ -1213,13 +1212,14 @@ class Logger:
         self.path = os.path.join(out, "metrics.jsonl") if rank == 0 else None
         if self.path and os.path.isfile(self.path):
             keep = []
-            with open(self.path) as f:
-                for line in f if step else []:
-                    try:
-                        if json.loads(line).get("step", 0) <= step:
-                            keep.append(line)
-                    except json.JSONDecodeError:
-                        pass                    # a line cut by the interruption
+            if step:
+                with open(self.path) as f:
+                    for line in f:
+                        try:
+                            if json.loads(line).get("step", 0) <= step:
+                                keep.append(line)
+                        except json.JSONDecodeError:
+                            pass                # a line cut by the interruption
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(self.path + ".tmp", self.path)

@@ -131,21 +131,15 @@ def test_no_valid_holds_out_the_last_tenth_of_train(tmp_path, capsys):
 
 def test_manifest_errors_name_file_and_line(tmp_path):
     p = tmp_path / "m.jsonl"
-    p.write_text('{"audio": "a.wav", "text": "hi"}\n{"audio": "b.wav" "text": "x"}\n')
-    with pytest.raises(data.DataError, match=r"m.jsonl:2: malformed JSON"):
-        data.read_manifest(str(p))
-    p.write_text('{"audio": "a.wav"}\n')
-    with pytest.raises(data.DataError, match=r"m.jsonl:1: missing field 'text'"):
-        data.read_manifest(str(p))
-    p.write_text('{"audio": "a.wav", "text": "  "}\n')
-    with pytest.raises(data.DataError, match=r"m.jsonl:1: empty transcript"):
-        data.read_manifest(str(p))
-    p.write_text('{"audio": "a.wav", "text": "hi"}\n{"audio": "a.wav", "text": 42}\n')
-    with pytest.raises(data.DataError, match=r"m.jsonl:2: 'text' must be a string, not int"):
-        data.read_manifest(str(p))
-    p.write_text('{"audio": null, "text": "hi"}\n')
-    with pytest.raises(data.DataError, match=r"m.jsonl:1: 'audio' must be a string, not NoneType"):
-        data.read_manifest(str(p))
+    for lines, error in (('{"audio": "a.wav", "text": "hi"}\n{"audio": "b.wav" "text": "x"}', r"m.jsonl:2: malformed JSON"),
+                         ('{"audio": "a.wav"}', r"m.jsonl:1: missing field 'text'"),
+                         ('{"audio": "a.wav", "text": "  "}', r"m.jsonl:1: empty transcript"),
+                         ('{"audio": "a.wav", "text": "hi"}\n{"audio": "a.wav", "text": 42}',
+                          r"m.jsonl:2: 'text' must be a string, not int"),
+                         ('{"audio": null, "text": "hi"}', r"m.jsonl:1: 'audio' must be a string, not NoneType")):
+        p.write_text(lines + "\n")
+        with pytest.raises(data.DataError, match=error):
+            data.read_manifest(str(p))
     with pytest.raises(data.DataError, match="manifest not found"):
         data.read_manifest(str(tmp_path / "nope.jsonl"))
 
