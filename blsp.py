@@ -37,7 +37,6 @@ adjectives nor for vectors that read like the words themselves, so "repeat" drop
 BLSP-KD's input KL asks for exactly that.
 """
 import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -155,9 +154,7 @@ def step_flops(encoder, adapter, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok, run config)."""
-    ck = common.find_checkpoint(args.ckpt, dict(method="blsp"))
-    with open(os.path.join(args.ckpt, "config.json")) as f:
-        cfg = json.load(f)
+    ck, cfg = common.run_config(args.ckpt, "blsp")
     encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"])
     llm, tok = common.load_llm(cfg["llm"], device)
     adapter = Adapter(encoder.dim, llm.config.hidden_size, cfg["bottleneck"]).to(device)

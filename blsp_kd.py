@@ -25,34 +25,41 @@ Paper step / equation                                  -> code
   Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.add_lora(masked=True), llm_pass()
   stage 1 CFormer only; stage 2 + PLoRA, lower lr      -> main() (--stage, --init)
 
-Project choices (not in the paper): transcripts are lower-cased without punctuation but for
-apostrophes (as BLSP's continuation data), for the continuation prompt, the teacher and N alike;
-the end token (the one that closes the assistant's turn, common.answer_end) is appended to a
-continuation that generation ended with an end token before the limit ("ended naturally");
-the pieces around the input come from the LLM's chat template (common.prompt_pieces) with no
-system turn of our own (the template's default, if it has one; the paper's Qwen: "You are a
-helpful assistant."), and BLSP's template when it has none; for common.train each
-loss term is a mean over its positions in the micro-batch, and loss_sum = (sum of the term means) x
-(response-token count), n_units = response-token count, so with one micro-batch the optimised loss
-is exactly the sum of the means; no rescaling of the speech vectors (the LLM learns to read them;
-an earlier toy LLM gave vectors of RMS 4.1 against 0.13 for its token embeddings, cosine 0.05 to
-their own word's, yet 96% of each vector's CIF weight lay within its word's frames); CFormer layers
-are PyTorch's pre-norm GELU layers (Whisper-style) with no positional encoding of their own (the
-encoder frames carry it), and --grad-ckpt recomputes them in the backward as it does the LLM's
-layers; an unfrozen encoder trains in fp32 at a tenth of the lr (--encoder-lr). Defaults are scaled to
-the toy setting (paper: 4 + 4 layers, 8 heads, stage 1 lr 1e-4, batch 768, 1000 warm-up steps, 1
-epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3, 30 warm-up steps, 1600 steps (about 2 min on
-one CPU thread). The input KL is on by default (METHODS.md: the paper's use of it is not
-confirmed); it is what makes a zero-shot instruction work from speech. Measured with the built-in
-models, 1600 steps (content_acc from speech / repeat_wer on valid): with it 0.998 / 0.007;
---no-input-kl 0.997 / 0.16. On an older toy LLM trained with no loss on its input, the input KL
-distilled untrained distributions and hurt (content_acc 0.10 vs 0.32 at 700 steps): the input KL is
-only as good as the teacher's next-token distributions at the transcript positions.
+Project choices (not in the paper, or not as the released code does it):
+- transcripts lower-cased without punctuation but for apostrophes (as BLSP's continuation data),
+  for the continuation prompt, the teacher and N alike;
+- the pieces around the input come from the LLM's chat template (common.prompt_pieces) with no
+  system turn of our own (the template's default, if it has one; the paper's Qwen: "You are a
+  helpful assistant."), BLSP's template when it has none; one end token (common.answer_end: it
+  closes the assistant's turn) ends a continuation that generation ended before the limit;
+- the response KL's rows predict the response tokens: the last prompt position up to the one
+  that predicts the end token (the released code: the response tokens' own positions, one on);
+- each loss term is a mean over its positions in the micro-batch; loss_sum = (sum of the term
+  means) x k, n_units = k, the response-token count (common.train divides by the sum of k): one
+  micro-batch optimises exactly the sum of the means; with several (--grad-accum, processes)
+  each micro-batch's means weigh by its k;
+- no rescaling of the speech vectors: the LLM learns to read them (an earlier toy LLM gave
+  vectors of RMS 4.1 against 0.13 for its token embeddings, cosine 0.05 to their own word's, yet
+  96% of each vector's CIF weight lay within its word's frames);
+- CFormer layers: PyTorch's pre-norm GELU layers (Whisper-style), no positional encoding of their
+  own (the frames carry it), masked at padding frames before CIF too (the released code runs them
+  unmasked over frames padded to 30 s; the encoder runs at real length here); --grad-ckpt
+  recomputes them in the backward as it does the LLM's layers;
+- an unfrozen encoder trains in fp32 at a tenth of the lr (--encoder-lr); stage 2 takes the
+  models, CFormer shape, prompt format and continuation length of its --init run;
+- defaults scaled to the toy setting (paper: 4 + 4 layers, 8 heads, stage 1 lr 1e-4, batch 768,
+  1000 warm-up steps, 1 epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3, 30 warm-up steps,
+  1600 steps (about 2 min on one CPU thread);
+- the input KL is on by default (METHODS.md: the paper's use of it is not confirmed): it is what
+  makes a zero-shot instruction work from speech. Built-in models, 1600 steps (content_acc from
+  speech / repeat_wer on valid): with it 0.998 / 0.007; --no-input-kl 0.997 / 0.16. On an older
+  toy LLM trained with no loss on its input, it distilled untrained distributions and hurt
+  (content_acc 0.10 vs 0.32 at 700 steps): the input KL is only as good as the teacher's
+  next-token distributions at the transcript positions.
 """
 import contextlib
 import copy
 import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -370,9 +377,7 @@ def build(args, device, encoder, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
-    ck = common.find_checkpoint(args.ckpt, dict(method="blsp_kd"))
-    with open(os.path.join(args.ckpt, "config.json")) as f:
-        cfg = json.load(f)
+    ck, cfg = common.run_config(args.ckpt, "blsp_kd")
     for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
         setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
@@ -411,21 +416,25 @@ def main(argv=None):
         raise common.UserError("--stage 2 needs --init RUN_DIR (a stage-1 run)")
     if args.unfreeze_encoder and args.stage != 2:
         raise common.UserError("--unfreeze-encoder is for stage 2 (stage 1 trains the CFormer only)")
+    if not (args.length_loss or args.response_kl or args.input_kl or args.response_ce):
+        raise common.UserError("no loss term left: keep one of --length-loss, --response-kl, --input-kl, "
+                               "--response-ce")
     if args.encoder_lr is not None and not args.unfreeze_encoder:
         raise common.UserError("--encoder-lr is the lr of an unfrozen encoder: add --unfreeze-encoder")
-    args.lr = args.lr or STAGE_LR[args.stage]
+    args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
     args.out = args.out or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
     common.check_out(args)                # before the continuations are generated into it
     if args.init:   # the stage-1 run fixes the models and the CFormer's shape (unset: its own)
-        init_ck = common.find_checkpoint(args.init, dict(method="blsp_kd"))
-        with open(os.path.join(args.init, "config.json")) as f:
-            cfg = json.load(f)
+        init_ck, cfg = common.run_config(args.init, "blsp_kd")
         for k in ("llm", "encoder", "encoder_layer", "pre_layers", "post_layers", "heads", "ffn"):
             if getattr(args, k) == getattr(KDArgs, k):
                 setattr(args, k, cfg.get(k))
             elif cfg.get(k) != getattr(args, k):
                 raise common.UserError(f"--init {args.init}: its --{k.replace('_', '-')} is "
                                        f"{cfg.get(k)!r}, not {getattr(args, k)!r}")
+        for k in ("prompt", "continuation_tokens"):        # the data it learned from, unless set
+            if getattr(args, k) == getattr(KDArgs, k) and k in cfg:
+                setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args)

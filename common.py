@@ -572,10 +572,14 @@ def prompt_pieces(tok, instruction, fmt="auto"):
     before, after = text.split(SENTINEL)
     ids_b = tok(before.rstrip(" "), add_special_tokens=False).input_ids
     ids_a = tok(after, add_special_tokens=False).input_ids
+    bos = bos_ids(tok)
+    return (bos if ids_b[:1] != bos else []) + ids_b, ids_a
+
+
+def bos_ids(tok):
+    """[BOS] when the tokenizer starts a text with it itself (Llama), else [] (Qwen, SmolLM2)."""
     bos = tok.bos_token_id
-    if bos is not None and tok("a").input_ids[:1] == [bos] and ids_b[:1] != [bos]:
-        ids_b = [bos] + ids_b
-    return ids_b, ids_a
+    return [bos] if bos is not None and tok("a").input_ids[:1] == [bos] else []
 
 
 def input_ids(tok, text):
@@ -764,7 +768,7 @@ def lora_rows_from(llm, start, T=None):
 
 
 def logits_at(llm, hidden, index, chunk=1024):
-    """fp32 logits at hidden[index] only (index: bool mask or (b, t) pairs), in chunks of rows so
+    """Logits (in fp32) at hidden[index] only (index: bool mask or (b, t) pairs), in chunks of rows so
     that a 150k-token vocabulary never builds the whole (B, T, V) tensor. For inference; a loss
     goes through per_row_loss(), which never keeps more than one chunk of logits."""
     h = hidden[index]
@@ -774,8 +778,9 @@ def logits_at(llm, hidden, index, chunk=1024):
 
 
 def per_row_loss(llm, fn, hiddens, extras=(), chunk_elems=2 ** 24):
-    """fn(*fp32 logits of each hidden-state matrix, *extras) -> one loss value per row, computed
-    over chunks of rows. Each chunk is checkpointed: its logits are freed after the forward and
+    """fn(*logits of each hidden-state matrix, in fp32, *extras) -> one loss value per row, computed
+    over chunks of rows (the output layer's matmul runs in the model's dtype, bf16 on CUDA; the
+    loss, e.g. log-softmax and KL, in fp32). Each chunk is checkpointed: its logits are freed after the forward and
     recomputed in the backward, so at most one chunk of (rows, V) logits is ever alive (about
     chunk_elems floats each) instead of (rows, V) per tensor, at the cost of a second output-layer
     matmul. (One chunk alone is not checkpointed: its peak would be about the same.)
@@ -1164,6 +1169,13 @@ def find_checkpoint(run_dir, meta=None):
     return ck
 
 
+def run_config(run_dir, method):
+    """A trained run's directory -> (its latest checkpoint, the run's arguments: config.json)."""
+    ck = find_checkpoint(run_dir, dict(method=method))
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return ck, json.load(f)
+
+
 def load_trainable(module, ckpt_dir):
     from safetensors.torch import load_file
     state = load_file(os.path.join(ckpt_dir, "trainable.safetensors"))
@@ -1254,6 +1266,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(dict(vars(args), world=world), f, indent=1)
     params = [p for p in module.parameters() if p.requires_grad]
+    module.train()                  # (dropout of the trained parts; an unfrozen model left in eval)
     opt = make_optimizer(params, args, device, lr_scale)
     scales = [g["lr_scale"] for g in opt.param_groups]        # this run's, not the checkpoint's
     step, epoch, batch_pos = 0, 0, 0
@@ -1490,12 +1503,14 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
                    repeat_instruction=data.REPEAT_INSTRUCTIONS[0], lora=None, max_items=None):
     """Evaluate a speech adapter on manifest items (those with a `continuation` field):
 
-    - loss_speech / loss_text: continuation cross-entropy with speech vs transcript as input;
+    - loss_speech / loss_text: continuation cross-entropy (ending with the end of the assistant's
+      turn, as in training) with speech vs the transcript (normalised, as the continuations'
+      source) as input;
     - content_acc / content_acc_text: teacher-forced argmax accuracy on the continuation tokens
       that only the input can tell (the toy corpus's `content` spans), from speech / from text;
     - repeat_wer: zero-shot "repeat" instruction answered from speech (greedy), WER vs transcript.
     speech_fn(batch) -> list of (L_i, d_llm) speech vectors (the method's adapter)."""
-    embed, eos = llm.get_input_embeddings(), eos_ids(llm, tok)
+    embed, eos, end = llm.get_input_embeddings(), eos_ids(llm, tok), answer_end(llm, tok, args.prompt)
     cb, ca = prompt_pieces(tok, continue_instruction, args.prompt)
     rb, ra = prompt_pieces(tok, repeat_instruction, args.prompt)
     sums = dict(loss_speech=0.0, loss_text=0.0, n=0, hit=0, hit_text=0, content=0)
@@ -1512,8 +1527,8 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
                     if cont is None:
                         continue
                     ids, offs = target_ids(tok, cont, offsets=True)
-                    inp = speech(vecs[k]) if which == "speech" else text(input_ids(tok, t))
-                    samples.append([text(cb), inp, text(ca), text(ids + [eos[0]], loss=True)])
+                    inp = speech(vecs[k]) if which == "speech" else text(input_ids(tok, normalize(t)))
+                    samples.append([text(cb), inp, text(ca), text(ids + [end], loss=True)])
                     content = batch.get("content", [[]] * len(vecs))[k] or []
                     spans.append([j for j, (s, e) in enumerate(offs)
                                   if any(s < ce and e > cs for cs, ce in content)])

@@ -50,7 +50,6 @@ asr_wer_text 0.00) the same run reaches 0.38.
 """
 import json
 import math
-import os
 import random
 from dataclasses import dataclass
 
@@ -334,9 +333,7 @@ def build(args, device):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the sizes."""
-    ck = common.find_checkpoint(args.ckpt, dict(method="slm"))
-    with open(os.path.join(args.ckpt, "config.json")) as f:
-        cfg = json.load(f)
+    ck, cfg = common.run_config(args.ckpt, "slm")
     for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn",
               "order", "tasks", "language"):
         setattr(args, k, cfg[k])

@@ -333,6 +333,29 @@ def test_encoder_and_llm_path_errors(tmp_path):
 # ============================================================================================
 # Prompt, splice, LLM helpers, LoRA, generation
 
+def test_alignment_eval_targets_end_and_text_input_as_in_training(tiny, monkeypatch):
+    """Validation's continuation target ends with answer_end (what BLSP and BLSP-KD train on), not
+    the smallest of the end ids; its text input is the normalised transcript (the continuations'
+    source), as the teacher's."""
+    import blsp
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    llm.generation_config.eos_token_id = [0, tok.eos_token_id]       # an end id below answer_end
+    end = common.answer_end(llm, tok)
+    assert end == tok.eos_token_id and common.eos_ids(llm, tok)[0] == 0
+    items = data.read_manifest(tiny["valid"])[:2]
+    for it in items:
+        it["continuation"], it["text"] = "the cat sees", it["text"].upper() + "."
+    seen, real = [], common.splice
+    monkeypatch.setattr(common, "splice", lambda embed, samples, **kw: seen.append(samples) or real(embed, samples, **kw))
+    d = llm.config.hidden_size
+    common.alignment_eval(llm, tok, items, blsp.BLSPArgs(batch_size=2, max_new_tokens=2), cpu(),
+                          lambda b: [torch.zeros(3, d) for _ in b["text"]], "continue")
+    scored = [s for samples in seen for s in samples if len(s) == 4]
+    assert len(scored) == 4 and all(s[3].ids[-1] == end for s in scored)
+    assert sorted(s[1].ids for s in scored if s[1].ids is not None) == \
+        sorted(common.input_ids(tok, common.normalize(it["text"])) for it in items)
+
+
 def test_splice_text_equals_llm_on_token_ids(tiny):
     llm, tok = common.load_llm(tiny["llm"], cpu())
     b, a = common.prompt_pieces(tok, data.CONTINUE_INSTRUCTIONS[0])
@@ -929,6 +952,16 @@ def test_sigterm_saves_the_last_finished_step(tiny, tmp_path):
         common.train(toy_args(tmp_path / "run"), m, killed_in_step_3, items, cpu(), method="toy")
     assert e.value.code == 143 and open(tmp_path / "run" / "latest").read().strip() == "ckpt-2"
     assert signal.getsignal(signal.SIGTERM) is before                # the handler is put back
+
+def test_train_runs_the_trained_parts_in_train_mode(tiny, tmp_path):
+    """A part left in eval() (BLSP-KD's unfrozen encoder: freeze() made it so) trains with its
+    dropout on; the loop does not wait for a validation to switch it."""
+    items, m = data.read_manifest(tiny["train"]), Toy().eval()
+    modes, step = [], toy_step(m)
+    common.train(toy_args(tmp_path / "run", steps=2), m, lambda b: modes.append(m.drop.training) or step(b),
+                 items, cpu(), method="toy")
+    assert modes == [True, True]
+
 
 def test_resume_errors(tiny, tmp_path, capsys):
     items = data.read_manifest(tiny["train"])
@@ -1891,9 +1924,11 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     syncs.clear()
     ran_once.clear()
     flags = dict(zip(common_args[::2], common_args[1::2]))       # the models come from --init
-    stage2 = [x for k, v in flags.items() if k not in ("--llm", "--encoder", "--pre-layers",
-                                                       "--post-layers", "--heads") for x in (k, v)]
+    stage2 = [x for k, v in flags.items() if k not in ("--llm", "--encoder", "--pre-layers", "--post-layers",
+                                                       "--heads", "--continuation-tokens") for x in (k, v)]
     blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1, "--unfreeze-encoder"])
+    cfg = json.load(open(os.path.join(s2, "config.json")))
+    assert (cfg["continuation_tokens"], cfg["prompt"], cfg["heads"]) == (6, "auto", 2)   # from --init
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     from safetensors.torch import load_file
     state = load_file(os.path.join(common.find_checkpoint(s2), "trainable.safetensors"))
@@ -1930,10 +1965,13 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
             script.main(["--ckpt", s1, "--infer", "x.wav", "--device", "cpu"])
         assert e.value.code == 2 and "checkpoint of another method (blsp_kd != " in capsys.readouterr().err
     for extra, msg in ((["--unfreeze-encoder"], "--unfreeze-encoder is for stage 2"),
-                       (["--encoder-lr", "1e-5"], "--encoder-lr is the lr of an unfrozen encoder")):
+                       (["--encoder-lr", "1e-5"], "--encoder-lr is the lr of an unfrozen encoder"),
+                       (["--no-length-loss", "--no-response-kl", "--no-input-kl"], "no loss term left")):
         with pytest.raises(SystemExit) as e:
             blsp_kd.main(common_args + ["--out", str(tmp_path / "bad")] + extra)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+    blsp_kd.main(common_args + ["--out", str(tmp_path / "still"), "--steps", "1", "--lr", "0"])
+    assert json.load(open(tmp_path / "still" / "config.json"))["lr"] == 0      # not the stage's default
 
 
 # ============================================================================================
