@@ -300,23 +300,21 @@ def kd_method(variant, enc, llm, s, keep):
 def ssr_method(variant, enc, llm, s):
     """SSR stage 1 (ssr1: CTC forced alignment, connector, distillation; the LLM is not run) or
     stage 2 (ssr2: next-token prediction from the SSR vectors, LoRA on the LLM)."""
-    tok, embed = common.default_tokenizer(), llm.get_input_embeddings()
-    aligner = common.freeze(ssr.Aligner(enc.dim, 1, s["enc"]["heads"])).to(embed.weight.device)
+    tok, device = common.default_tokenizer(), llm.get_input_embeddings().weight.device
+    aligner = common.freeze(ssr.Aligner(enc.dim, 1, s["enc"]["heads"])).to(device)
     connector = ssr.Connector(enc.dim, llm.config.hidden_size, s["connector"]["layers"], s["llm"]["heads"],
-                              0.1, checkpoint=variant.endswith("-ckpt")).to(embed.weight.device)
+                              0.1, checkpoint=variant.endswith("-ckpt")).to(device)
+    m = ssr.Models(enc, aligner, connector, llm, tok)
     if variant == "ssr2":
         common.freeze(connector)
         trained = common.add_lora(llm, masked=False)[1]
-    flops = ssr.step_flops(enc, aligner, connector, llm, "2" if variant == "ssr2" else "1")
+    flops = ssr.step_flops(m, "2" if variant == "ssr2" else "1")
 
-    def step(batch):
-        vecs, ids, _, _ = ssr.ssr_vectors(enc, aligner, connector, tok, batch, "forced")
-        if variant != "ssr2":                             # ssr.py's stage1_step
-            e = embed.weight[common.to_gpu(torch.tensor([i for x in ids for i in x]), embed.weight.device)]
-            loss, n = ssr.distill_loss(torch.cat(vecs).float(), e.float(), 5.0)
+    def step(batch):                                      # ssr.py's stage 1 and stage 2 steps
+        if variant != "ssr2":
+            loss, n = ssr.stage1_loss(m, batch, "forced", 5.0)
             return loss, n, flops(encoder_frames(batch))
-        sp = ssr.ntp_splice(embed, [common.speech(v) for v in vecs], ids, [tok.bos_token_id], tok.eos_token_id)
-        loss, rows = common.lm_loss(llm, common.hidden_states(llm, sp), sp)    # ssr.py's stage2_step
+        loss, rows, sp = ssr.stage2_loss(m, batch, "forced", common.bos_ids(tok), tok.eos_token_id)
         return loss, sp.n_tokens, flops(encoder_frames(batch), sp.n_tokens, rows)
     return (trained if variant == "ssr2" else connector), step
 

@@ -16,9 +16,10 @@ Paper step                                              -> code
   characters -> LLM tokens: frame of the last character -> token_boundaries
   connector: Linear(d_enc->d_llm, no bias) -> L layers  -> Connector, causal_mask, blockwise_mask
              -> select the boundary frames: 1 per token    (the last layer runs at those frames only)
-  stage 1: mean_tok sum_d (z-e)^2 + 5 mean_tok(1-cos)   -> distill_loss
+  stage 1: mean_tok sum_d (z-e)^2 + 5 mean_tok(1-cos)   -> distill_loss, stage1_loss
   nearest-token accuracy: argmax_v cos(z, E_v)          -> readout, distill_eval
-  stage 2: next-token prediction from SSR vectors       -> ntp_splice (LoRA, or --finetune full)
+  stage 2: next-token prediction from SSR vectors       -> ntp_splice, stage2_loss (LoRA, or
+                                                            --finetune full)
 
 Project choices ([choice] in METHODS.md, or where it is silent):
 - aligner: pre-norm transformer layers (starting as the identity) + Linear over common.CTC_CHARS
@@ -32,7 +33,9 @@ Project choices ([choice] in METHODS.md, or where it is silent):
   itself; --no-blockwise: causal): on the toy it learns far faster;
 - stage 2 (paper-like next-token prediction): BOS + SSR vectors + EOS, speech position i labelled
   with transcript token i, i.e. the LLM's own text objective with embeddings swapped for SSR
-  vectors (--text-mix: the transcript's ids instead). Only the LLM trains in stage 2;
+  vectors (--text-mix: the transcript's ids instead). BOS only where the tokenizer starts a text
+  with it (Llama; not SmolLM2 or Qwen, whose first token is then not predicted), the tokenizer's
+  EOS. Only the LLM trains in stage 2, in fp32 with --finetune full;
 - AdamW betas (0.9, 0.95), weight decay 0.1 (on matrices only), cosine decay to 0.2 x lr
   (common.lr_at) (prototype); steps, lr, warm-up and a 2-layer connector (prototype: 4 Llama-style
   layers) scaled to the toy setting (prototype: lr 1e-4, 2000 warm-up steps, bf16); batches of
@@ -45,7 +48,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -155,33 +157,39 @@ class Aligner(nn.Module):
         return self.head(x).float().log_softmax(-1)
 
 
+def fits(n_frames, ids):
+    """CTC needs a frame per label and one more between repeated labels (a blank)."""
+    return n_frames >= len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+
+
 def aligner_loss(logp, lens, texts):
-    """CTC loss summed over the batch -> (loss, number of target characters). lens: frame counts
-    on the host (CUDA's CTC reads the lengths on the host: from the GPU, a sync)."""
+    """CTC loss summed over the batch -> (loss, target characters of the utterances that fit: the
+    others' loss is zeroed). lens: frame counts on the host (CUDA's CTC reads the lengths on the
+    host: from the GPU, a sync)."""
     tgts = [common.ctc_labels(t)[1] for t in texts]
     loss = F.ctc_loss(logp.transpose(0, 1), common.to_gpu(torch.tensor([c for t in tgts for c in t], dtype=torch.long),
                                                          logp.device),
                       lens, torch.tensor([len(t) for t in tgts]), blank=BLANK, reduction="sum",
                       zero_infinity=True)
-    return loss, sum(map(len, tgts))
+    return loss, sum(len(t) for t, T in zip(tgts, lens.tolist()) if fits(T, t))
 
 
 def char_frames(logp, txt):
     """Forced alignment -> {position in " " + txt: last frame} of each aligned non-space
     character, or None when the transcript cannot fit in the frames."""
     pos, ids = common.ctc_labels(txt)
-    if logp.shape[0] < len(ids) + sum(a == b for a, b in zip(ids, ids[1:])):
+    if not fits(logp.shape[0], ids):
         return None
     ends = [t for _, t in common.ctc_runs(common.ctc_forced_align(logp, ids))] if ids else []
     return {p: t for p, k, t in zip(pos, ids, ends) if k != SPACE}
 
 
-def aligner_cer(encoder, aligner, items, args, device):
+def aligner_cer(m, items, args, device):
     """Character error rate of greedy CTC against each transcript's CTC targets (lower case,
     only CTC_CHARS: what the aligner can emit)."""
     err = n = 0
     for b in common.batches(items, args):
-        _, lens, logp = encode(encoder, aligner, common.to_device(b, device))
+        _, lens, logp = encode(m, common.to_device(b, device))
         for i, (t, T) in enumerate(zip(b["text"], lens.tolist())):
             ref = "".join(common.CTC_CHARS[k] for k in common.ctc_labels(t)[1])
             err, n = err + common.edit_distance(ref, common.ctc_greedy(logp[i, :T])[0]), n + len(ref)
@@ -247,25 +255,36 @@ class Connector(nn.Module):
         return [x[i, :len(b)] for i, b in enumerate(boundaries)]
 
 
-def encode(encoder, aligner, batch):
+@dataclass
+class Models:
+    """What SSR's steps read: the frozen speech encoder, the aligner, the connector, the LLM and
+    its (fast) tokenizer."""
+    encoder: nn.Module
+    aligner: Aligner
+    connector: Connector
+    llm: nn.Module
+    tok: object
+
+
+def encode(m, batch):
     """Frozen encoder frames, frame counts (on the host) and aligner log-probs of a batch, copied
     to the host for the alignment (the step's one wait for the GPU); computed once (kept in it)."""
     if "ssr_frames" not in batch:
         with torch.no_grad():
-            frames, lens = encoder(batch["wave"], batch["wave_lens"])
-            batch["ssr_frames"] = (frames.float(), encoder.output_lengths(batch["wave_lens"]),
-                                   aligner(frames.float(), lens).cpu())
+            frames, lens = m.encoder(batch["wave"], batch["wave_lens"])
+            batch["ssr_frames"] = (frames.float(), m.encoder.output_lengths(batch["wave_lens"]),
+                                   m.aligner(frames.float(), lens).cpu())
     return batch["ssr_frames"]
 
 
 SKIPPED = set()
 
 
-def ssr_vectors(encoder, aligner, connector, tok, batch, mode):
+def ssr_vectors(m, batch, mode):
     """wave -> frozen encoder -> boundaries (oracle | forced | greedy) -> connector.
     -> (vectors, token ids, boundaries, kept indices): an example whose tokens cannot fit in its
     frames is reported (once) and skipped."""
-    frames, lens, logp = encode(encoder, aligner, batch)
+    frames, lens, logp = encode(m, batch)
     ids, bnds, keep = [], [], []
     for i, T in enumerate(lens.tolist()):
         txt = batch["text"][i] if "text" in batch else None
@@ -273,8 +292,8 @@ def ssr_vectors(encoder, aligner, connector, tok, batch, mode):
             txt, fr = common.ctc_greedy(logp[i, :T])
         else:
             fr = char_frames(logp[i, :T], txt) if mode == "forced" else \
-                oracle_frames(batch["chars"][i], txt, encoder.frame_seconds)
-        enc = tok(" " + txt, return_offsets_mapping=True, add_special_tokens=False)
+                oracle_frames(batch["chars"][i], txt, m.encoder.frame_seconds)
+        enc = m.tok(" " + txt, return_offsets_mapping=True, add_special_tokens=False)
         b = token_boundaries(enc.offset_mapping, fr, T) if fr is not None else None
         if b is None:
             where = batch.get("where", [txt] * len(lens))[i]
@@ -286,13 +305,13 @@ def ssr_vectors(encoder, aligner, connector, tok, batch, mode):
         ids.append(enc.input_ids), bnds.append(b), keep.append(i)
     if len(keep) < len(frames):
         frames = frames[common.to_gpu(torch.tensor(keep, dtype=torch.long), frames.device)]
-    return (connector(frames, bnds) if keep else []), ids, bnds, keep
+    return (m.connector(frames, bnds) if keep else []), ids, bnds, keep
 
 
-def every_vector(encoder, aligner, connector, tok, batch, d):
+def every_vector(m, batch):
     """CTC (greedy) SSR vectors of every utterance of a batch (empty where skipped)."""
-    vecs, _, _, keep = ssr_vectors(encoder, aligner, connector, tok, batch, "greedy")
-    out = [torch.zeros(0, d, device=batch["wave"].device) for _ in batch["wave"]]
+    vecs, _, _, keep = ssr_vectors(m, batch, "greedy")
+    out = [torch.zeros(0, m.llm.config.hidden_size, device=batch["wave"].device) for _ in batch["wave"]]
     for v, i in zip(vecs, keep):
         out[i] = v
     return out
@@ -321,73 +340,95 @@ def ntp_splice(embed, inputs, ids_list, bos, eos):
                                  for x, ids in zip(inputs, ids_list)])
 
 
+def stage1_loss(m, batch, mode, lam):
+    """Stage 1 micro-batch -> (distill_loss sum, tokens): the SSR vectors against the input
+    embeddings of the transcript's tokens (the LLM itself is not run)."""
+    vecs, ids, _, _ = ssr_vectors(m, batch, mode)
+    if not vecs:                                                # (every example skipped)
+        return m.connector.proj.weight.sum() * 0, 0
+    table = m.llm.get_input_embeddings().weight
+    e = table[common.to_gpu(torch.tensor([i for x in ids for i in x]), table.device)]   # e: the rows
+    return distill_loss(torch.cat(vecs).float(), e.float(), lam)
+
+
+def stage2_loss(m, batch, mode, bos, eos, text_only=False):
+    """Stage 2 micro-batch -> (next-token loss sum, predicted tokens, the splice): BOS + SSR
+    vectors + EOS (text_only: the transcript's ids in their place) through the LLM."""
+    if text_only:
+        ids = [common.input_ids(m.tok, t) for t in batch["text"]]
+        inputs = [text(x) for x in ids]
+    else:
+        vecs, ids, _, _ = ssr_vectors(m, batch, mode)
+        if not vecs:                                            # (every example skipped)
+            return next(p for p in m.llm.parameters() if p.requires_grad).sum() * 0, 0, None
+        inputs = [speech(v) for v in vecs]
+    sp = ntp_splice(m.llm.get_input_embeddings(), inputs, ids, bos, eos)
+    return (*common.lm_loss(m.llm, common.hidden_states(m.llm, sp), sp), sp)
+
+
 @torch.no_grad()
-def distill_eval(encoder, aligner, connector, embed, tok, items, args, device, modes):
+def distill_eval(m, items, args, device, modes):
     """Per boundary source (mode): cosine, MSE and nearest-token accuracy against the transcript's
     tokens (on the `matched` utterances: as many tokens), zero-shot WER of the nearest-token
     readout; bnd_err_forced: mean |forced - oracle| token boundary, in frames."""
-    was, E, s, out = connector.training, embed.weight.float(), defaultdict(float), defaultdict(list)
-    connector.eval()
+    was, E, s, out = m.connector.training, m.llm.get_input_embeddings().weight.float(), defaultdict(float), \
+        defaultdict(list)
+    m.connector.eval()
     for batch in common.batches(items, args):
         batch, got = common.to_device(batch, device), {}
-        for m in modes:
-            vecs, _, bnds, keep = ssr_vectors(encoder, aligner, connector, tok, batch, m)
-            got[m] = dict(zip(keep, bnds))
+        for mode in modes:
+            vecs, _, bnds, keep = ssr_vectors(m, batch, mode)
+            got[mode] = dict(zip(keep, bnds))
             for z, i in zip(vecs, keep):
-                ref, pred, z = common.input_ids(tok, batch["text"][i]), readout(z, E), z.float()
-                out["ref_" + m].append(batch["text"][i])
-                out["hyp_" + m].append(tok.decode(pred.tolist(), skip_special_tokens=True))
-                s["utts_" + m] += 1
+                ref, pred, z = common.input_ids(m.tok, batch["text"][i]), readout(z, E), z.float()
+                out["ref_" + mode].append(batch["text"][i])
+                out["hyp_" + mode].append(m.tok.decode(pred.tolist(), skip_special_tokens=True))
+                s["utts_" + mode] += 1
                 if len(ref) == len(z):                  # greedy may decode another token count
                     e = E[torch.tensor(ref, device=E.device)]
-                    s["cos_" + m] += float(F.cosine_similarity(z, e, dim=-1).sum())
-                    s["mse_" + m] += float(((z - e) ** 2).sum())
-                    s["acc_" + m] += float((pred.cpu() == torch.tensor(ref)).sum())
-                    s["tok_" + m], s["match_" + m] = s["tok_" + m] + len(ref), s["match_" + m] + 1
+                    s["cos_" + mode] += float(F.cosine_similarity(z, e, dim=-1).sum())
+                    s["mse_" + mode] += float(((z - e) ** 2).sum())
+                    s["acc_" + mode] += float((pred.cpu() == torch.tensor(ref)).sum())
+                    s["tok_" + mode], s["match_" + mode] = s["tok_" + mode] + len(ref), s["match_" + mode] + 1
         for i, b in got["forced"].items():
             o = got.get("oracle", {}).get(i, [])
             if len(o) == len(b):
                 s["bnd_err"], s["bnd_n"] = s["bnd_err"] + sum(abs(x - y) for x, y in zip(b, o)), s["bnd_n"] + len(b)
-    res = {f"{k}_{m}": s[f"{k}_{m}"] / max(s["tok_" + m], 1) for m in modes for k in ("cos", "mse", "acc")}
-    res.update({f"wer_{m}": common.wer(out["ref_" + m], out["hyp_" + m]) for m in modes})
-    res.update({f"matched_{m}": s["match_" + m] / max(s["utts_" + m], 1) for m in modes})
+    res = {f"{k}_{md}": s[f"{k}_{md}"] / max(s["tok_" + md], 1) for md in modes for k in ("cos", "mse", "acc")}
+    res.update({f"wer_{md}": common.wer(out["ref_" + md], out["hyp_" + md]) for md in modes})
+    res.update({f"matched_{md}": s["match_" + md] / max(s["utts_" + md], 1) for md in modes})
     if s["bnd_n"]:
         res["bnd_err_forced"] = s["bnd_err"] / s["bnd_n"]
-    connector.train(was)
+    m.connector.train(was)
     return res
 
 
 @torch.no_grad()
-def ntp_eval(llm, tok, items, args, device, vec_fn, bos, eos):
+def ntp_eval(m, items, args, device, bos, eos):
     """Stage 2's loss per transcript token on valid, from the SSR vectors (forced CTC boundaries)
     and from the transcript's ids: the LLM's text ability, where forgetting shows."""
-    embed, s = llm.get_input_embeddings(), dict(speech=0.0, text=0.0, n_speech=0, n_text=0)
+    s = dict(speech=0.0, text=0.0, n_speech=0, n_text=0)
     for batch in common.batches(items, args):
         batch = common.to_device(batch, device)
-        vecs, ids, _, _ = vec_fn(batch)
-        tids = [common.input_ids(tok, t) for t in batch["text"]]
-        for k, inputs, ii in (("speech", [speech(v) for v in vecs], ids),
-                              ("text", [text(x) for x in tids], tids)):
-            if inputs:
-                sp = ntp_splice(embed, inputs, ii, bos, eos)
-                loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
-                s[k], s["n_" + k] = s[k] + float(loss), s["n_" + k] + n
+        for k in ("speech", "text"):
+            loss, n, _ = stage2_loss(m, batch, "forced", bos, eos, text_only=k == "text")
+            s[k], s["n_" + k] = s[k] + float(loss), s["n_" + k] + n
     return dict(speech_loss=s["speech"] / max(s["n_speech"], 1), text_loss=s["text"] / max(s["n_text"], 1))
 
 
-def step_flops(encoder, aligner, connector, llm, stage, full=False):
+def step_flops(m, stage, full=False):
     """-> flops(frames, tokens=0, rows=0): model FLOPs of a stage's step (common.matrices: 2N a
     frozen forward, 4N frozen layers passing gradients back, 6N trained). aligner: encoder 2N,
     aligner 6N; "1": encoder and aligner 2N, connector 6N at every frame (an upper bound); "2"
     (once its trained parts exist): encoder, aligner, connector 2N (frames = 0 for a text batch),
     the LLM 4N with 6N for its LoRA (6N for all of it with full), its output layer at the rows."""
-    n_enc, n_al, n_conn = common.matrices(encoder), common.matrices(aligner), common.matrices(connector)
+    n_enc, n_al, n_conn = common.matrices(m.encoder), common.matrices(m.aligner), common.matrices(m.connector)
     if stage == "aligner":
         return lambda frames, tokens=0, rows=0: (2 * n_enc + 6 * n_al) * frames
     if stage == "1":
         return lambda frames, tokens=0, rows=0: (2 * (n_enc + n_al) + 6 * n_conn) * frames
-    (n_llm, n_head), k = common.llm_matrices(llm), (6 if full else 4)
-    n_lora = 0 if full else common.matrices(llm, trained=True)         # LoRA's A and B
+    (n_llm, n_head), k = common.llm_matrices(m.llm), (6 if full else 4)
+    n_lora = 0 if full else common.matrices(m.llm, trained=True)         # LoRA's A and B
     return lambda frames, tokens=0, rows=0: 2 * (n_enc + n_al + n_conn) * frames \
         + (k * (n_llm - n_lora) + 6 * n_lora) * tokens + k * n_head * rows
 
@@ -395,143 +436,139 @@ def step_flops(encoder, aligner, connector, llm, stage, full=False):
 # ----------------------------------------------------------------------------------------------
 # The stages, each through common.train in its own subdirectory of --out
 
-def stage_args(args, name, steps, lr):
-    sub = os.path.join(args.resume, name) if args.resume else None
-    return dataclasses.replace(args, out=os.path.join(args.out, name), steps=steps, lr=lr,
-                               warmup=min(args.warmup, max(1, steps // 5)),
-                               resume=sub if sub and os.path.isfile(os.path.join(sub, "latest")) else None)
+STAGE_DIRS = {"aligner": "aligner", "1": "stage1", "2": "stage2"}
 
 
-def load_stage(module, out, name, required=None):
-    run = os.path.join(out, name)
-    if os.path.isfile(os.path.join(run, "latest")):
-        return common.load_trainable(module, common.find_checkpoint(run))
+def trained(run_dir, stage):
+    return os.path.isfile(os.path.join(run_dir or "", STAGE_DIRS[stage], "latest"))
+
+
+def stage_args(args, stage, steps, lr):
+    """A stage's arguments for common.train: its own subdirectory, steps, lr and warm-up."""
+    resume = os.path.join(args.resume, STAGE_DIRS[stage]) if trained(args.resume, stage) else None
+    return dataclasses.replace(args, out=os.path.join(args.out, STAGE_DIRS[stage]), steps=steps, lr=lr,
+                               warmup=min(args.warmup, max(1, steps // 5)), resume=resume)
+
+
+def load_stage(module, run_dir, stage, required=False):
+    if trained(run_dir, stage):
+        return common.load_trainable(module, common.find_checkpoint(os.path.join(run_dir, STAGE_DIRS[stage])))
     if required:
-        raise common.UserError(f"{run}: no checkpoint (run --stage {required} first)")
+        raise common.UserError(f"{os.path.join(run_dir, STAGE_DIRS[stage])}: no checkpoint (run --stage "
+                               f"{stage} first)")
     return module
 
 
-def build(args, encoder, llm, device):
+def build(args, encoder, llm, tok, device):
     for name, d, used in (("encoder", encoder.dim, args.aligner_layers), ("LLM", llm.config.hidden_size, args.layers)):
         if used and d % args.heads:
             raise common.UserError(f"--heads {args.heads} does not divide the {name} width {d}")
     aligner = Aligner(encoder.dim, args.aligner_layers, args.heads, common.load_ctc_head(args.encoder))
     connector = Connector(encoder.dim, llm.config.hidden_size, args.layers, args.heads, args.dropout,
                           args.blockwise, args.grad_ckpt)
-    return aligner.to(device), connector.to(device)
+    return Models(encoder, aligner.to(device), connector.to(device), llm, tok)
 
 
 def stage2_module(args, llm):
-    if args.finetune == "full":
-        for p in llm.parameters():
+    if args.finetune == "full":             # trained parts in fp32 (bf16 weights lose small updates)
+        for p in llm.float().parameters():
             p.requires_grad_(True)
         return llm
     return common.add_lora(llm, masked=False)[1]
 
 
-def run_stages(args, encoder, llm, tok, device, rank, world):
+def check_stages(args, stages):
+    """Before any training: --resume takes the run's directory; a stage trained already in --out
+    is not trained afresh over."""
+    if args.resume and not any(trained(args.resume, st) for st in STAGE_DIRS):
+        raise common.UserError(f"--resume {args.resume}: no stage checkpoint in it (aligner/, stage1/, "
+                               f"stage2/): --resume takes the run's directory")
+    for st in stages:
+        if not args.resume and trained(args.out, st):
+            raise common.UserError(f"--out {args.out} holds a trained {STAGE_DIRS[st]} already: --resume "
+                                   f"{args.out} continues the run; to start again, remove it or give another --out")
+
+
+def run_stages(args, m, device, rank, world):
     train_items, valid_items = common.manifests(args)
     if args.aligner == "oracle" and not all("chars" in it for it in train_items):
         raise common.UserError("--aligner oracle: the training manifest has no `chars` field")
-    aligner, connector = build(args, encoder, llm, device)
-    for blk in connector.blocks:              # --compile: the layers; masks and rows are built
-        common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
-    embed, eos = llm.get_input_embeddings(), common.eos_ids(llm, tok)[0]
     stages = [args.stage] if args.stage != "all" else ["aligner", "1"] + (["2"] if args.stage2_steps else [])
-    names = {"aligner": "aligner", "1": "stage1", "2": "stage2"}
-    if args.resume and not any(os.path.isfile(os.path.join(args.resume, n, "latest")) for n in names.values()):
-        raise common.UserError(f"--resume {args.resume}: no stage checkpoint in it (aligner/, stage1/, "
-                               f"stage2/): --resume takes the run's directory")
-    for st, name in names.items():                      # (before any training)
-        if st in stages and not args.resume and os.path.isfile(os.path.join(args.out, name, "latest")):
-            raise common.UserError(f"--out {args.out} holds a trained {name} already: --resume {args.out} "
-                                   f"continues the run; to start again, remove it or give another --out")
+    check_stages(args, stages)
+    for blk in m.connector.blocks:            # --compile: the layers; masks and rows are built
+        common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]
-    train_mode = "oracle" if args.aligner == "oracle" else "forced"
-    fields, res = ("llm", "encoder", "encoder_layer", "aligner_layers", "heads"), {}
+    mode = "oracle" if args.aligner == "oracle" else "forced"           # the training boundaries
+    fields, res = ["llm", "encoder", "encoder_layer", "aligner_layers", "heads"], {}
+
+    def train(stage, module, step_fn, valid_fn, steps, lr):
+        return common.train(stage_args(args, stage, steps, lr), module, step_fn, train_items, device, rank,
+                            world, valid_fn, method="ssr-" + STAGE_DIRS[stage], model_fields=tuple(fields),
+                            resume_dir=args.out)
 
     if "aligner" in stages:
-        flops = step_flops(encoder, aligner, connector, llm, "aligner")
+        flops = step_flops(m, "aligner")
 
         def aligner_step(batch):
             with torch.no_grad():
-                frames, lens = encoder(batch["wave"], batch["wave_lens"])
-            loss, n = aligner_loss(aligner(frames.float(), lens), encoder.output_lengths(batch["wave_lens"]),
+                frames, lens = m.encoder(batch["wave"], batch["wave_lens"])
+            loss, n = aligner_loss(m.aligner(frames.float(), lens), m.encoder.output_lengths(batch["wave_lens"]),
                                    batch["text"])
-            return loss, n, dict(flops=flops(encoder.frames))
+            return loss, n, dict(flops=flops(m.encoder.frames))
 
-        def aligner_valid(step):
-            return dict(cer=aligner_cer(encoder, aligner, valid_items, args, device))
-
-        res = common.train(stage_args(args, "aligner", args.aligner_steps, args.aligner_lr), aligner,
-                           aligner_step, train_items, device, rank, world, aligner_valid,
-                           method="ssr-aligner", model_fields=fields, resume_dir=args.out)
+        res = train("aligner", m.aligner, aligner_step,
+                    lambda step: dict(cer=aligner_cer(m, valid_items, args, device)), args.aligner_steps,
+                    args.aligner_lr)
     else:       # (not after training it: under torchrun, rank 0 may still be writing its checkpoint)
-        load_stage(aligner, args.out, "aligner")
-        trained = os.path.isfile(os.path.join(args.out, "aligner", "latest"))
-        if rank == 0 and not aligner.pretrained and not trained:
+        load_stage(m.aligner, args.out, "aligner")
+        if rank == 0 and not m.aligner.pretrained and not trained(args.out, "aligner"):
             print("ssr: warning: no trained aligner and no pre-trained CTC head: CTC boundaries are "
                   "random (run --stage aligner first)", file=sys.stderr)
-    common.freeze(aligner)
+    common.freeze(m.aligner)
     if stages == ["aligner"]:
         return res
 
-    fields += ("layers", "blockwise")
+    fields += ["layers", "blockwise"]
     if "1" in stages:
-        flops = step_flops(encoder, aligner, connector, llm, "1")
+        flops = step_flops(m, "1")
 
         def stage1_step(batch):
-            vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, train_mode)
-            if not vecs:
-                return connector.proj.weight.sum() * 0, 0, {}
-            e = embed.weight[common.to_gpu(torch.tensor([i for x in ids for i in x]), device)]   # the rows
-            return (*distill_loss(torch.cat(vecs).float(), e.float(), args.cos_weight),
-                    dict(flops=flops(encoder.frames)))
+            loss, n = stage1_loss(m, batch, mode, args.cos_weight)
+            return loss, n, dict(flops=flops(m.encoder.frames)) if n else {}
 
-        res = common.train(stage_args(args, "stage1", args.steps, args.lr), connector, stage1_step,
-                           train_items, device, rank, world, lambda step: distill_eval(
-                               encoder, aligner, connector, embed, tok, valid_items, args, device, modes),
-                           method="ssr-stage1", model_fields=fields, resume_dir=args.out)
+        res = train("1", m.connector, stage1_step, lambda step: distill_eval(m, valid_items, args, device, modes),
+                    args.steps, args.lr)
         if rank == 0:
             report(res, modes)
     else:
-        load_stage(connector, args.out, "stage1", "1")
-    common.freeze(connector)
+        load_stage(m.connector, args.out, "1", required=True)
+    common.freeze(m.connector)
 
     if "2" in stages:
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        module, rng = stage2_module(args, llm).train(), random.Random(args.seed)
-        flops = step_flops(encoder, aligner, connector, llm, "2", args.finetune == "full")
+        bos = common.bos_ids(m.tok)                         # as the tokenizer starts a text
+        eos = m.tok.eos_token_id if m.tok.eos_token_id is not None else common.eos_ids(m.llm, m.tok)[0]
+        module = stage2_module(args, m.llm).train()
+        flops = step_flops(m, "2", args.finetune == "full")
+        fields.append("finetune")
 
         def stage2_step(batch):
-            frames = 0                                      # no speech in a text-only batch
-            if rng.random() < args.text_mix:                # a text-only batch: the transcripts
-                ids = [common.input_ids(tok, t) for t in batch["text"]]
-                inputs = [text(x) for x in ids]
-            else:
-                vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, train_mode)
-                inputs = [speech(v) for v in vecs]
-                frames = encoder.frames
-            sp = ntp_splice(embed, inputs, ids, bos, eos)
-            loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
-            T = sp.n_tokens
-            return loss, n, dict(tokens=T, flops=flops(frames, T, n))
+            # a text-only batch (the transcripts); torch's RNG: a checkpoint holds its state
+            text_only = args.text_mix > 0 and float(torch.rand(())) < args.text_mix
+            loss, n, sp = stage2_loss(m, batch, mode, bos, eos, text_only)
+            T = sp.n_tokens if sp else 0
+            return loss, n, dict(tokens=T, flops=flops(0 if text_only else m.encoder.frames, T, n))
 
         def stage2_valid(step):
             module.eval()
-            r = ntp_eval(llm, tok, valid_items, args, device, lambda b: ssr_vectors(
-                encoder, aligner, connector, tok, b, "forced"), bos, eos)
-            r.update(common.alignment_eval(llm, tok, valid_items, args, device, lambda b: every_vector(
-                encoder, aligner, connector, tok, b, llm.config.hidden_size), CONTINUE_INSTRUCTION))
+            r = ntp_eval(m, valid_items, args, device, bos, eos)
+            r.update(common.alignment_eval(m.llm, m.tok, valid_items, args, device,
+                                           lambda b: every_vector(m, b), CONTINUE_INSTRUCTION))
             r.pop("repeat_example")
             module.train()
             return r
 
         before = stage2_valid(0) if rank == 0 else {}
-        res = {**res, **common.train(stage_args(args, "stage2", args.stage2_steps, args.stage2_lr), module,
-                           stage2_step, train_items, device, rank, world, stage2_valid,
-                           method="ssr-stage2", model_fields=fields + ("finetune",),
-                           resume_dir=args.out)}
+        res = {**res, **train("2", module, stage2_step, stage2_valid, args.stage2_steps, args.stage2_lr)}
         for k in ("speech_loss", "text_loss", "content_acc", "content_acc_text", "repeat_wer"):
             if rank == 0 and k in res:      # (content_acc: only for manifests with continuations)
                 print(f"stage 2 {k:17s} before {before.get(k, math.nan):.4f} -> after {res[k]:.4f}")
@@ -550,24 +587,23 @@ def report(res, modes):
 # Inference and evaluation of a trained run (--ckpt: the run directory of all stages)
 
 def infer(args, device):
-    if not os.path.isfile(os.path.join(args.ckpt or "", "stage1", "latest")):
+    if not trained(args.ckpt, "1"):
         raise common.UserError(f"{args.ckpt}: no stage 1 checkpoint in this run directory")
-    has2 = os.path.isfile(os.path.join(args.ckpt, "stage2", "latest"))
-    with open(os.path.join(args.ckpt, "stage2" if has2 else "stage1", "config.json")) as f:
-        cfg = json.load(f)
+    has2 = trained(args.ckpt, "2")
+    last = STAGE_DIRS["2" if has2 else "1"]                    # its config: the run's arguments
+    cfg = common.run_config(os.path.join(args.ckpt, last), "ssr-" + last)[1]
     run = SSRArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(SSRArgs) if f.name in cfg})
-    encoder = common.load_encoder(run.encoder, device, run.encoder_layer)
     llm, tok = common.load_llm(run.llm, device)
-    aligner, connector = build(run, encoder, llm, device)
-    load_stage(aligner, args.ckpt, "aligner"), load_stage(connector, args.ckpt, "stage1")
+    m = build(run, common.load_encoder(run.encoder, device, run.encoder_layer), llm, tok, device)
+    load_stage(m.aligner, args.ckpt, "aligner"), load_stage(m.connector, args.ckpt, "1")
     if has2:
-        load_stage(stage2_module(run, llm), args.ckpt, "stage2")
-    common.freeze(aligner), common.freeze(connector), common.freeze(llm)
+        load_stage(stage2_module(run, llm), args.ckpt, "2")
+    common.freeze(m.aligner), common.freeze(m.connector), common.freeze(llm)
     if args.infer:
         wave = data.load_audio(args.infer)
         batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
         with torch.no_grad(), common.autocast(device):
-            vecs, ids, _, _ = ssr_vectors(encoder, aligner, connector, tok, batch, "greedy")
+            vecs, ids, _, _ = ssr_vectors(m, batch, "greedy")
             if not vecs:
                 raise common.UserError(f"{args.infer}: no token of the CTC transcript fits its frames")
             print(f"aligner (greedy CTC):  {tok.decode(ids[0])}")
@@ -577,8 +613,7 @@ def infer(args, device):
     if args.eval:
         items = data.read_manifest(args.eval)[:args.max_valid]
         modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]
-        res = distill_eval(encoder, aligner, connector, llm.get_input_embeddings(), tok, items, args,
-                           device, modes)
+        res = distill_eval(m, items, args, device, modes)
         report(res, modes)
         print(json.dumps(res, indent=1))
 
@@ -594,7 +629,7 @@ def main(argv=None):
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     if not tok.is_fast:
         raise common.UserError("SSR needs a fast tokenizer (its offset mapping)")
-    res = run_stages(args, encoder, llm, tok, device, rank, world)
+    res = run_stages(args, build(args, encoder, llm, tok, device), device, rank, world)
     if rank == 0 and res:
         print("final: " + json.dumps({k: round(v, 4) for k, v in res.items()}))
 

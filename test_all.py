@@ -2016,6 +2016,33 @@ def test_ssr_boundaries_bpe_multichar_leading_space_punctuation():
     assert b == [6, 14, 16, 18, 20, 22, 30, 31, 32, 36, 38]
 
 
+def test_bos_only_where_the_tokenizer_starts_a_text_with_it():
+    """Llama-style tokenizers start a text with BOS, so the prompt (and SSR's stage 2) does too; a
+    tokenizer that names a BOS but never adds it (SmolLM2, Qwen; this BPE) gets none."""
+    word, bpe = common.default_tokenizer(), ssr_bpe_tokenizer()
+    assert common.bos_ids(word) == [word.bos_token_id] and common.bos_ids(bpe) == []
+    assert common.prompt_pieces(word, "say", "blsp")[0][:1] == [word.bos_token_id]
+    assert bpe.bos_token_id not in common.prompt_pieces(bpe, "say", "blsp")[0]
+
+
+def test_ssr_aligner_loss_counts_the_characters_of_clips_that_fit():
+    """An utterance CTC cannot fit in its frames adds 0 to the loss (zero_infinity) and none of
+    its characters to the count the loss is divided by."""
+    logp = torch.randn(2, 6, len(common.CTC_CHARS)).log_softmax(-1)
+    loss, n = ssr.aligner_loss(logp, torch.tensor([6, 6]), ["ab", "abcdefgh"])
+    alone, n_alone = ssr.aligner_loss(logp[:1], torch.tensor([6]), ["ab"])
+    assert n == n_alone == 2 and torch.allclose(loss, alone)
+    assert ssr.fits(3, [1, 1]) and not ssr.fits(2, [1, 1]) and ssr.fits(2, [1, 2])   # a blank between repeats
+
+
+def test_ssr_full_finetune_trains_the_llm_in_fp32():
+    """--finetune full on CUDA: the LLM was loaded in bf16 (frozen); trained, it is fp32 (AdamW on
+    bf16 weights rounds small updates away)."""
+    llm = tiny_llama(common.default_tokenizer()).to(torch.bfloat16)
+    ssr.stage2_module(ssr.SSRArgs(finetune="full"), llm)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in llm.parameters())
+
+
 def test_ssr_boundaries_same_frame_past_end_and_too_short():
     offs = [(0, 2), (2, 4), (4, 6)]
     frames = {1: 5, 3: 5, 5: 6}                       # two tokens end in frame 5
@@ -2222,7 +2249,7 @@ def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, mon
     for it in items:
         it["text"] = it["text"].capitalize() + "!"
 
-    def perfect(encoder, aligner, batch):      # log-probs whose greedy path spells each target
+    def perfect(m, batch):                     # log-probs whose greedy path spells each target
         paths = [[k for c in common.ctc_labels(t)[1] for k in (c, ssr.BLANK)] for t in batch["text"]]
         T = max(map(len, paths))
         logp = torch.full((len(paths), T, len(common.CTC_CHARS)), -10.0)
@@ -2231,7 +2258,26 @@ def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, mon
         return None, torch.tensor([T] * len(paths)), logp
     monkeypatch.setattr(ssr, "encode", perfect)
     args = ssr.SSRArgs(batch_size=2)
-    assert ssr.aligner_cer(None, None, items, args, cpu()) == 0.0
+    assert ssr.aligner_cer(None, items, args, cpu()) == 0.0
+
+def test_ssr_stage_losses_of_a_batch_whose_every_clip_is_skipped(ssr_tiny):
+    """Tokens that cannot fit in their frames skip the clip; a batch of such clips gives a zero
+    loss that backward takes and no tokens (stage 2 crashed in splice before)."""
+    args = ssr.SSRArgs(aligner_layers=1, layers=1, heads=2, encoder=str(ssr_tiny / "enc"))
+    llm, tok = common.load_llm(str(ssr_tiny / "llm"), cpu())
+    m = ssr.build(args, common.load_encoder(args.encoder, cpu()), llm, tok, cpu())
+    common.add_lora(llm, masked=False)
+    item = data.read_manifest(str(ssr_tiny / "m.jsonl"))[0]
+    batch = data.collate([dict(item, wave=data.load_audio(item["audio"])[:1600], text="a b c " * 40)])
+    loss, n = ssr.stage1_loss(m, batch, "forced", 5.0)
+    loss.backward()
+    assert (loss.item(), n) == (0.0, 0) and m.connector.proj.weight.grad is not None
+    loss, n, sp = ssr.stage2_loss(m, batch, "forced", common.bos_ids(tok), tok.eos_token_id)
+    loss.backward()
+    assert (loss.item(), n, sp) == (0.0, 0, None)
+    loss, n, sp = ssr.stage2_loss(m, batch, "forced", common.bos_ids(tok), tok.eos_token_id, text_only=True)
+    assert n == 121 and sp.n_tokens == 122 and loss.item() > 0    # 120 words + EOS; BOS too
+
 
 def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys, monkeypatch):
     """All stages, inference, eval. A step waits for the GPU once: the aligner's log-probs go to
