@@ -332,11 +332,14 @@ def build(args, device):
 
 
 def load_run(args, device):
-    """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the sizes."""
+    """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the models and
+    sizes, and the input order, tasks and language unless given here (a zero-shot test)."""
     ck, cfg = common.run_config(args.ckpt, "slm")
-    for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn",
-              "order", "tasks", "language"):
+    for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn"):
         setattr(args, k, cfg[k])
+    for k in ("order", "tasks", "language"):
+        if getattr(args, k) == getattr(SLMArgs, k):
+            setattr(args, k, cfg[k])
     encoder, adapter, llm, tok = build(args, device)
     common.load_trainable(adapter, ck).eval()
     return encoder, adapter, llm, tok

@@ -23,7 +23,8 @@ Paper step                                              -> code
 
 Project choices ([choice] in METHODS.md, or where it is silent):
 - aligner: pre-norm transformer layers (starting as the identity) + Linear over common.CTC_CHARS
-  on the frozen frames; the Linear starts from the encoder folder's ctc_head.safetensors if any;
+  on the frozen frames; the Linear starts from the encoder folder's ctc_head.safetensors if any
+  (read as a head over the last layer: not with another --encoder-layer);
 - a CTC character lasts until the next emitted label (space included) starts: the blanks after it
   are its own (common.ctc_runs). Word-final characters then end where the exact boundaries say (toy: within 1 frame),
   which a bare CTC spike does not. --aligner oracle: the last 20 ms frame a character overlaps.
@@ -463,7 +464,10 @@ def build(args, encoder, llm, tok, device):
     for name, d, used in (("encoder", encoder.dim, args.aligner_layers), ("LLM", llm.config.hidden_size, args.layers)):
         if used and d % args.heads:
             raise common.UserError(f"--heads {args.heads} does not divide the {name} width {d}")
-    aligner = Aligner(encoder.dim, args.aligner_layers, args.heads, common.load_ctc_head(args.encoder))
+    cfg = encoder.model.config
+    last = encoder.layer in (-1, getattr(cfg, "encoder_layers", None) or cfg.num_hidden_layers)
+    head = common.load_ctc_head(args.encoder) if last else None         # (a head of the last layer)
+    aligner = Aligner(encoder.dim, args.aligner_layers, args.heads, head)
     connector = Connector(encoder.dim, llm.config.hidden_size, args.layers, args.heads, args.dropout,
                           args.blockwise, args.grad_ckpt)
     return Models(encoder, aligner.to(device), connector.to(device), llm, tok)

@@ -2260,6 +2260,16 @@ def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, mon
     args = ssr.SSRArgs(batch_size=2)
     assert ssr.aligner_cer(None, items, args, cpu()) == 0.0
 
+def test_ssr_pretrained_ctc_head_only_over_the_last_layer(ssr_tiny):
+    """The encoder folder's CTC head reads the last layer's frames: another --encoder-layer starts
+    the aligner afresh (and so keeps the 'no trained aligner' warning)."""
+    llm, tok = common.load_llm(str(ssr_tiny / "llm"), cpu())
+    args = ssr.SSRArgs(aligner_layers=1, layers=1, heads=2, encoder=str(ssr_tiny / "enc"))
+    for layer, pretrained in ((-1, True), (1, True), (0, False)):
+        m = ssr.build(args, common.load_encoder(args.encoder, cpu(), layer), llm, tok, cpu())
+        assert m.aligner.pretrained is pretrained, layer
+
+
 def test_ssr_stage_losses_of_a_batch_whose_every_clip_is_skipped(ssr_tiny):
     """Tokens that cannot fit in their frames skip the clip; a batch of such clips gives a zero
     loss that backward takes and no tokens (stage 2 crashed in splice before)."""
@@ -2605,6 +2615,11 @@ def test_slm_main_end_to_end(slm_tiny, capsys, monkeypatch):
               "Say it in toylish:", "--max-new-tokens", "3", "--device", "cpu"])
     res = json.loads(capsys.readouterr().out)
     assert {"ast_bleu", "ast_bleu_heldout", "ast_bleu_instruction", "ast_word_acc_text"} <= set(res)
+    asked, real = [], slm.instructions                  # --language given: not the run's (toylish)
+    monkeypatch.setattr(slm, "instructions", lambda task, language: asked.append(language) or real(task, language))
+    slm.main(["--ckpt", out, "--eval", slm_tiny["valid"], "--task", "ast", "--language", "Frenchish",
+              "--max-new-tokens", "2", "--device", "cpu"])
+    assert asked and set(asked) == {"Frenchish"}
 
 
 def test_slm_bad_input_gives_one_line_error(slm_tiny, tmp_path, capsys):
