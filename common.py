@@ -584,7 +584,15 @@ def bos_ids(tok):
 
 def input_ids(tok, text):
     """Token ids of an input text placed after the instruction (with its leading space)."""
-    return tok(" " + text, add_special_tokens=False).input_ids
+    return tok(space_before(tok) + text, add_special_tokens=False).input_ids
+
+
+def space_before(tok):
+    """" " for an input after other text (BPE: "Ġthe", a Metaspace pre-tokenizer: "▁the"); "" for
+    a tokenizer that marks a text's first word itself whatever it starts with (a legacy
+    SentencePiece normalizer: "a" gives "▁a", and " the" a lone "▁", then "▁the")."""
+    a, space_a = (tok(s, add_special_tokens=False).input_ids for s in ("a", " a"))
+    return "" if len(space_a) > len(a) and tok.convert_ids_to_tokens(a)[0] != "a" else " "
 
 
 def target_ids(tok, text, offsets=False):

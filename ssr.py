@@ -208,6 +208,14 @@ def oracle_frames(chars, txt, frame_seconds):
 # ----------------------------------------------------------------------------------------------
 # Characters -> LLM tokens
 
+def tokens_of(tok, txt):
+    """The transcript's LLM tokens as an input (common.input_ids) -> (ids, each token's (start,
+    end) in " " + txt: the positions the character frames use)."""
+    sp = common.space_before(tok)
+    enc = tok(sp + txt, return_offsets_mapping=True, add_special_tokens=False)
+    return enc.input_ids, [(s + 1 - len(sp), e + 1 - len(sp)) for s, e in enc.offset_mapping]
+
+
 def token_boundaries(offsets, frames, n_frames):
     """LLM token k ends at the frame of its last aligned character (offsets: each token's (start,
     end) in " " + text; frames: {character position: frame}); a token with no aligned character
@@ -294,16 +302,16 @@ def ssr_vectors(m, batch, mode):
         else:
             fr = char_frames(logp[i, :T], txt) if mode == "forced" else \
                 oracle_frames(batch["chars"][i], txt, m.encoder.frame_seconds)
-        enc = m.tok(" " + txt, return_offsets_mapping=True, add_special_tokens=False)
-        b = token_boundaries(enc.offset_mapping, fr, T) if fr is not None else None
+        ids_i, offsets = tokens_of(m.tok, txt)
+        b = token_boundaries(offsets, fr, T) if fr is not None else None
         if b is None:
             where = batch.get("where", [txt] * len(lens))[i]
             if where not in SKIPPED:
                 SKIPPED.add(where)
-                print(f"ssr: skipped {where}: {len(enc.input_ids)} tokens do not fit in {T} "
+                print(f"ssr: skipped {where}: {len(ids_i)} tokens do not fit in {T} "
                       f"frames ({mode} boundaries)", file=sys.stderr)
             continue
-        ids.append(enc.input_ids), bnds.append(b), keep.append(i)
+        ids.append(ids_i), bnds.append(b), keep.append(i)
     if len(keep) < len(frames):
         frames = frames[common.to_gpu(torch.tensor(keep, dtype=torch.long), frames.device)]
     return (m.connector(frames, bnds) if keep else []), ids, bnds, keep

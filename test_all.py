@@ -2043,6 +2043,29 @@ def test_ssr_full_finetune_trains_the_llm_in_fp32():
     assert all(p.dtype == torch.float32 and p.requires_grad for p in llm.parameters())
 
 
+def test_input_ids_without_a_lone_word_marker_from_a_legacy_sentencepiece_normalizer():
+    """A tokenizer whose normalizer prepends "▁" to any text (legacy SentencePiece tokenizer.json):
+    " the red" would give a lone "▁" first, and SSR a vector for it. The input goes without its
+    space there; SSR's offsets stay positions in " " + text."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")        # "▁▁the": "▁", "▁the"
+    tk.train_from_iterator(["the red fox", " a"], trainers.WordLevelTrainer(special_tokens=["<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    assert tok.convert_ids_to_tokens(tok(" the red", add_special_tokens=False).input_ids)[0] == "▁"
+    assert common.space_before(tok) == "" and common.space_before(ssr_bpe_tokenizer()) == " "
+    ids = common.input_ids(tok, "the red fox")
+    assert tok.convert_ids_to_tokens(ids) == ["▁the", "▁red", "▁fox"]
+    got, offsets = ssr.tokens_of(tok, "the red fox")
+    frames = {p: 3 * p for p, c in enumerate(" the red fox") if c != " "}
+    assert got == ids and ssr.token_boundaries(offsets, frames, 100) == [9, 21, 33]
+    bpe = ssr_bpe_tokenizer()                             # a BPE: its own ids and offsets, as before
+    enc = bpe(" the red", return_offsets_mapping=True, add_special_tokens=False)
+    assert ssr.tokens_of(bpe, "the red") == (enc.input_ids, enc.offset_mapping)
+
+
 def test_ssr_boundaries_same_frame_past_end_and_too_short():
     offs = [(0, 2), (2, 4), (4, 6)]
     frames = {1: 5, 3: 5, 5: 6}                       # two tokens end in frame 5
