@@ -1137,10 +1137,22 @@ def rng_state():
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
-    """Write ckpt-STEP/ through a temporary folder and a rename, then point `latest` at it."""
+    """Write ckpt-STEP/ through a temporary folder and a rename, then point `latest` at it (a step
+    saved again goes to ckpt-STEP.1: the folder `latest` names is never deleted before it moves).
+    rng: the RNG states to resume with (default: this process's)."""
     from safetensors.torch import save_file
     final = os.path.join(out, f"ckpt-{step}")
+    if os.path.exists(final):
+        final += ".1"
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -1149,7 +1161,7 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
                     batch_pos=batch_pos, rng=rng or rng_state()), os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)            # (a ckpt-STEP.1 that latest does not name)
     os.replace(tmp, final)
     with open(os.path.join(out, "latest.tmp"), "w") as f:
         f.write(os.path.basename(final))
@@ -1168,6 +1180,8 @@ def find_checkpoint(run_dir, meta=None):
     if not os.path.isfile(latest):
         raise UserError(f"{run_dir}: no checkpoint in this directory")
     ck = os.path.join(run_dir, open(latest).read().strip())
+    if not os.path.isfile(os.path.join(ck, "meta.json")):
+        raise UserError(f"{run_dir}: `latest` names {ck!r}, which holds no checkpoint")
     with open(os.path.join(ck, "meta.json")) as f:
         saved = json.load(f)
     if meta is not None:                    # (the keys it has: method, model)
@@ -1270,13 +1284,10 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     os.makedirs(out, exist_ok=True)
     meta = dict(method=method, model=model_fingerprint(args, model_fields),
                 data=data_order(args, train_items, world))
-    if rank == 0:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dict(vars(args), world=world), f, indent=1)
     params = [p for p in module.parameters() if p.requires_grad]
     module.train()                  # (dropout of the trained parts; an unfrozen model left in eval)
     opt = make_optimizer(params, args, device, lr_scale)
-    scales = [g["lr_scale"] for g in opt.param_groups]        # this run's, not the checkpoint's
+    ours = [{k: g[k] for k in ("lr_scale", "betas", "weight_decay", "fused")} for g in opt.param_groups]
     step, epoch, batch_pos = 0, 0, 0
     if args.resume:
         ck = find_checkpoint(args.resume, meta)
@@ -1286,14 +1297,14 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             opt.load_state_dict(st["optimizer"])
         except ValueError as e:     # (the model fingerprint matched: an older grouping)
             raise UserError(f"--resume {ck}: its optimizer state does not fit this run ({e})") from None
-        for g, f in zip(opt.param_groups, scales):
-            g["lr_scale"] = f
+        for g, o in zip(opt.param_groups, ours):        # this run's settings, not the checkpoint's
+            g.update(o)                                 # (a CPU run resumed on CUDA: fused)
+            for p in g["params"] if g["fused"] else ():
+                if "step" in opt.state.get(p, {}):
+                    opt.state[p]["step"] = opt.state[p]["step"].to(p.device, torch.float32)
         step, epoch, batch_pos = st["step"], st["epoch"], st["batch_pos"]
-        torch.set_rng_state(st["rng"]["torch"])
-        random.setstate(st["rng"]["python"])
-        np.random.set_state(st["rng"]["numpy"])
-        if st["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        rng = st["rng"] if isinstance(st["rng"], dict) else st["rng"][rank % len(st["rng"])]   # its own
+        set_rng_state(rng, device)
         if rank == 0:
             print(f"resumed from {ck} at step {step}")
             with open(os.path.join(ck, "meta.json")) as f:
@@ -1303,6 +1314,14 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 print(f"warning: resumed with another data order ({', '.join(changed)}): the "
                       f"batches from here differ from those the interrupted run would have seen",
                       file=sys.stderr)
+    elif world > 1:         # (after the models were built): dropout and draws differ per process
+        seed_all(args.seed + rank)
+    if world > 1:           # every process starts from process 0's weights, as DDP does (a part
+        for p in params:    # built after a training stage, SSR's LoRA, drew from diverged RNGs)
+            torch.distributed.broadcast(p.data, src=0)
+    if rank == 0:           # (a refused --resume leaves the run's config as it was)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dict(vars(args), world=world), f, indent=1)
     loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
                                        args.seed, rank, world, args.workers, args.skip_bad,
                                        pin_memory=device.type == "cuda")
@@ -1326,7 +1345,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     it = micro_batches()
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
                mininterval=1.0, file=sys.stdout if not sys.stderr.isatty() else sys.stderr)
-    # throughput counters; the time spent waiting for data and in validation (left out of the rates)
+    # throughput counters: validation is left out of the rates, waiting for data is not (data_wait)
     last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0, data_s=0.0, valid_s=0.0)
     peak = 0.0
 
@@ -1345,8 +1364,12 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
 
     def checkpoint(at=None):
         check_finite()
+        e, b, r = at or (epoch, batch_pos, rng_state())
+        if world > 1:                           # every process's RNG, to resume each exactly
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, r)
+            r = rngs
         if rank == 0:
-            e, b, r = at or (epoch, batch_pos, None)
             save_checkpoint(out, module, opt, step, e, b, meta, r)
 
     interrupted, flags = None, StopFlags(device)
@@ -1379,37 +1402,38 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 for k, v in lg.items():             # floats or tensors (read at log time only)
                     logs[k] = logs.get(k, 0.0) + v / args.grad_accum
             # token-normalised gradients: sum over micro-batches and ranks, then divide
+            for p in params:        # a parameter no loss reached: a zero gradient, on 1 process or many
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             total = float(units)
             if world > 1:       # with the units, the loss and the stop flags (StopFlags)
                 extra = to_gpu(torch.tensor([total, float(flags.name is not None)]), device)
-                flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
-                                  for p in params] + [extra, loss_sum[None]])
+                flat = torch.cat([p.grad.flatten() for p in params] + [extra, loss_sum[None]])
                 torch.distributed.all_reduce(flat)
-                total, loss_sum = flat[-3:-2], flat[-1]
+                total, loss_sum = flat[-3], flat[-1]
                 flags.record(flat[-2])
                 offset = 0
                 for p in params:
-                    g = flat[offset:offset + p.numel()].view_as(p)
-                    p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                     offset += p.numel()
             scale = 1.0 / total.clamp(min=1.0) if world > 1 else 1.0 / max(total, 1.0)
             for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+                p.grad.mul_(scale)
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip) if args.clip > 0 else \
-                torch.zeros((), device=device)
+                torch.nn.utils.get_total_norm([p.grad for p in params])   # (checked below all the same)
             loss_dev = loss_sum * scale
             if fused:       # no host sync: the fused AdamW skips a non-finite step on the device
                 opt.found_inf = (~(torch.isfinite(loss_dev) & torch.isfinite(gnorm))).float()
                 nonfinite += opt.found_inf                  # read at logging and checkpoint time
             else:
-                loss_val = float(loss_dev)                  # CPU: reading it costs nothing
-                if not math.isfinite(loss_val):
-                    raise UserError(f"non-finite loss ({loss_val}) at step {step}; stopped, the last "
-                                    f"good checkpoint in {out} is kept")
+                loss_val = float(loss_dev)                  # CPU: reading them costs nothing
+                if not (math.isfinite(loss_val) and math.isfinite(float(gnorm))):
+                    raise UserError(f"non-finite loss or gradients (loss {loss_val}, gradient norm "
+                                    f"{float(gnorm)}) at step {step}; stopped, the last good "
+                                    f"checkpoint in {out} is kept")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
+            step, start = step + 1, None        # (a stop from here on saves this step's end)
             dt = time.time() - t0 - seen["valid_s"]
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -1434,30 +1458,38 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                         row["mfu"] = seen["flops"] / dt / peak_flops(device)    # per GPU
                 log(**row)
             if valid_fn and args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                t_valid = time.time()
-                last_valid = run_valid(valid_fn, step, log, rank, bar)
+                t_valid, start = time.time(), (epoch, batch_pos, rng_state())   # (a stop in it)
+                last_valid = run_valid(valid_fn, step, log, rank, bar, device)
                 seen["valid_s"] += time.time() - t_valid
+                start = None
             if args.save_every and step % args.save_every == 0:
                 checkpoint()
-            start = None
             if world > 1 and flags.stop():
                 interrupted = flags.name or "a signal to another process"
                 break
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: save the last completed step, exactly resumable
         interrupted = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
         opt.zero_grad(set_to_none=True)
-    finally:
-        bar.close()
+    except BaseException:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    checkpoint(start)
+        raise
+    finally:
+        bar.close()
+    try:        # (a signal now is taken as before: the checkpoint is written whole)
+        checkpoint(start)
+        if world > 1:       # the others wait for process 0's checkpoint: torchrun stops the
+            torch.distributed.barrier()     # whole group when one process exits
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
     if interrupted:
         if rank == 0:
             print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {resume_dir or out}")
         sys.exit(130 if interrupted == "Ctrl-C" else 143)
     dt = time.time() - t0 - seen["valid_s"]             # training time, without validations
     if valid_fn:
-        last_valid = run_valid(valid_fn, step, log, rank, None)
+        last_valid = run_valid(valid_fn, step, log, rank, None, device)
     if rank == 0:
         mfu = seen["flops"] / dt / peak_flops(device) if device.type == "cuda" and seen["flops"] else 0
         print(f"{method}: {step} steps in {dt:.0f} s, {seen['samples'] * world / dt:.1f} samples/s, "
@@ -1467,10 +1499,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     return last_valid
 
 
-def run_valid(valid_fn, step, log, rank, bar):
+def run_valid(valid_fn, step, log, rank, bar, device):
+    """Rank 0 validates; the RNG is left as it was (training goes on, or resumes, the same)."""
     if rank != 0:
         return {}
-    res = valid_fn(step)
+    state = rng_state()
+    try:
+        res = valid_fn(step)
+    finally:
+        set_rng_state(state, device)
     log(split="valid", step=step, **res)
     msg = "valid @%d: " % step + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in res.items())

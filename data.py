@@ -13,6 +13,7 @@
   the words only the input sentence can tell.
 """
 import json
+import math
 import os
 import random
 import sys
@@ -55,6 +56,9 @@ def read_manifest(path, required=("audio", "text")):
             for key in ("audio", "text"):
                 if key in row and not isinstance(row[key], str):
                     raise DataError(f"{path}:{n}: '{key}' must be a string, not {type(row[key]).__name__}")
+            dur = row.get("duration", 0.0)
+            if isinstance(dur, bool) or not isinstance(dur, (int, float)) or not 0 <= dur < math.inf:
+                raise DataError(f"{path}:{n}: 'duration' must be a number of seconds, not {dur!r}")
             row["audio"] = os.path.join(root, row["audio"])
             row["where"] = f"{path}:{n}"
             items.append(row)
@@ -174,7 +178,7 @@ class BucketBatchSampler:
                 out.append(batch)
         if self.shuffle:
             rng.shuffle(out)
-        n = len(out) // self.world * self.world if len(out) >= self.world else len(out)
+        n = len(out) // self.world * self.world        # (fewer than the processes: none for any)
         return out[:n][self.rank::self.world]
 
     def __iter__(self):

@@ -136,7 +136,9 @@ def test_manifest_errors_name_file_and_line(tmp_path):
                          ('{"audio": "a.wav", "text": "  "}', r"m.jsonl:1: empty transcript"),
                          ('{"audio": "a.wav", "text": "hi"}\n{"audio": "a.wav", "text": 42}',
                           r"m.jsonl:2: 'text' must be a string, not int"),
-                         ('{"audio": null, "text": "hi"}', r"m.jsonl:1: 'audio' must be a string, not NoneType")):
+                         ('{"audio": null, "text": "hi"}', r"m.jsonl:1: 'audio' must be a string, not NoneType"),
+                         ('{"audio": "a.wav", "text": "hi", "duration": "3.2s"}',
+                          r"m.jsonl:1: 'duration' must be a number of seconds, not '3.2s'")):
         p.write_text(lines + "\n")
         with pytest.raises(data.DataError, match=error):
             data.read_manifest(str(p))
@@ -187,6 +189,8 @@ def test_bucket_sampler_deterministic_sharded_low_padding():
     s = data.BucketBatchSampler(durs, 16, seed=3)
     s.set_epoch(0, start=5)
     assert list(s) == s.batches()[5:]
+    one = [data.BucketBatchSampler(durs[:10], 16, rank=r, world=2).batches() for r in (0, 1)]
+    assert one == [[], []]      # one batch, two processes: none for either (one waited forever)
 
 
 def test_toy_corpus_boundaries_and_tasks(tiny):
@@ -935,6 +939,28 @@ def test_lr_scale_trains_those_parameters_at_a_fraction_of_the_lr(tiny, tmp_path
     assert 0.02 < float((other.weight.detach() - o1).abs().max()) <= 0.05 + 1e-6
 
 
+def test_resume_takes_this_runs_optimizer_settings(tiny, tmp_path, monkeypatch):
+    """--resume with other --betas and --weight-decay, or on another device (a CPU run resumed on
+    CUDA: fused AdamW, its step counts on the device), uses them: the checkpoint's were kept."""
+    items, m = data.read_manifest(tiny["train"]), Toy()
+    common.train(toy_args(tmp_path / "run", steps=2), m, toy_step(m), items, cpu(), method="toy")
+    make = common.make_optimizer
+
+    def fused(*a, **k):                                   # CUDA's optimizer, on the CPU
+        opt = make(*a, **k)
+        for g in opt.param_groups:
+            g["fused"] = True
+        return opt
+    monkeypatch.setattr(common, "make_optimizer", fused)
+    common.train(toy_args(tmp_path / "run", steps=3, betas="0.8,0.9", weight_decay=0.05,
+                          resume=str(tmp_path / "run")), m, toy_step(m), items, cpu(), method="toy")
+    st = torch.load(os.path.join(common.find_checkpoint(str(tmp_path / "run")), "train_state.pt"),
+                    weights_only=False)
+    groups = st["optimizer"]["param_groups"]
+    assert st["step"] == 3 and all(g["betas"] == (0.8, 0.9) and g["fused"] for g in groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]
+
+
 def test_sigterm_saves_the_last_finished_step(tiny, tmp_path):
     """kill (a cluster's preemption) stops like Ctrl-C: checkpoint of the last finished step, exit 143."""
     import signal
@@ -952,6 +978,81 @@ def test_sigterm_saves_the_last_finished_step(tiny, tmp_path):
         common.train(toy_args(tmp_path / "run"), m, killed_in_step_3, items, cpu(), method="toy")
     assert e.value.code == 143 and open(tmp_path / "run" / "latest").read().strip() == "ckpt-2"
     assert signal.getsignal(signal.SIGTERM) is before                # the handler is put back
+
+def test_sigterm_in_a_validation_resumes_exactly(tiny, tmp_path):
+    """A preemption while validating (on a real model, minutes of each run) saves the finished
+    step with its own data position and RNG (it saved the step before's: the resumed run trained
+    on a step's batches twice); validation leaves the RNG as it was, so the resumed run (which
+    does not validate that step again) draws the same dropout masks. Toy's dropout is on."""
+    import signal
+    items = data.read_manifest(tiny["train"])
+
+    def run(out, stop=False, resume=False):
+        torch.manual_seed(0)
+        m = Toy()
+
+        def valid(step):
+            torch.rand(5)                                      # validation draws too
+            if stop and step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return dict(v=0.0)
+        common.train(toy_args(out, eval_every=2, resume=str(out) if resume else None), m, toy_step(m),
+                     items, cpu(), valid_fn=valid, method="toy")
+        return m.lin.weight.detach().clone()
+    full = run(tmp_path / "full")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "half", stop=True)
+    st = torch.load(os.path.join(common.find_checkpoint(str(tmp_path / "half")), "train_state.pt"),
+                    weights_only=False)
+    assert e.value.code == 143 and st["step"] == 2
+    torch.testing.assert_close(run(tmp_path / "half", resume=True), full)
+    assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-7)
+
+
+def test_non_finite_gradients_stop_before_the_update(tiny, tmp_path):
+    """A finite loss with a NaN gradient (here with --clip 0, where no norm was computed) stopped
+    nothing: the NaN weights were saved as the last good checkpoint."""
+    from safetensors.torch import load_file
+    items, m = data.read_manifest(tiny["train"]), Toy()
+    step, calls = toy_step(m), []
+
+    def nan_gradient_in_step_3(batch):
+        calls.append(1)
+        loss, n, logs = step(batch)
+        if len(calls) == 3:                                  # d sqrt(x)/dx at 0, times 0: NaN
+            loss = loss + (m.lin.weight.sum() * 0).abs().sqrt()
+        return loss, n, logs
+    with pytest.raises(common.UserError, match="non-finite loss or gradients .* at step 2"):
+        common.train(toy_args(tmp_path / "run", save_every=1, clip=0.0), m, nan_gradient_in_step_3, items,
+                     cpu(), method="toy")
+    ck = common.find_checkpoint(str(tmp_path / "run"))
+    assert ck.endswith("ckpt-2") and torch.isfinite(load_file(ck + "/trainable.safetensors")["lin.weight"]).all()
+
+
+def test_a_step_saved_again_never_leaves_latest_without_its_folder(tmp_path, monkeypatch):
+    """The same step saved twice (a resume at its last step, a stop right after a --save-every
+    save): a kill between the writes used to leave `latest` naming a deleted folder."""
+    m = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(m.parameters())
+    common.save_checkpoint(str(tmp_path), m, opt, 2, 0, 2, dict(method="toy"))
+    real = os.replace
+
+    def killed_at_the_rename(a, b):
+        if os.path.basename(b).startswith("ckpt-2"):
+            raise KeyboardInterrupt
+        return real(a, b)
+    monkeypatch.setattr(os, "replace", killed_at_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(str(tmp_path), m, opt, 2, 0, 2, dict(method="toy"))
+    monkeypatch.setattr(os, "replace", real)
+    assert common.find_checkpoint(str(tmp_path)).endswith("ckpt-2")        # the first one, whole
+    assert common.save_checkpoint(str(tmp_path), m, opt, 2, 0, 2, dict(method="toy")).endswith("ckpt-2.1")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-2.1", "latest"]
+    assert common.save_checkpoint(str(tmp_path), m, opt, 2, 0, 2, dict(method="toy")).endswith("ckpt-2")
+    (tmp_path / "latest").write_text("ckpt-9")                          # (a hand-edited run)
+    with pytest.raises(common.UserError, match="latest` names .*ckpt-9.*, which holds no checkpoint"):
+        common.find_checkpoint(str(tmp_path))
+
 
 def test_train_runs_the_trained_parts_in_train_mode(tiny, tmp_path):
     """A part left in eval() (BLSP-KD's unfrozen encoder: freeze() made it so) trains with its
@@ -974,6 +1075,11 @@ def test_resume_errors(tiny, tmp_path, capsys):
     with pytest.raises(common.UserError, match="checkpoint of another method"):
         common.train(toy_args(tmp_path / "b", resume=str(tmp_path / "a")), m, toy_step(m), items, cpu(),
                      method="other")
+    config = (tmp_path / "a" / "config.json").read_text()
+    with pytest.raises(common.UserError, match="checkpoint of another model"):   # refused: the run's
+        common.train(toy_args(tmp_path / "a", steps=2, llm="other", resume=str(tmp_path / "a")), m,  # config
+                     toy_step(m), items, cpu(), method="toy", model_fields=("llm",))      # as it was
+    assert (tmp_path / "a" / "config.json").read_text() == config
     # a fresh run into a run directory: refused, nothing of the old run touched
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
     with pytest.raises(common.UserError, match="holds a run already .*ckpt-1.*--resume"):
@@ -1199,20 +1305,55 @@ common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device
     assert l2 == pytest.approx(l1, rel=1e-5)
 
 
+def test_torchrun_processes_start_from_the_same_weights(tiny, tmp_path):
+    """A trained part each process initialised differently (SSR's LoRA is built after stage 1,
+    whose dropout left each process's RNG elsewhere) starts from process 0's weights, and the
+    processes stay equal; dropout masks differ per process (seeded seed + rank)."""
+    script = tmp_path / "init.py"
+    script.write_text(f"""
+import sys, torch, common, data
+sys.path.insert(0, {HERE!r})
+from test_all import Toy, toy_step, toy_args
+args = toy_args(sys.argv[1], batch_size=4, steps=2)
+device, rank, world = common.setup(args)
+m = Toy(); step = toy_step(m)
+with torch.no_grad():
+    m.lin.weight.add_(rank)                    # each process's own initial weights
+masks = []
+def fn(batch):
+    masks.append(torch.rand(8))
+    return step(batch)
+common.train(args, m, fn, data.read_manifest({tiny['train']!r}), device, rank, world, method="toy")
+torch.save(dict(w=m.lin.weight.detach(), masks=masks), sys.argv[1] + f"/rank{{rank}}.pt")
+""")
+    r = run_python(script, tmp_path / "run", torchrun=True)
+    assert r.returncode == 0, r.stderr[:3000]
+    r0, r1 = (torch.load(tmp_path / "run" / f"rank{k}.pt") for k in (0, 1))
+    torch.testing.assert_close(r0["w"], r1["w"])
+    assert not torch.equal(r0["masks"][0], r1["masks"][0])
+
+
 def test_torchrun_resume_gives_the_same_losses(tiny, tmp_path):
-    """2 gloo processes; a SIGTERM reaches rank 1 alone, in step 4 (a straggler: before, it left
+    """2 gloo processes, CUDA's path (fused AdamW, forced on the CPU: its first step crashed under
+    torchrun), dropout on; a SIGTERM reaches rank 1 alone, in step 4 (a straggler: before, it left
     at once, rank 0's all_reduce failed and nothing was saved). Both finish step 4 and stop
-    (common.StopFlags); 2 new processes resume from rank 0's checkpoint: the same losses and
-    weights as an uninterrupted 2-process run."""
+    (common.StopFlags); rank 1 waits for rank 0's slow save (it used to exit first, and torchrun
+    killed rank 0 mid-save). 2 new processes resume, each with its own RNG (each process's dropout
+    differs; before, both took rank 0's): the same losses and weights as an uninterrupted run."""
     script = tmp_path / "ddp.py"
     script.write_text(f"""
-import os, signal, sys, torch, common, data
+import os, signal, sys, time, torch, common, data
 sys.path.insert(0, {HERE!r})
 from test_all import Toy, toy_step, toy_args
 out, mode = sys.argv[1], sys.argv[2]
 args = toy_args(out, batch_size=4, steps=6, resume=out if mode == "resume" else None)
 device, rank, world = common.setup(args)
-m = Toy(); m.drop.p = 0.0
+make, save = common.make_optimizer, common.save_checkpoint
+common.make_optimizer = lambda params, args, device, lr_scale=(): torch.optim.AdamW(
+    [dict(params=g["params"], weight_decay=g["weight_decay"], lr_scale=g["lr_scale"])
+     for g in make(params, args, device, lr_scale).param_groups], lr=args.lr, fused=True)
+common.save_checkpoint = lambda *a, **k: (time.sleep(2 if mode == "stop" else 0), save(*a, **k))[1]
+m = Toy(); m.drop.p = 0.3
 step, calls = toy_step(m), []
 def stopped_in_step_4(batch):
     calls.append(1)
