@@ -23,11 +23,14 @@ SSR needs one, for its alignment on the CPU; the others none),
 and, on CUDA, the syncs CUDA itself reports over a whole step (torch.cuda.set_sync_debug_mode) and
 MFU = model FLOPs / time / bf16 peak, counting 2N FLOPs per token for frozen forward-only passes
 (the encoder, BLSP-KD's teacher pass), 4N for frozen layers that pass gradients back (the LLM's
-student pass: forward + input gradients), 6N for trained weights (the adapter, counted at the
-encoder's frame rate: an upper bound; SSR stage 2's LoRA), N = parameters of the matrices the token
-goes through (common.matrices); the output layer counts only at the positions where logits are
-computed; T5's cross-attention keys and values count at the encoder's tokens. Each method's
-step_flops holds its count, which its training script logs too.
+student pass: forward + input gradients), 6N for trained weights (the adapter, counted for
+each layer at its own rate: BLSP's convolutions at T/2, T/4, T/8, BLSP-KD's CFormer after CIF and
+SSR's last connector layer at the speech vectors; SSR stage 2's LoRA), N = parameters of the
+matrices the token goes through (common.matrices); the output layer counts only at the positions
+where logits are computed; T5's cross-attention keys and values count at the encoder's tokens.
+Only real frames and tokens count (padding, and blsp-30s's 30 s, are waste: MFU shows them);
+attention's own products (QK^T, AV: about 1% of a 7B step at 200 positions), norms and
+activations are left out. Each method's step_flops holds its count, which its script logs too.
 
 Variants, measured with the same models in the same run (the official choices reported as ratios):
     blsp          real-length encoder, length-bucketed batches (this project)
@@ -210,8 +213,9 @@ def whisper_frames(samples):
 
 
 def encoder_frames(batch):
-    """Frames the encoder runs over: the batch's padded length, times the batch."""
-    return len(batch["durs"]) * whisper_frames(batch["wave"].shape[1])
+    """The clips' real encoder frames (what model FLOPs count: padding, and blsp-30s's 30 s, are
+    waste, which MFU then shows)."""
+    return int(whisper_frames(batch["wave_lens"]).sum())
 
 
 class Padded30:
@@ -293,7 +297,7 @@ def kd_method(variant, enc, llm, s, keep):
             keep.extend(kept)
         tokens = sum(len(seg) for pair in pairs for s in pair for seg in s)
         rows = len(pairs) * CONTINUATION + sum(n)         # response + input KL
-        return loss, tokens, flops(encoder_frames(batch), *ran, rows)
+        return loss, tokens, flops(encoder_frames(batch), sum(n), *ran, rows)
     return module, step
 
 
@@ -313,9 +317,10 @@ def ssr_method(variant, enc, llm, s):
     def step(batch):                                      # ssr.py's stage 1 and stage 2 steps
         if variant != "ssr2":
             loss, n = ssr.stage1_loss(m, batch, "forced", 5.0)
-            return loss, n, flops(encoder_frames(batch))
+            return loss, n, flops(encoder_frames(batch), n)
         loss, rows, sp = ssr.stage2_loss(m, batch, "forced", common.bos_ids(tok), tok.eos_token_id)
-        return loss, sp.n_tokens, flops(encoder_frames(batch), sp.n_tokens, rows)
+        vectors = sum(e - b for spans in sp.spans for b, e in spans[1:2])
+        return loss, sp.n_tokens, flops(encoder_frames(batch), vectors, sp.n_tokens, rows)
     return (trained if variant == "ssr2" else connector), step
 
 
@@ -497,12 +502,16 @@ def run_variant(variant, args):
         common.SHARED_PREFIX_MIN = 1 << 30
     if variant.endswith("-fused-norm"):
         fuse_rms_norms(llm)
-    opt = common.make_optimizer([p for p in module.parameters() if p.requires_grad], common.Args(lr=1e-4),
-                                device)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    opt = common.make_optimizer(trained, common.Args(lr=1e-4), device)
+    for p in trained:                                     # AdamW's state now, so that the baseline
+        p.grad = torch.zeros_like(p)                      # below holds it (it is made at the first
+    opt.step()                                            # step: it fell in "step")
+    opt.zero_grad(set_to_none=True)
     warm, timed, pad = batches(variant, args.steps, s["batch"], rng)
     text_rng = random.Random(1)                           # the same texts in every variant
     t0, audio, tokens, flops = None, 0.0, 0, 0.0
-    base = memory(device)                                 # models and optimizer, no step yet
+    base = memory(device)                                 # models and optimizer state, no step yet
 
     def train_step(durs, syncs=None):
         batch = make_batch(durs, llm.config.vocab_size, text_rng, device, variant.endswith("-1s"))
@@ -533,7 +542,7 @@ def run_variant(variant, args):
                llm_tokens_per_s=tokens / dt, padding=pad, step_s=dt / args.steps)
     res["peak_gib"] = memory(device, peak=True)
     res["step_gib"] = res["peak_gib"] - base
-    if device.type == "cuda":
+    if device.type == "cuda" and common.peak_flops(device):
         res["mfu"] = flops / dt / common.peak_flops(device)
     if args.again:                                        # the same batches once more: lengths seen
         t1 = time.time()

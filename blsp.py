@@ -142,10 +142,13 @@ def behaviour_loss(llm, embed, samples):
 
 def step_flops(encoder, adapter, llm):
     """-> flops(frames, tokens, rows): a step's model FLOPs (common.matrices): the frozen encoder's
-    forward (2N), the trained adapter (6N, counted at the frame rate: an upper bound), the frozen
-    LLM's forward and input gradients (4N) at the positions it ran (a shared prefix once: its
-    2N forward counted as 4N, a slight overcount), its output layer at the loss rows only."""
-    n_enc, n_ad, (n_llm, n_head) = common.matrices(encoder), common.matrices(adapter), common.llm_matrices(llm)
+    forward (2N), the trained adapter (6N, each layer at its output's rate: T/2, T/4, T/8 and the
+    bottleneck at T/8), the frozen LLM's forward and input gradients (4N) at the positions it ran
+    (a shared prefix once: its 2N forward counted as 4N, a slight overcount), its output layer at
+    the loss rows only."""
+    n_enc, (n_llm, n_head) = common.matrices(encoder), common.llm_matrices(llm)
+    n_ad = sum(common.matrices(conv) / 2 ** (k + 1) for k, conv in enumerate(adapter.convs)) \
+        + common.matrices(adapter.bottleneck) / 8                   # per encoder frame
     return lambda frames, tokens, rows: (2 * n_enc + 6 * n_ad) * frames + 4 * n_llm * tokens + 4 * n_head * rows
 
 

@@ -286,32 +286,35 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
 
 
 def step_flops(encoder, cformer, module, llm, train_encoder=False):
-    """-> flops(frames, T_t, T_s, rows): a step's model FLOPs (common.matrices): the encoder (2N
-    frozen, 6N with --unfreeze-encoder), the trained CFormer (6N per frame), the teacher pass
-    forward only (2N), the student pass forward and input gradients (4N; 6N for its LoRA), the
-    output layer at the KL rows in both passes (2N + 4N). T_t, T_s: the positions each pass ran
-    (a shared prefix once; in the student pass its 2N forward counted as 4N, and LoRA counted at
-    every position where it runs at the speech rows only: slight overcounts)."""
-    n_enc, n_cf = common.matrices(encoder), common.matrices(cformer)
+    """-> flops(frames, vectors, T_t, T_s, rows, rows_ce=0): a step's model FLOPs (common.matrices):
+    the encoder (2N frozen, 6N with --unfreeze-encoder), the trained CFormer (6N: its pre-CIF
+    layers per frame, the rest per speech vector), the teacher pass forward only (2N), the student
+    pass forward and input gradients (4N; 6N for its LoRA), the output layer at the KL rows in
+    both passes (2N + 4N) and at --response-ce's rows in the student pass. T_t, T_s: the positions
+    each pass ran (a shared prefix once; in the student pass its 2N forward counted as 4N, and
+    LoRA counted at every position where it runs at the speech rows only: slight overcounts)."""
+    n_enc, n_pre = common.matrices(encoder), common.matrices(cformer.pre)
+    n_vec = sum(common.matrices(m) for m in (cformer.proj, cformer.post, cformer.out))
     n_lora = common.matrices(module["lora"], trained=True) if "lora" in module else 0
     n_llm, n_head = common.llm_matrices(llm)
     n_llm -= n_lora                                      # LoRA's matrices sit inside the LLM's layers
-    return lambda frames, T_t, T_s, rows: ((6 if train_encoder else 2) * n_enc + 6 * n_cf) * frames \
-        + 2 * n_llm * T_t + (4 * n_llm + 6 * n_lora) * T_s + (2 + 4) * n_head * rows
+    return lambda frames, vectors, T_t, T_s, rows, rows_ce=0: \
+        ((6 if train_encoder else 2) * n_enc + 6 * n_pre) * frames + 6 * n_vec * vectors \
+        + 2 * n_llm * T_t + (4 * n_llm + 6 * n_lora) * T_s + (2 + 4) * n_head * rows + 4 * n_head * rows_ce
 
 
 def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops):
     """One training micro-batch -> (loss_sum, n_units, logs) for common.train: the sum of the
     term means (weight 1 each) times k, over k = number of response positions. flops: step_flops."""
-    n = [len(t) for t in batch["transcript_ids"]]                      # N: transcript tokens
-    vecs, n, total = speech_vectors(encoder, cformer, batch, n, args.unfreeze_encoder)
+    N = [len(t) for t in batch["transcript_ids"]]                      # N: transcript tokens
+    vecs, n, total = speech_vectors(encoder, cformer, batch, N, args.unfreeze_encoder)
     pairs = [kd_pair(before, after, t, v, r)
              for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
     losses, k, ran = kd_losses(llm, ctx, *zip(*pairs), args, total, n)
     loss = sum(losses.values())
     tokens = sum(len(seg) for pair in pairs for s in pair for seg in s)
-    rows = k + sum(len(t) for t in batch["transcript_ids"])          # response + input KL rows
-    return loss * k, k, dict(tokens=tokens, flops=flops(encoder.frames, *ran, rows),
+    rows = k * args.response_kl + sum(N) * args.input_kl              # the KL terms' rows
+    return loss * k, k, dict(tokens=tokens, flops=flops(encoder.frames, sum(N), *ran, rows, k * args.response_ce),
                              **{name: v.detach() for name, v in losses.items()})   # no sync here
 
 

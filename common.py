@@ -349,8 +349,15 @@ class SpeechEncoder(nn.Module):
         encoder under --grad-ckpt (enable_checkpointing(self.model)) recomputes its layers."""
         with checkpointing(self.model):
             h, lens = self.encode(wave, wave_lens)
-        self.frames = h.shape[0] * h.shape[1]        # B x longest: the FLOP count of the step reads it
+        self.frames = int(self.output_lengths(wave_lens).sum())   # real frames: the step's FLOP count
         return h, lens
+
+    def layers_not_run(self):
+        """Parameter-name prefixes of the layers above --encoder-layer, which Whisper does not run."""
+        if self.kind != "whisper":
+            return ()                   # (HF's other encoders run every layer for hidden_states)
+        n = len(self.model.layers)
+        return tuple(f"model.layers.{i}." for i in range(self.layer % (n + 1), n))
 
     def output_lengths(self, wave_lens):
         """Each clip's frame count, on the host, from its length in samples (on the host): a step
@@ -1347,6 +1354,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                mininterval=1.0, file=sys.stdout if not sys.stderr.isatty() else sys.stderr)
     # throughput counters: validation is left out of the rates, waiting for data is not (data_wait)
     last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0, data_s=0.0, valid_s=0.0)
+    peak_fl = peak_flops(device) if device.type == "cuda" else None      # (MFU on CUDA only)
     peak = 0.0
 
     start = None   # (epoch, batch position, RNG) at the start of the current step
@@ -1440,8 +1448,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             show = dict(loss=f"{loss_val:.4f}" if loss_val is not None else "-", lr=f"{lr_at(step - 1, args):.2e}",
                         samples_s=f"{seen['samples'] * world / dt:.1f}",
                         tokens_s=f"{seen['tokens'] * world / dt:.0f}")
-            if device.type == "cuda" and seen["flops"]:
-                show["mfu"] = f"{seen['flops'] / dt / peak_flops(device):.1%}"
+            if peak_fl and seen["flops"]:
+                show["mfu"] = f"{seen['flops'] / dt / peak_fl:.1%}"
             bar.set_postfix(show, refresh=False)
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
@@ -1454,8 +1462,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                            **{k: float(v) for k, v in logs.items()})
                 if device.type == "cuda":
                     row["peak_mem_gib"] = peak
-                    if seen["flops"]:
-                        row["mfu"] = seen["flops"] / dt / peak_flops(device)    # per GPU
+                    if peak_fl and seen["flops"]:
+                        row["mfu"] = seen["flops"] / dt / peak_fl    # per GPU
                 log(**row)
             if valid_fn and args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 t_valid, start = time.time(), (epoch, batch_pos, rng_state())   # (a stop in it)
@@ -1491,7 +1499,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     if valid_fn:
         last_valid = run_valid(valid_fn, step, log, rank, None, device)
     if rank == 0:
-        mfu = seen["flops"] / dt / peak_flops(device) if device.type == "cuda" and seen["flops"] else 0
+        mfu = seen["flops"] / dt / peak_fl if peak_fl and seen["flops"] else 0
         print(f"{method}: {step} steps in {dt:.0f} s, {seen['samples'] * world / dt:.1f} samples/s, "
               f"{seen['tokens'] * world / dt:.0f} tokens/s" + (f", peak {peak:.1f} GiB" if peak else "")
               + (f", MFU {mfu:.1%}" if mfu else "") + f"; waiting for data {seen['data_s'] / dt:.1%} of it"
@@ -1520,9 +1528,15 @@ def matrices(module, skip=("embed",), trained=False):
     through (only the trained ones with trained=True: LoRA layers hold their frozen base too);
     embeddings are lookups. Per token, a frozen forward-only pass costs 2N FLOPs, frozen layers
     that pass gradients back 4N (forward + input gradients), trained weights 6N. A method's step
-    logs its sum as "flops" and the loop reports MFU = flops / time / peak on CUDA."""
+    logs its sum as "flops" and the loop reports MFU = flops / time / peak on CUDA. Counted at
+    real tokens and frames (padding is waste: MFU shows it). Left out: attention's own products
+    (QK^T, AV; about 1% of a 7B step at 200 positions), norms and activations; a convolution is
+    counted at the rate of its input frames' layer (Whisper's first conv runs at 100 Hz: under-
+    counted, about 0.2% of the encoder; a wav2vec2 feature encoder much more)."""
+    idle = module.layers_not_run() if isinstance(module, SpeechEncoder) else ()
     return sum(p.numel() for n, p in module.named_parameters()
-               if p.ndim >= 2 and not any(s in n for s in skip) and (p.requires_grad or not trained))
+               if p.ndim >= 2 and not any(s in n for s in skip) and (p.requires_grad or not trained)
+               and not n.startswith(idle))
 
 
 def llm_matrices(llm):
@@ -1531,13 +1545,17 @@ def llm_matrices(llm):
     return matrices(llm, ("embed", "lm_head")), llm.get_output_embeddings().weight.numel()
 
 
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+             ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
+
+
 def peak_flops(device):
-    """bf16 dense peak of the GPU, for MFU (H100 SXM 989 TFLOPS, A100 312)."""
+    """bf16 dense peak of the GPU (NVIDIA's data sheets; H100 SXM 989 TFLOPS), for MFU; None for a
+    GPU not in PEAK_BF16 (no MFU shown) unless PEAK_TFLOPS=... names it."""
+    if os.environ.get("PEAK_TFLOPS"):
+        return float(os.environ["PEAK_TFLOPS"]) * 1e12
     name = torch.cuda.get_device_name(device)
-    for key, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)):
-        if key in name:
-            return v
-    return 312e12
+    return next((v for key, v in PEAK_BF16 if key in name), None)
 
 
 # ============================================================================================

@@ -426,20 +426,25 @@ def ntp_eval(m, items, args, device, bos, eos):
 
 
 def step_flops(m, stage, full=False):
-    """-> flops(frames, tokens=0, rows=0): model FLOPs of a stage's step (common.matrices: 2N a
-    frozen forward, 4N frozen layers passing gradients back, 6N trained). aligner: encoder 2N,
-    aligner 6N; "1": encoder and aligner 2N, connector 6N at every frame (an upper bound); "2"
-    (once its trained parts exist): encoder, aligner, connector 2N (frames = 0 for a text batch),
-    the LLM 4N with 6N for its LoRA (6N for all of it with full), its output layer at the rows."""
-    n_enc, n_al, n_conn = common.matrices(m.encoder), common.matrices(m.aligner), common.matrices(m.connector)
+    """-> flops(frames, vectors=0, tokens=0, rows=0): model FLOPs of a stage's step (common.matrices:
+    2N a frozen forward, 4N frozen layers passing gradients back, 6N trained). The connector runs
+    at every frame but its last layer's output and MLP, which run at the SSR vectors only.
+    aligner: encoder 2N, aligner 6N; "1": encoder and aligner 2N, connector 6N; "2" (once its
+    trained parts exist): encoder, aligner, connector 2N (no frames for a text batch), the LLM 4N
+    with 6N for its LoRA (6N for all of it with full), its output layer at the rows."""
+    n_enc, n_al = common.matrices(m.encoder), common.matrices(m.aligner)
+    last = m.connector.blocks[-1] if len(m.connector.blocks) else None
+    n_vec = common.matrices(last.out) + common.matrices(last.mlp) if last else 0
+    n_conn = common.matrices(m.connector) - n_vec                        # per frame
     if stage == "aligner":
-        return lambda frames, tokens=0, rows=0: (2 * n_enc + 6 * n_al) * frames
+        return lambda frames, vectors=0, tokens=0, rows=0: (2 * n_enc + 6 * n_al) * frames
     if stage == "1":
-        return lambda frames, tokens=0, rows=0: (2 * (n_enc + n_al) + 6 * n_conn) * frames
+        return lambda frames, vectors=0, tokens=0, rows=0: (2 * (n_enc + n_al) + 6 * n_conn) * frames \
+            + 6 * n_vec * vectors
     (n_llm, n_head), k = common.llm_matrices(m.llm), (6 if full else 4)
     n_lora = 0 if full else common.matrices(m.llm, trained=True)         # LoRA's A and B
-    return lambda frames, tokens=0, rows=0: 2 * (n_enc + n_al + n_conn) * frames \
-        + (k * (n_llm - n_lora) + 6 * n_lora) * tokens + k * n_head * rows
+    return lambda frames, vectors=0, tokens=0, rows=0: 2 * (n_enc + n_al + n_conn) * frames \
+        + 2 * n_vec * vectors + (k * (n_llm - n_lora) + 6 * n_lora) * tokens + k * n_head * rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,7 +551,7 @@ def run_stages(args, m, device, rank, world):
 
         def stage1_step(batch):
             loss, n = stage1_loss(m, batch, mode, args.cos_weight)
-            return loss, n, dict(flops=flops(m.encoder.frames)) if n else {}
+            return loss, n, dict(flops=flops(m.encoder.frames, n)) if n else {}
 
         res = train("1", m.connector, stage1_step, lambda step: distill_eval(m, valid_items, args, device, modes),
                     args.steps, args.lr)
@@ -568,7 +573,8 @@ def run_stages(args, m, device, rank, world):
             text_only = args.text_mix > 0 and float(torch.rand(())) < args.text_mix
             loss, n, sp = stage2_loss(m, batch, mode, bos, eos, text_only)
             T = sp.n_tokens if sp else 0
-            return loss, n, dict(tokens=T, flops=flops(0 if text_only else m.encoder.frames, T, n))
+            vectors = 0 if text_only or not sp else sum(e - b for spans in sp.spans for b, e in spans[1:2])
+            return loss, n, dict(tokens=T, flops=flops(0 if text_only else m.encoder.frames, vectors, T, n))
 
         def stage2_valid(step):
             module.eval()
