@@ -196,7 +196,7 @@ def main(argv=None):
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)
-    args.out = args.out or "runs/blsp"
+    args.out = args.out or args.resume or "runs/blsp"          # (--resume DIR continues in DIR)
     common.check_out(args)                # before the continuations are generated into it
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)

@@ -425,7 +425,7 @@ def main(argv=None):
     if args.encoder_lr is not None and not args.unfreeze_encoder:
         raise common.UserError("--encoder-lr is the lr of an unfrozen encoder: add --unfreeze-encoder")
     args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
-    args.out = args.out or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
+    args.out = args.out or args.resume or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
     common.check_out(args)                # before the continuations are generated into it
     if args.init:   # the stage-1 run fixes the models and the CFormer's shape (unset: its own)
         init_ck, cfg = common.run_config(args.init, "blsp_kd")
@@ -439,6 +439,8 @@ def main(argv=None):
             if getattr(args, k) == getattr(KDArgs, k) and k in cfg:
                 setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    if encoder.dim % args.heads:                    # (before the continuations are generated)
+        raise common.UserError(f"--heads {args.heads} does not divide the encoder width {encoder.dim}")
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args)
 

@@ -374,7 +374,7 @@ def main(argv=None):
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)
-    args.out = args.out or "runs/slm"
+    args.out = args.out or args.resume or "runs/slm"            # (--resume DIR continues in DIR)
     tasks = args.tasks.split(",")
     if not tasks or any(t not in TASKS for t in tasks):
         raise common.UserError(f"--tasks {args.tasks}: choose among {','.join(TASKS)}")

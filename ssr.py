@@ -642,7 +642,7 @@ def main(argv=None):
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)
-    args.out = args.out or "runs/ssr"
+    args.out = args.out or args.resume or "runs/ssr"            # (--resume DIR continues in DIR)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     if not tok.is_fast:

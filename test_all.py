@@ -1564,16 +1564,19 @@ def test_blsp_main_precision_bf16_on_cpu(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "load_llm", lambda *a, **k: loaded.append(load_llm(*a, **k)) or loaded[-1])
     monkeypatch.setattr(common, "load_encoder", lambda *a, **k: loaded.append(load_encoder(*a, **k)) or loaded[-1])
     out = tmp_path / "run"
-    blsp.main(["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"], "--valid", tiny["valid"],
-               "--out", str(out), "--steps", "16", "--batch-size", "8", "--bottleneck", "16",
-               "--continuation-tokens", "6", "--log-every", "1", "--lr", "3e-3", "--warmup", "2",
-               "--max-new-tokens", "4", "--precision", "bf16"])
+    run = ["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"], "--valid", tiny["valid"],
+           "--batch-size", "8", "--bottleneck", "16", "--continuation-tokens", "6", "--log-every", "1",
+           "--lr", "3e-3", "--warmup", "2", "--max-new-tokens", "4", "--precision", "bf16"]
+    blsp.main(run + ["--out", str(out), "--steps", "16"])
     enc, (llm, _) = loaded[0], loaded[1]
     assert next(enc.parameters()).dtype == llm.get_input_embeddings().weight.dtype == torch.bfloat16
     l = losses(out)
     assert np.mean(l[-4:]) < np.mean(l[:4])
     saved = load_file(os.path.join(common.find_checkpoint(str(out)), "trainable.safetensors"))
     assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    monkeypatch.chdir(tmp_path)                           # (where a default --out would go)
+    blsp.main(run + ["--resume", str(out), "--steps", "17"])      # no --out: it continues in the run
+    assert common.find_checkpoint(str(out)).endswith("ckpt-17") and not (tmp_path / "runs").exists()
 
 
 def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
@@ -2128,10 +2131,12 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and "checkpoint of another method (blsp_kd != " in capsys.readouterr().err
     for extra, msg in ((["--unfreeze-encoder"], "--unfreeze-encoder is for stage 2"),
                        (["--encoder-lr", "1e-5"], "--encoder-lr is the lr of an unfrozen encoder"),
-                       (["--no-length-loss", "--no-response-kl", "--no-input-kl"], "no loss term left")):
+                       (["--no-length-loss", "--no-response-kl", "--no-input-kl"], "no loss term left"),
+                       (["--heads", "5"], "--heads 5 does not divide the encoder width")):
         with pytest.raises(SystemExit) as e:
             blsp_kd.main(common_args + ["--out", str(tmp_path / "bad")] + extra)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")          # refused before generating into it
     blsp_kd.main(common_args + ["--out", str(tmp_path / "still"), "--steps", "1", "--lr", "0"])
     assert json.load(open(tmp_path / "still" / "config.json"))["lr"] == 0      # not the stage's default
 
