@@ -930,8 +930,8 @@ def generate(llm, sp, eos, max_new_tokens=64, lora=None):
         nxt = out.logits[:, -1].argmax(-1)
         seqs.append(nxt)
         done |= torch.isin(nxt, eos_t)
-        if (k + 1) % every == 0 and done.all():      # (tokens after an end are cut below)
-            break
+        if k + 1 == max_new_tokens or (k + 1) % every == 0 and done.all():   # (tokens after an
+            break                                                          # end are cut below)
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         pos = pos[:, -1:] + 1
         out = llm(inputs_embeds=embed(nxt)[:, None], attention_mask=step_mask(llm, mask),
@@ -976,7 +976,14 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     done = read_texts(cache)
     todo = [i for i in range(len(prompts)) if i not in done and i % world == rank]
     embed, eos = llm.get_input_embeddings(), eos_ids(llm, tok)
-    f = open(cache if world == 1 else f"{cache}.rank{rank}", "a") if cache else None
+    path, cut = (cache if world == 1 else f"{cache}.rank{rank}") if cache else None, False
+    if path and os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb") as g:             # a last line cut by an interruption: end it
+            g.seek(-1, os.SEEK_END)
+            cut = g.read(1) != b"\n"
+    f = open(path, "a") if path else None
+    if cut:
+        f.write("\n")
     order = sorted(todo, key=lambda i: len(prompts[i]))
     try:
         from tqdm import tqdm
@@ -1016,13 +1023,24 @@ def read_texts(cache):
     return done
 
 
+def model_stamp(llm):
+    """What tells one set of weights from another for a cache key: the model's folder, its weight
+    files' names, sizes and modification times, and the dtype it runs in."""
+    path = getattr(llm, "name_or_path", "") or ""
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")) +
+                   glob.glob(os.path.join(glob.escape(path), "*.bin"))) if os.path.isdir(path) else []
+    return [path, str(next(llm.parameters()).dtype)] + \
+        [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+
+
 def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag, with_ended=False):
     """The frozen LLM's greedy answer to `instruction` about each text (e.g. BLSP's and
     BLSP-KD's continuation writing), cached in out_dir/answers-TAG-KEY.jsonl, resumable; the key
-    covers the LLM, prompt format, length limit, instruction and texts."""
+    covers the LLM (its folder, weight files and dtype), prompt format, length limit, instruction
+    and texts."""
     before, after = prompt_pieces(tok, instruction, args.prompt)
     prompts = [before + input_ids(tok, t) + after for t in texts]
-    key = hashlib.sha1(json.dumps([args.llm, args.prompt, max_new_tokens, instruction, texts])
+    key = hashlib.sha1(json.dumps([model_stamp(llm), args.prompt, max_new_tokens, instruction, texts])
                        .encode()).hexdigest()[:10]
     os.makedirs(out_dir, exist_ok=True)
     return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size,

@@ -224,9 +224,14 @@ def whisper_log_mel(wave, wave_lens, mel_filters, n_fft=400, hop=160):
 
     wave: (B, S) zero-padded; mel_filters: (n_fft//2+1, n_mels). Returns (B, n_mels, S//hop) and
     frame lengths. HF pads every clip to 30 s first; appending n_fft//2 zeros gives the same
-    frames for the real part. The clamp at max-8 is taken over each clip's real frames.
+    frames for the real part (a clip of 30 s: its STFT's reflection of its own end, as HF's). The
+    clamp at max-8 is taken over each clip's real frames (HF's also sees the frame after the clip:
+    the same unless the clip ends in its loudest sound).
     """
     wave = F.pad(wave.float(), (0, n_fft // 2))
+    for i in (wave_lens >= 30 * SAMPLE_RATE).nonzero().flatten().tolist():      # (lengths: host)
+        n = int(wave_lens[i])
+        wave[i, n:n + n_fft // 2] = wave[i, n - n_fft // 2 - 1:n - 1].flip(0)
     window = torch.hann_window(n_fft, device=wave.device)
     stft = torch.stft(wave, n_fft, hop, window=window, return_complex=True)
     power = stft[..., :-1].abs() ** 2                              # (B, F, T); HF drops the last frame

@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_all.py
 """
 import contextlib
+import glob
 import json
 import os
 import random
@@ -218,8 +219,13 @@ def test_whisper_log_mel_matches_hf():
         ref = fe(c, sampling_rate=16000, return_tensors="np").input_features[0]
         n = int(lens[i])
         assert n == len(c) // 160
-        # HF takes the max-8 clamp over 30 s (its padding frames are lower): same real frames
+        # HF takes the max-8 clamp over 30 s (its padding frames are lower here): same real frames
         np.testing.assert_allclose(ours[i, :, :n].numpy(), ref[:, :n], atol=2e-4)
+    thirty = rng.normal(0, 0.1, 480000).astype(np.float32)      # 30 s: HF's STFT reflects its end
+    ours, lens = data.whisper_log_mel(torch.from_numpy(thirty)[None], torch.tensor([480000]),
+                                      torch.tensor(fe.mel_filters))
+    ref = fe(thirty, sampling_rate=16000, return_tensors="np").input_features[0]
+    assert int(lens[0]) == 3000 and np.abs(ours[0].numpy() - ref).max() < 2e-4   # the last frame too
 
 
 def test_kaldi_fbank_matches_seamless_extractor():
@@ -740,6 +746,37 @@ def test_generate_texts_cache_resumes(tiny, tmp_path):
     open(cache, "w").write(lines[0] + "\n" + lines[1][:5])          # an interrupted write
     assert common.generate_texts(llm, tok, prompts, 4, 2, cache) == full
     assert len(open(cache).read().splitlines()) >= 3
+    assert len(common.read_texts(cache)) == 3        # the cut line ended: the next ones stay whole
+
+
+def test_generate_runs_no_forward_past_the_limit(tiny, monkeypatch):
+    """max_new_tokens forwards in all: the prompt's, then one per new token but the last."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    calls, forward = [], llm.forward
+    monkeypatch.setattr(llm, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    sp = common.splice(llm.get_input_embeddings(), [[common.text([5, 6, 7])]], True)
+    assert len(common.generate(llm, sp, [10 ** 6], 4)[0]) == 4 and len(calls) == 4
+
+
+def test_cached_answers_key_changes_with_the_weights_and_dtype(tiny, tmp_path):
+    """The continuations cached in a run directory are not reused for other weights at the same
+    path (a rebuilt model) or another precision: greedy answers differ."""
+    import blsp
+    import shutil
+    path, out = str(tmp_path / "llm"), str(tmp_path / "run")
+    shutil.copytree(tiny["llm"], path)
+    llm, tok = common.load_llm(path, cpu())
+    args = blsp.BLSPArgs(llm=path, gen_batch_size=2)
+    ask = lambda m: common.cached_answers(m, tok, "continue", ["the cat"], args, 2, out, "t")
+    ask(llm)
+    first = os.listdir(out)
+    ask(llm)
+    assert os.listdir(out) == first                           # the same: reused
+    ask(llm.to(torch.bfloat16))
+    assert len(os.listdir(out)) == 2
+    os.utime(glob.glob(os.path.join(path, "*.safetensors"))[0], (1, 1))     # new weights, same path
+    ask(llm.float())
+    assert len(os.listdir(out)) == 3
 
 
 def test_generate_texts_records_whether_an_answer_ended(tiny, tmp_path, monkeypatch):
