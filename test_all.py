@@ -667,7 +667,7 @@ def test_lora_masked_and_plain(tiny):
     assert torch.equal(out[:, :3], base[:, :3]) and not torch.allclose(out[:, 3:], base[:, 3:])
     one = layers[0]                                                 # the paper's form, by hand:
     x = torch.randn(2, 7, one.base.in_features)
-    slow = one.base(x) + m[..., None] * (x @ one.lora_A.T @ one.lora_B.T) * one.scale   # Wx + m BAx a/r
+    slow = one.base(x) + m[..., None] * (x @ one.lora_A.T @ one.lora_B.T) * (8 / 4)   # Wx + m BAx a/r
     torch.testing.assert_close(one(x), slow)
     ctx.enabled = False
     assert torch.equal(llm(input_ids=ids).logits, base)             # teacher: LoRA off
@@ -1340,6 +1340,8 @@ common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device
     l2, l1 = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(l2) == len(l1) == 4 and l1[-1] < l1[0]
     assert l2 == pytest.approx(l1, rel=1e-5)
+    norms = lambda out: [r["grad_norm"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    assert norms(tmp_path / "ddp") == pytest.approx(norms(tmp_path / "one"), rel=1e-5)   # (AdamW hides a scale)
 
 
 def test_torchrun_processes_start_from_the_same_weights(tiny, tmp_path):
@@ -1955,7 +1957,7 @@ def test_blsp_kd_kd_losses_equal_direct_computation():
     resps = [common.target_ids(tok, "then the cat sees the fox again") + [tok.eos_token_id],
              common.target_ids(tok, "then the king")]
     vecs = [torch.randn(len(t), 32) for t in trs]
-    total, n = torch.tensor([7.5, 4.0]), torch.tensor([6, 5])
+    total, n = torch.tensor([7.5, 4.0]), torch.tensor([6, 3])
     pairs = [blsp_kd.kd_pair(before, after, t, v, r) for t, v, r in zip(trs, vecs, resps)]
     got, k, _ = blsp_kd.kd_losses(llm, None, *zip(*pairs), blsp_kd_loss_args(), total, n)
 
@@ -1975,8 +1977,129 @@ def test_blsp_kd_kd_losses_equal_direct_computation():
     assert got["response_kl"].item() == pytest.approx(sum(rkl) / len(rkl), rel=1e-4)
     assert got["input_kl"].item() == pytest.approx(sum(ikl) / len(ikl), rel=1e-4)
     assert got["response_ce"].item() == pytest.approx(sum(ce) / len(ce), rel=1e-5)
-    assert got["length"].item() == pytest.approx((1.5 / 6 + 1.0 / 5) / 2, rel=1e-6)
+    assert got["length"].item() == pytest.approx((1.5 / 6 + 1.0 / 3) / 2, rel=1e-6)   # |sum a - N| / N
     assert min(rkl) >= 0 and got["input_kl"] > 1e-4                # non-trivial: can fail
+
+
+class FrameEncoder(nn.Module):
+    """A stand-in speech encoder: clip i gives wave_lens[i] frames of width d (random)."""
+    def __init__(self, d):
+        super().__init__()
+        self.dim = d
+
+    def forward(self, wave, wave_lens):
+        return torch.randn(len(wave_lens), int(wave_lens.max()), self.dim), wave_lens
+
+    def output_lengths(self, wave_lens):
+        return wave_lens
+
+
+def test_speech_vector_counts_follow_the_adapters_length_rules():
+    """BLSP: 3 convolutions of stride 2, L -> floor((L-1)/2)+1 each; SLM: ceil(L / stack). The
+    vectors each clip gets are cut at those counts (a floor division dropped the last one)."""
+    batch = dict(wave=torch.zeros(2, 1), wave_lens=torch.tensor([13, 20]))
+    vecs = blsp.speech_vectors(FrameEncoder(8), blsp.Adapter(8, 6, bottleneck=4), batch)
+    assert [len(v) for v in vecs] == [2, 3]                          # 13 -> 7 -> 4 -> 2; 20 -> 10 -> 5 -> 3
+    ad = slm.Adapter(8, 6, torch.tensor(1.0), stack=4, width=8, layers=1, heads=2, ffn=16)
+    assert [len(v) for v in slm.speech_vectors(FrameEncoder(8), ad, batch)] == [4, 5]
+
+
+def test_slm_adapter_knows_the_order_of_its_frames():
+    """Its layers alone would only permute their outputs with their inputs; the sinusoidal
+    positions added after the stacking make the order of the stacked frames count."""
+    torch.manual_seed(0)
+    ad = slm.Adapter(8, 6, torch.tensor(1.0), stack=2, width=8, layers=1, heads=2, ffn=16, dropout=0.0).eval()
+    frames = torch.randn(1, 6, 8)
+    swapped = frames.view(1, 3, 2, 8).flip(1).reshape(1, 6, 8)       # the 3 stacked vectors reversed
+    out, back = ad(frames, torch.tensor([6]))[0], ad(swapped, torch.tensor([6]))[0].flip(1)
+    assert not torch.allclose(out, back, atol=1e-4)
+    torch.testing.assert_close(slm.sinusoid(2, 4, "cpu")[1], torch.tensor([math.sin(1), math.cos(1), math.sin(0.01), math.cos(0.01)]))
+
+
+def test_masked_lora_drops_out_its_input_at_the_speech_rows():
+    """Partial LoRA in training: m * B A dropout(x) alpha/r; dropout draws differ from call to
+    call at the speech rows, the text rows are the base layer's exactly."""
+    torch.manual_seed(0)
+    ctx = common.LoRAContext(masked=True)
+    lora = common.LoRALinear(nn.Linear(8, 8), 2, 2, 0.5, ctx).train()
+    nn.init.normal_(lora.lora_B)
+    ctx.rows = torch.tensor([1, 2])
+    x = torch.randn(1, 4, 8)
+    a, b = lora(x), lora(x)
+    assert not torch.allclose(a[0, 1:3], b[0, 1:3]) and torch.equal(a[0, [0, 3]], lora.base(x)[0, [0, 3]])
+
+
+def test_blsp_adapter_equals_the_paper_by_hand():
+    """Conv1d(k5, s2) + GLU three times over the unpadded frames, then x + W2 GELU(W1 x), then
+    LayerNorm whose gain starts at the LLM embeddings' RMS."""
+    torch.manual_seed(0)
+    ad = blsp.Adapter(8, 6, bottleneck=4, embed_rms=0.3)
+    frames = torch.randn(1, 16, 8)
+    x = frames.transpose(1, 2)
+    for conv in ad.convs:
+        x = F.glu(F.conv1d(x, conv.weight, conv.bias, stride=2, padding=2), dim=1)
+    x = x.transpose(1, 2)
+    x = x + ad.bottleneck[2](F.gelu(ad.bottleneck[0](x)))
+    want = F.layer_norm(x, (6,)) * 0.3 + ad.norm.bias
+    torch.testing.assert_close(ad(frames, torch.tensor([16]))[0], want)
+
+
+def test_generate_runs_the_prompt_with_partial_lora_at_its_speech_rows(tiny):
+    """BLSP-KD's inference: the prompt's speech positions get the LoRA update, its text and the new
+    tokens do not."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    ctx, layers = common.add_lora(llm, r=2, alpha=2, dropout=0.0, masked=True)
+    seen = []
+    forward = common.LoRALinear.forward
+
+    def watched(self, x):
+        seen.append(None if self.ctx.rows is None else self.ctx.rows.tolist())
+        return forward(self, x)
+    emb, d = llm.get_input_embeddings(), llm.config.hidden_size
+    sp = common.splice(emb, [[common.text([5, 6]), common.speech(torch.randn(3, d)), common.text([7])]], True)
+    import unittest.mock
+    with unittest.mock.patch.object(common.LoRALinear, "forward", watched), torch.no_grad():
+        common.generate(llm, sp, [10 ** 6], 2, lora=ctx)
+    first = seen[:len(layers)]                                       # the prompt's pass
+    assert first == [sp.speech_rows.tolist()] * len(layers) and sp.speech_rows.tolist() == [2, 3, 4]
+    assert all(r is None for r in seen[len(layers):]) and ctx.rows is None
+
+
+def test_paper_hyperparameters_are_the_defaults():
+    """What the papers fix (METHODS.md) is each script's default; the toy-scaled ones are not here."""
+    kd = blsp_kd.KDArgs()
+    assert (kd.temperature, kd.lora_r, kd.lora_alpha, kd.lora_dropout, kd.continuation_tokens) == (2.0, 16, 16.0, 0.05, 48)
+    assert (kd.length_loss, kd.response_kl) == (True, True)
+    assert ssr.SSRArgs().cos_weight == 5.0 and ssr.SSRArgs().blockwise is True
+    assert (slm.SLMArgs().order, slm.SLMArgs().stack) == ("speech-first", 4)
+    b = blsp.BLSPArgs()
+    assert (b.continuation_tokens, b.bottleneck) == (64, 512)
+
+
+def test_blsp_kd_cformer_equals_the_paper_step_by_step():
+    """CFormer, slowly for one clip: alpha_t = sigmoid(h_t[D-1]) after the pre layers, alpha scaled
+    to sum to N, token k = sum_t W[k,t] h_t[:D-1] integrated and fired in a loop, then Linear(D-1 ->
+    D), the post layers and Linear(D -> d_llm)."""
+    torch.manual_seed(0)
+    cf = blsp_kd.CFormer(8, 6, pre_layers=1, post_layers=1, heads=2, ffn=16).eval()
+    frames, N = torch.randn(1, 9, 8), 3
+    got, n, total = cf(frames, torch.tensor([9]), [N])
+    pad = torch.zeros(1, 9, dtype=torch.bool)
+    h = cf.pre[0](frames, src_key_padding_mask=pad)[0]
+    alpha = torch.sigmoid(h[:, 7])                                   # h_t[D-1]
+    alpha = alpha * N / alpha.sum()
+    tokens, acc, k = torch.zeros(N, 7), 0.0, 0
+    for t in range(9):                                               # integrate and fire
+        a = float(alpha[t])
+        while a > 1e-9:
+            take = a if k == N - 1 else min(a, 1.0 - acc)
+            tokens[k] += take * h[t, :7]                             # h_t[:D-1]
+            acc, a = acc + take, a - take
+            if acc >= 1.0 - 1e-9 and k < N - 1:
+                k, acc = k + 1, 0.0
+    want = cf.out(cf.post[0](cf.proj(tokens)[None], src_key_padding_mask=torch.zeros(1, N, dtype=torch.bool)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert n.tolist() == [N] and float(total) == pytest.approx(float(torch.sigmoid(h[:, 7]).sum()), rel=1e-5)
 
 
 def test_blsp_kd_eval_averages_each_kl_over_its_own_positions(monkeypatch):
@@ -1990,8 +2113,8 @@ def test_blsp_kd_eval_averages_each_kl_over_its_own_positions(monkeypatch):
     wave = dict(wave=torch.zeros(1, 1), wave_lens=torch.tensor([1]))
     monkeypatch.setattr(common, "batches", lambda items, args: [
         dict(wave, i=[i], transcript_ids=[trs[i]], response_ids=[resps[i]]) for i in range(2)])
-    monkeypatch.setattr(blsp_kd, "speech_vectors", lambda enc, cf, b, n_true=None: (
-        [vecs[i] for i in b["i"]], torch.tensor([len(trs[i]) for i in b["i"]]), None))
+    monkeypatch.setattr(blsp_kd, "speech_vectors", lambda enc, cf, b, n_true=None: (   # CIF's own
+        [vecs[i] for i in b["i"]], torch.tensor([len(trs[i]) + 2 * (n_true is None) for i in b["i"]]), None))
     args = blsp_kd_loss_args(prompt="auto", batch_size=1)
     got = blsp_kd.kd_eval(None, None, llm, tok, None, [None, None], args, cpu())
     before, after = common.prompt_pieces(tok, blsp_kd.CONTINUE_INSTRUCTION)
@@ -2003,6 +2126,8 @@ def test_blsp_kd_eval_averages_each_kl_over_its_own_positions(monkeypatch):
     want_resp = sum(float(a[0]["response_kl"]) * m for a, m in zip(alone, k)) / sum(k)
     assert got["input_kl"] == pytest.approx(want_in, rel=1e-5)
     assert got["response_kl"] == pytest.approx(want_resp, rel=1e-5)
+    assert got["count_err"] == pytest.approx((2 / n[0] + 2 / n[1]) / 2)   # |N_pred - N| / N, 2 more each
+    assert (got["tokens_pred"], got["tokens_true"]) == pytest.approx((sum(n) / 2 + 2, sum(n) / 2))
 
 # ----------------------------------------------------------------------------------------------
 # Partial LoRA
@@ -2061,6 +2186,8 @@ def test_blsp_kd_only_trained_parts_get_gradients(stage, unfreeze):
     loss, k, logs = blsp_kd.kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops)
     (loss / k).backward()
     assert set(logs) == {"length", "response_kl", "input_kl", "response_ce", "tokens", "flops"}
+    terms = sum(float(logs[t]) for t in ("length", "response_kl", "input_kl", "response_ce"))
+    assert loss.item() == pytest.approx(terms * k, rel=1e-5)       # loss_sum = (sum of means) x k
     trained = {id(p) for p in module.parameters() if p.requires_grad}
     assert all(p.grad is not None for p in cformer.parameters())
     assert any(float(p.grad.abs().sum()) > 0 for p in cformer.pre.parameters())
@@ -2495,6 +2622,28 @@ def test_ssr_pretrained_ctc_head_only_over_the_last_layer(ssr_tiny):
     for layer, pretrained in ((-1, True), (1, True), (0, False)):
         m = ssr.build(args, common.load_encoder(args.encoder, cpu(), layer), llm, tok, cpu())
         assert m.aligner.pretrained is pretrained, layer
+
+
+def test_ssr_stage1_distils_into_the_input_embeddings_and_reads_out_by_cosine(ssr_tiny):
+    """Stage 1's targets are the rows of the LLM's *input* embedding table (untied here from its
+    output layer); the readout is the nearest row by cosine, not by dot product."""
+    args = ssr.SSRArgs(aligner_layers=1, layers=1, heads=2, encoder=str(ssr_tiny / "enc"))
+    llm, tok = common.load_llm(str(ssr_tiny / "llm"), cpu())
+    m = ssr.build(args, common.load_encoder(args.encoder, cpu()), llm, tok, cpu())
+    m.connector.eval()
+    items = data.read_manifest(str(ssr_tiny / "m.jsonl"))[:2]
+    batch = data.collate([dict(it, wave=data.load_audio(it["audio"])) for it in items])
+    vecs, ids, _, _ = ssr.ssr_vectors(m, batch, "oracle")
+    E = llm.get_input_embeddings().weight
+    assert not torch.equal(E, llm.get_output_embeddings().weight) and len(vecs) == 2
+    want = ssr.distill_loss(torch.cat(vecs).float(), E[torch.tensor([i for x in ids for i in x])].float(), 5.0)
+    got = ssr.stage1_loss(m, batch, "oracle", 5.0)
+    assert got[1] == want[1] == sum(map(len, ids)) and float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
+    torch.manual_seed(0)
+    z = torch.randn(4, E.shape[1]) * torch.tensor([[1.0], [10.0], [0.1], [3.0]])
+    E2 = torch.randn(20, E.shape[1]) * torch.rand(20, 1) * 5     # rows of unequal norms: dot != cos
+    slow = [max(range(20), key=lambda v: float(F.cosine_similarity(z[i], E2[v], dim=0))) for i in range(4)]
+    assert ssr.readout(z, E2).tolist() == slow != (z @ E2.T).argmax(-1).tolist()
 
 
 def test_ssr_stage_losses_of_a_batch_whose_every_clip_is_skipped(ssr_tiny):
