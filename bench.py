@@ -319,8 +319,7 @@ def ssr_method(variant, enc, llm, s):
             loss, n = ssr.stage1_loss(m, batch, "forced", 5.0)
             return loss, n, flops(encoder_frames(batch), n)
         loss, rows, sp = ssr.stage2_loss(m, batch, "forced", common.bos_ids(tok), tok.eos_token_id)
-        vectors = sum(e - b for spans in sp.spans for b, e in spans[1:2])
-        return loss, sp.n_tokens, flops(encoder_frames(batch), vectors, sp.n_tokens, rows)
+        return loss, sp.n_tokens, flops(encoder_frames(batch), sp.speech_rows.numel(), sp.n_tokens, rows)
     return (trained if variant == "ssr2" else connector), step
 
 

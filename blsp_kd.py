@@ -439,21 +439,20 @@ def main(argv=None):
             if getattr(args, k) == getattr(KDArgs, k) and k in cfg:
                 setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
-    if encoder.dim % args.heads:                    # (before the continuations are generated)
-        raise common.UserError(f"--heads {args.heads} does not divide the encoder width {encoder.dim}")
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args)
+    # (built before the continuations: a bad shape stops it first; Partial LoRA with no speech
+    # rows is exactly the frozen LLM, so generation is unchanged)
+    module, cformer, ctx = build(args, device, encoder, llm)
+    common.compile_adapter(cformer, args)
+    if args.init:
+        common.load_trainable(module, init_ck)
 
     # the LLM's own continuations of the transcripts are the teacher's responses
     continuation_data(llm, tok, train_items, args, args.out, "train")
     continuation_data(llm, tok, valid_items, args, args.out, "valid")
     for it in valid_items:
         it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))
-
-    module, cformer, ctx = build(args, device, encoder, llm)
-    common.compile_adapter(cformer, args)
-    if args.init:
-        common.load_trainable(module, init_ck)
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
 
     flops = step_flops(encoder, cformer, module, llm, args.unfreeze_encoder)

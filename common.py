@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -594,12 +595,17 @@ def input_ids(tok, text):
     return tok(space_before(tok) + text, add_special_tokens=False).input_ids
 
 
+_SPACE_BEFORE = weakref.WeakKeyDictionary()       # tokenizer -> its answer (asked once)
+
+
 def space_before(tok):
     """" " for an input after other text (BPE: "Ġthe", a Metaspace pre-tokenizer: "▁the"); "" for
     a tokenizer that marks a text's first word itself whatever it starts with (a legacy
     SentencePiece normalizer: "a" gives "▁a", and " the" a lone "▁", then "▁the")."""
-    a, space_a = (tok(s, add_special_tokens=False).input_ids for s in ("a", " a"))
-    return "" if len(space_a) > len(a) and tok.convert_ids_to_tokens(a)[0] != "a" else " "
+    if tok not in _SPACE_BEFORE:
+        a, space_a = (tok(s, add_special_tokens=False).input_ids for s in ("a", " a"))
+        _SPACE_BEFORE[tok] = "" if len(space_a) > len(a) and tok.convert_ids_to_tokens(a)[0] != "a" else " "
+    return _SPACE_BEFORE[tok]
 
 
 def target_ids(tok, text, offsets=False):

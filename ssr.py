@@ -573,7 +573,7 @@ def run_stages(args, m, device, rank, world):
             text_only = args.text_mix > 0 and float(torch.rand(())) < args.text_mix
             loss, n, sp = stage2_loss(m, batch, mode, bos, eos, text_only)
             T = sp.n_tokens if sp else 0
-            vectors = 0 if text_only or not sp else sum(e - b for spans in sp.spans for b, e in spans[1:2])
+            vectors = sp.speech_rows.numel() if sp else 0    # (0 in a text-only batch)
             return loss, n, dict(tokens=T, flops=flops(0 if text_only else m.encoder.frames, vectors, T, n))
 
         def stage2_valid(step):
