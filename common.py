@@ -1271,9 +1271,9 @@ def model_fingerprint(args, fields):
 class Logger:
     """metrics.jsonl of a run: one JSON line per logged step and per validation. A fresh run
     starts it empty; a resumed one drops the lines past its checkpoint (the interrupted run's
-    steps that are run again)."""
+    steps that are run again; and, for a finished run, its final validation, which is run again)."""
 
-    def __init__(self, out, rank, step=0):
+    def __init__(self, out, rank, step=0, finished=False):
         self.path = os.path.join(out, "metrics.jsonl") if rank == 0 else None
         if self.path and os.path.isfile(self.path):
             keep = []
@@ -1281,7 +1281,9 @@ class Logger:
                 with open(self.path) as f:
                     for line in f:
                         try:
-                            if json.loads(line).get("step", 0) <= step:
+                            row = json.loads(line)
+                            if row.get("step", 0) < step or row.get("step", 0) == step and not (
+                                    finished and row.get("split") == "valid"):
                                 keep.append(line)
                         except json.JSONDecodeError:
                             pass                # a line cut by the interruption
@@ -1372,7 +1374,11 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     yield b
             epoch, batch_pos = epoch + 1, 0
 
-    log = Logger(out, rank, step)
+    step0 = step
+    if args.resume and step >= args.steps and rank == 0:
+        print(f"{args.resume}: at step {step} of --steps {args.steps} already: nothing to train (a larger "
+              f"--steps continues it); validating only")
+    log = Logger(out, rank, step, finished=step >= args.steps)
     it = micro_batches()
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
                mininterval=1.0, file=sys.stdout if not sys.stderr.isatty() else sys.stderr)
@@ -1509,7 +1515,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     finally:
         bar.close()
     try:        # (a signal now is taken as before: the checkpoint is written whole)
-        checkpoint(start)
+        if step > step0 or not args.resume:         # (a resumed run that trained nothing: as it was)
+            checkpoint(start)
         if world > 1:       # the others wait for process 0's checkpoint: torchrun stops the
             torch.distributed.barrier()     # whole group when one process exits
     finally:
