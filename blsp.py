@@ -132,9 +132,9 @@ def behaviour_sample(before, vectors, after, continuation_ids, eos):
 
 
 def behaviour_loss(llm, embed, samples):
-    """Next-token cross-entropy on the continuation + EOS positions -> (sum, their count, the
-    Spliced batch: its n_tokens, and llm_tokens, the positions the LLM ran: the instruction that
-    every sample shares runs once, common.hidden_states)."""
+    """CE on the continuation + EOS -> (loss sum, number of target tokens, the Spliced batch).
+    The batch's n_tokens and llm_tokens (the positions the LLM ran: the instruction every sample
+    shares runs once, common.hidden_states) feed the logs and the FLOP count."""
     sp = common.splice(embed, samples)
     loss, n = common.lm_loss(llm, common.hidden_states(llm, sp), sp)
     return loss, n, sp
@@ -156,7 +156,7 @@ def step_flops(encoder, adapter, llm):
 # Inference and evaluation of a trained adapter
 
 def load_run(args, device):
-    """--ckpt run directory -> (encoder, adapter, llm, tok, run config)."""
+    """--ckpt run directory -> (encoder, adapter, llm, tok); args.prompt takes the run's."""
     ck, cfg = common.run_config(args.ckpt, "blsp")
     encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"])
     llm, tok = common.load_llm(cfg["llm"], device)

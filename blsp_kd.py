@@ -21,12 +21,17 @@ Paper step / equation                                  -> code
   teacher: transcript; student: CIF vectors            -> kd_pair()
   length loss |sum alpha - N| / N                      -> kd_losses()["length"]
   response KL(p_t || p_s), T = 2, continuation         -> kd_losses()["response_kl"], kl()
-  input KL: speech vector i vs transcript token i      -> kd_losses()["input_kl"] (--input-kl)
-  Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.add_lora(masked=True), llm_pass()
-  stage 1 CFormer only; stage 2 + PLoRA, lower lr      -> main() (--stage, --init)
+  input KL: speech vector i vs transcript token i      -> kd_losses()["input_kl"] (on by default;
+                                                            --no-input-kl)
+  Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.LoRALinear (common.add_lora(
+                                                            masked=True)); m = the speech rows:
+                                                            lora_mode() in llm_pass(), and
+                                                            common.generate(lora=ctx) at inference
+  stage 1 CFormer only; stage 2 + PLoRA, lower lr      -> build() (PLoRA, --unfreeze-encoder),
+                                                            main() (--stage, --init, STAGE_LR)
 
 Project choices (not in the paper, or not as the released code does it):
-- transcripts lower-cased without punctuation but for apostrophes (as BLSP's continuation data),
+- transcripts lower-cased without punctuation, keeping apostrophes and digits (as BLSP's continuation data),
   for the continuation prompt, the teacher and N alike;
 - the pieces around the input come from the LLM's chat template (common.prompt_pieces) with no
   system turn of our own (the template's default, if it has one; the paper's Qwen: "You are a
@@ -116,7 +121,8 @@ def rescale(alpha, n):
 
 def cif_weights(alpha, n, K=None):
     """alpha' (B, T) summing to n (B,) -> W (B, K, T), K = max n, zero for k >= n.
-    Token k collects the part of frame t's weight inside [k, k+1) of the running sum; the last
+    Token k collects the part of frame t's weight inside [k, k+1) of the running sum (fire
+    threshold 1); the last
     token (k = n-1) collects everything from n-1 on (the tail). (K: max n, when the host knows it.)"""
     c = alpha.cumsum(1)                                               # c_t
     c_prev = F.pad(c[:, :-1], (1, 0))                                 # c_{t-1}, c_{-1} = 0
@@ -199,8 +205,8 @@ def continuation_data(llm, tok, items, args, out_dir, tag):
     for it, t, c, e in zip(items, transcripts, conts, ended):
         ids = common.target_ids(tok, c)
         it["transcript_ids"] = common.input_ids(tok, t)
-        e = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without the flag)
-        it["response_ids"] = ids + ([eos] if e else [])  # [+ end] if generation ended naturally
+        ended = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without it)
+        it["response_ids"] = ids + ([eos] if ended else [])  # [+ end] if generation ended naturally
     return items
 
 
@@ -236,6 +242,8 @@ def response_positions(sp):
 
 
 def input_positions(sp, seg=1):
+    """Flat rows b*T+t of segment seg (1: the transcript in the teacher, the speech in the
+    student: kd_pair)."""
     T = sp.attention_mask.shape[1]
     rows = [b * T + t for b, spans in enumerate(sp.spans) for t in range(*spans[seg])]
     return common.to_gpu(torch.tensor(rows, dtype=torch.long), sp.attention_mask.device)
@@ -266,7 +274,7 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
         h_t = llm_pass(llm, sp_t, ctx, student=False)
     h_s = llm_pass(llm, sp_s, ctx, student=True)
     h_t, h_s = h_t.flatten(0, 1), h_s.flatten(0, 1)
-    rows = {k: (h_t[t], h_s[s]) for k, (t, s) in at.items()}          # row i: the same token's position
+    rows = {term: (h_t[rows_t], h_s[rows_s]) for term, (rows_t, rows_s) in at.items()}   # row i: one token
 
     def kl_T(t, s):
         return kl(t, s, args.temperature)
@@ -304,18 +312,20 @@ def step_flops(encoder, cformer, module, llm, train_encoder=False):
 
 
 def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops):
-    """One training micro-batch -> (loss_sum, n_units, logs) for common.train: the sum of the
-    term means (weight 1 each) times k, over k = number of response positions. flops: step_flops."""
+    """One training micro-batch -> (k x the sum of the loss-term means, k, logs) for common.train;
+    k = the response positions (common.train divides by the total k). flops: step_flops."""
     N = [len(t) for t in batch["transcript_ids"]]                      # N: transcript tokens
     vecs, n, total = speech_vectors(encoder, cformer, batch, N, args.unfreeze_encoder)
     pairs = [kd_pair(before, after, t, v, r)
              for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
-    losses, k, ran = kd_losses(llm, ctx, *zip(*pairs), args, total, n)
+    teachers, students = zip(*pairs)
+    losses, k, (t_t, t_s) = kd_losses(llm, ctx, teachers, students, args, total, n)
     loss = sum(losses.values())
     tokens = sum(len(seg) for pair in pairs for s in pair for seg in s)
     rows = k * args.response_kl + sum(N) * args.input_kl              # the KL terms' rows
-    return loss * k, k, dict(tokens=tokens, flops=flops(encoder.frames, sum(N), *ran, rows, k * args.response_ce),
-                             **{name: v.detach() for name, v in losses.items()})   # no sync here
+    logs = {name: v.detach() for name, v in losses.items()}           # (no sync here)
+    return loss * k, k, dict(tokens=tokens, flops=flops(encoder.frames, sum(N), t_t, t_s, rows,
+                                                        k * args.response_ce), **logs)
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ Project choices ([choice] in METHODS.md, or where it is silent):
   are its own (common.ctc_runs). Word-final characters then end where the exact boundaries say (toy: within 1 frame),
   which a bare CTC spike does not. --aligner oracle: the last 20 ms frame a character overlaps.
   Spaces and punctuation are never a token's aligned character;
-- connector layers: pre-norm, SDPA, GELU MLP, no positional encoding, no final norm. Blockwise
+- connector layers: pre-norm, SDPA, GELU MLP, no positional encoding, no final norm; dropout on
+  the residual branches and on the attention weights (prototype: dropout 0.1, where unsaid). Blockwise
   mask by default (a frame of segment k sees from the previous boundary frame, inclusive, up to
   itself; --no-blockwise: causal): on the toy it learns far faster;
 - stage 2 (paper-like next-token prediction): BOS + SSR vectors + EOS, speech position i labelled
@@ -111,6 +112,7 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         if rows is not None:
             at = (torch.arange(B, device=x.device)[:, None], rows)
+            # queries (and the residual x) at these rows only; keys and values over all frames
             x, mask, q = x[at], mask[at], q.transpose(1, 2)[at].transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                            dropout_p=self.p if self.training else 0.0)
@@ -126,8 +128,10 @@ def blockwise_mask(boundaries, T, device="cpu"):
     """Segment k = frames (b_{k-1}, b_k]; a frame of segment k sees frames b_{k-1} .. itself
     (segment 0 from frame 0; the frames after the last boundary form one more segment). Each
     frame's segment start is found on the host; the (T, T) mask is made on `device`."""
-    b, t = torch.tensor(boundaries, dtype=torch.long), torch.arange(T)
-    start = common.to_gpu(torch.cat([torch.zeros(1, dtype=torch.long), b])[torch.searchsorted(b, t)], device)
+    b = torch.tensor(boundaries, dtype=torch.long)
+    seg = torch.searchsorted(b, torch.arange(T))                 # frame t's segment k: b_{k-1} < t <= b_k
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), b])    # b_{-1} = 0
+    start = common.to_gpu(starts[seg], device)
     t = torch.arange(T, device=device)
     return (t[None] >= start[:, None]) & (t[None] <= t[:, None])
 
@@ -356,7 +360,8 @@ def stage1_loss(m, batch, mode, lam):
     if not vecs:                                                # (every example skipped)
         return m.connector.proj.weight.sum() * 0, 0
     table = m.llm.get_input_embeddings().weight
-    e = table[common.to_gpu(torch.tensor([i for x in ids for i in x]), table.device)]   # e: the rows
+    flat = [i for x in ids for i in x]
+    e = table[common.to_gpu(torch.tensor(flat), table.device)]     # e: each token's input-embedding row
     return distill_loss(torch.cat(vecs).float(), e.float(), lam)
 
 
@@ -377,11 +382,13 @@ def stage2_loss(m, batch, mode, bos, eos, text_only=False):
 
 @torch.no_grad()
 def distill_eval(m, items, args, device, modes):
-    """Per boundary source (mode): cosine, MSE and nearest-token accuracy against the transcript's
-    tokens (on the `matched` utterances: as many tokens), zero-shot WER of the nearest-token
-    readout; bnd_err_forced: mean |forced - oracle| token boundary, in frames."""
-    was, E, s, out = m.connector.training, m.llm.get_input_embeddings().weight.float(), defaultdict(float), \
-        defaultdict(list)
+    """Per boundary source (mode): cosine, MSE (per token: sum_d (z - e)^2, the loss's first term)
+    and nearest-token accuracy against the transcript's tokens (on the `matched` utterances: as
+    many tokens), zero-shot WER of the nearest-token readout; bnd_err_forced: mean |forced -
+    oracle| token boundary, in frames."""
+    was = m.connector.training
+    E = m.llm.get_input_embeddings().weight.float()             # the embedding table
+    s, out = defaultdict(float), defaultdict(list)              # sums; texts (ref, hyp)
     m.connector.eval()
     for batch in common.batches(items, args):
         batch, got = common.to_device(batch, device), {}
