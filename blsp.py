@@ -176,7 +176,7 @@ def infer(args, device):
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
                                  args.prompt, args.max_new_tokens)[0])
     if args.eval:
-        items = data.read_manifest(args.eval)[:args.max_valid]
+        items = common.usable_items(data.read_manifest(args.eval), args, encoder)[:args.max_valid]
         todo = [it for it in items if "continuation" not in it]
         for it in continuation_data(llm, tok, todo, args, args.ckpt, "eval"):
             it["continuation"] = it["continuation_llm"]
@@ -200,7 +200,7 @@ def main(argv=None):
     common.check_out(args)                # before the continuations are generated into it
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
-    train_items, valid_items = common.manifests(args)
+    train_items, valid_items = common.manifests(args, encoder)
 
     # step 1: the LLM's own continuations are the targets (train); valid items without a
     # reference continuation get one too, to measure the speech-vs-text gap
@@ -239,13 +239,14 @@ def main(argv=None):
     res = common.train(args, adapter, step_fn, train_items, device, rank, world, valid_fn,
                        method="blsp", model_fields=("llm", "encoder", "encoder_layer", "bottleneck"))
     if rank == 0:
-        show_sample(encoder, adapter, llm, tok, valid_items[0], args, device)
+        show_sample(encoder, adapter, llm, tok, valid_items, args, device)
         print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))
 
 
-def show_sample(encoder, adapter, llm, tok, item, args, device):
+def show_sample(encoder, adapter, llm, tok, items, args, device):
     """The continuation from a held-out spoken sentence beside the one from its transcript."""
-    batch = common.to_device(data.collate([dict(item, wave=data.load_audio(item["audio"]))]), device)
+    item, wave = data.first_loadable(items)
+    batch = common.to_device(data.collate([dict(item, wave=wave)]), device)
     adapter.eval()
     with torch.no_grad(), common.autocast(device):
         v = speech_vectors(encoder, adapter, batch)[0]

@@ -410,7 +410,7 @@ def infer(args, device):
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
                                  args.prompt, args.max_new_tokens, lora=ctx)[0])
     if args.eval:
-        items = data.read_manifest(args.eval)[:args.max_valid]
+        items = common.usable_items(data.read_manifest(args.eval), args, encoder)[:args.max_valid]
         continuation_data(llm, tok, items, args, args.ckpt, "eval")
         for it in items:
             it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))
@@ -450,7 +450,7 @@ def main(argv=None):
                 setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
-    train_items, valid_items = common.manifests(args)
+    train_items, valid_items = common.manifests(args, encoder)
     # (built before the continuations: a bad shape stops it first; Partial LoRA with no speech
     # rows is exactly the frozen LLM, so generation is unchanged)
     module, cformer, ctx = build(args, device, encoder, llm)
@@ -485,13 +485,14 @@ def main(argv=None):
                        method="blsp_kd", model_fields=MODEL_FIELDS, lr_scale=scaled)
     if rank == 0:
         module.eval()
-        show_sample(encoder, cformer, llm, tok, ctx, valid_items[0], args, device)
+        show_sample(encoder, cformer, llm, tok, ctx, valid_items, args, device)
         print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))
 
 
-def show_sample(encoder, cformer, llm, tok, ctx, item, args, device):
+def show_sample(encoder, cformer, llm, tok, ctx, items, args, device):
     """The continuation from a held-out spoken sentence beside the one from its transcript."""
-    batch = common.to_device(data.collate([dict(item, wave=data.load_audio(item["audio"]))]), device)
+    item, wave = data.first_loadable(items)
+    batch = common.to_device(data.collate([dict(item, wave=wave)]), device)
     with torch.no_grad(), common.autocast(device):
         vecs, n, _ = speech_vectors(encoder, cformer, batch)
         ask = lambda x, ins: common.respond(llm, tok, [x], ins, args.prompt, args.max_new_tokens,

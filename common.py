@@ -353,6 +353,12 @@ class SpeechEncoder(nn.Module):
         self.frames = int(self.output_lengths(wave_lens).sum())   # real frames: the step's FLOP count
         return h, lens
 
+    def max_samples(self):
+        """The longest clip the encoder takes, in samples (Whisper: its positional table), or None."""
+        if self.kind != "whisper":
+            return None
+        return (2 * self.model.embed_positions.weight.shape[0] + 1) * 160 - 1   # 2 mel frames a position
+
     def layers_not_run(self):
         """Parameter-name prefixes of the layers above --encoder-layer, which Whisper does not run."""
         if self.kind != "whisper":
@@ -389,9 +395,9 @@ class SpeechEncoder(nn.Module):
     def whisper_forward(self, feats, flens):
         enc = self.model
         T = (feats.shape[-1] - 1) // 2 + 1
-        if T > enc.embed_positions.weight.shape[0]:
-            raise UserError(f"a clip of {feats.shape[-1] / 100:.1f} s is longer than the encoder's "
-                            f"{enc.embed_positions.weight.shape[0] / 50:.0f} s window")
+        if T > enc.embed_positions.weight.shape[0]:     # (manifests() checks the clips first)
+            raise UserError(f"a clip of {feats.shape[-1] / 100:.2f} s is longer than the encoder's "
+                            f"{enc.embed_positions.weight.shape[0] / 50:g} s window")
         # zero the frames past each clip's end so that the convolutions see what they see alone
         keep = torch.arange(feats.shape[-1], device=feats.device)[None] < flens[:, None]
         keep = keep[:, None, :].to(feats.dtype)
@@ -1103,8 +1109,9 @@ def corpus_bleu(refs, hyps, max_n=4):
 # ============================================================================================
 # Data for a run
 
-def manifests(args):
-    """(train items, valid items): the user's manifests or the built-in toy corpus."""
+def manifests(args, encoder=None):
+    """(train items, valid items): the user's manifests or the built-in toy corpus, checked
+    (usable_items) before any training."""
     if args.train:
         train = data.read_manifest(args.train)
         if args.valid:
@@ -1118,7 +1125,30 @@ def manifests(args):
     else:
         tm, vm = data.toy_corpus()
         train, valid = data.read_manifest(tm), data.read_manifest(args.valid or vm)
-    return train, valid[:args.max_valid]
+    return usable_items(train, args, encoder), usable_items(valid, args, encoder)[:args.max_valid]
+
+
+def usable_items(items, args, encoder=None):
+    """Missing audio files and clips longer than the encoder takes stop the run before it trains
+    (with --skip-bad: dropped, each named), not at the step that meets them."""
+    limit, keep = encoder.max_samples() if encoder is not None else None, []
+    for it in items:
+        problem = None
+        if not os.path.isfile(it["audio"]):
+            problem = "a directory, not an audio file" if os.path.isdir(it["audio"]) else "audio file not found"
+            problem += f": {it['audio']}"
+        elif limit and round(data.duration_of(it) * data.SAMPLE_RATE) > limit:
+            problem = (f"a clip of {data.duration_of(it):.2f} s is longer than the encoder's "
+                       f"{limit / data.SAMPLE_RATE:.0f} s window")
+        if problem is None:
+            keep.append(it)
+        elif not args.skip_bad:
+            raise data.DataError(f"{it['where']}: {problem} (--skip-bad leaves such lines out)")
+        elif os.environ.get("RANK", "0") == "0":
+            print(f"skipping bad item: {it['where']}: {problem}", file=sys.stderr)
+    if not keep:
+        raise data.DataError(f"{items[0]['where'].rsplit(':', 1)[0]}: no usable utterance")
+    return keep
 
 
 def batches(items, args, rank=0, world=1, shuffle=False):
@@ -1505,6 +1535,16 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if world > 1 and flags.stop():
                 interrupted = flags.name or "a signal to another process"
                 break
+    except data.DataError as e:     # bad audio met mid-run: the steps done are kept (one process:
+        saved = world == 1 and step > step0         # with several, the others wait in all_reduce)
+        if saved:
+            checkpoint(start)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if not saved:
+            raise
+        raise data.DataError(f"{e}; step {step} is saved: mend the data (or add --skip-bad), then "
+                             f"--resume {resume_dir or out}") from None
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: save the last completed step, exactly resumable
         interrupted = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
         opt.zero_grad(set_to_none=True)

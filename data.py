@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 SAMPLE_RATE = 16000
+MIN_SAMPLES = 800               # 50 ms: every supported encoder makes at least one frame of it
 
 
 class DataError(ValueError):
@@ -38,8 +39,13 @@ def read_manifest(path, required=("audio", "text")):
         raise DataError(f"manifest not found: {path}")
     root = os.path.dirname(os.path.abspath(path))
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:                                    # (utf-8-sig: a Windows editor's BOM)
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -53,9 +59,14 @@ def read_manifest(path, required=("audio", "text")):
                     raise DataError(f"{path}:{n}: missing field '{key}'")
             if "text" in required and not str(row["text"]).strip():
                 raise DataError(f"{path}:{n}: empty transcript")
-            for key in ("audio", "text"):
-                if key in row and not isinstance(row[key], str):
+            for key in ("audio", "text", "continuation", "translation"):
+                if key in row and not isinstance(row[key], str) and not (row[key] is None and key not in required):
                     raise DataError(f"{path}:{n}: '{key}' must be a string, not {type(row[key]).__name__}")
+            chars = row.get("chars")
+            if chars is not None and not (isinstance(chars, list) and all(
+                    isinstance(c, list) and len(c) == 3 and isinstance(c[0], str) and all(
+                        isinstance(x, (int, float)) and not isinstance(x, bool) for x in c[1:]) for c in chars)):
+                raise DataError(f"{path}:{n}: 'chars' must be a list of [character, start_s, end_s]")
             dur = row.get("duration", 0.0)
             if isinstance(dur, bool) or not isinstance(dur, (int, float)) or not 0 <= dur < math.inf:
                 raise DataError(f"{path}:{n}: 'duration' must be a number of seconds, not {dur!r}")
@@ -73,7 +84,8 @@ def load_audio(path, where=None):
     import torchaudio
     name = where or path
     if not os.path.isfile(path):
-        raise DataError(f"{name}: audio file not found: {path}")
+        raise DataError(f"{name}: " + ("a directory, not an audio file" if os.path.isdir(path) else
+                                       "audio file not found") + f": {path}")
     try:
         wave, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for corrupt files
@@ -85,6 +97,9 @@ def load_audio(path, where=None):
         raise DataError(f"{name}: non-finite samples in {path}")
     if sr != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sr, SAMPLE_RATE)
+    if len(wave) < MIN_SAMPLES:
+        raise DataError(f"{name}: {len(wave) / SAMPLE_RATE * 1000:.0f} ms of audio in {path}: too short "
+                        f"(at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms)")
     return wave
 
 
@@ -99,10 +114,12 @@ def duration_of(item):
 
 
 class SpeechDataset(torch.utils.data.Dataset):
-    """Items of a manifest -> {"wave": tensor, **item}. Bad audio raises, or is skipped."""
+    """Items of a manifest -> {"wave": tensor, **item}. Bad audio raises (in a loader's worker
+    process: passed on as {"_error": message}, Loader raises it), or is skipped. A clip whose length
+    is far from its manifest `duration` is reported once: batches are made from the durations."""
 
     def __init__(self, items, skip_bad=False):
-        self.items, self.skip_bad = items, skip_bad
+        self.items, self.skip_bad, self.warned = items, skip_bad, False
 
     def __len__(self):
         return len(self.items)
@@ -110,16 +127,54 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         try:
-            return dict(item, wave=load_audio(item["audio"], item.get("where")))
+            wave = load_audio(item["audio"], item.get("where"))
         except DataError as e:
-            if not self.skip_bad:
-                raise
+            if self.skip_bad:
+                print(f"skipping bad item: {e}", file=sys.stderr)
+                return None
+            if torch.utils.data.get_worker_info() is not None:
+                return {"_error": str(e)}           # (torch would wrap it in its own traceback)
+            raise
+        said, real = item.get("duration"), len(wave) / SAMPLE_RATE
+        if said is not None and abs(real - said) > 0.1 * said + 0.1 and not self.warned:
+            self.warned = True
+            print(f"warning: {item.get('where', item['audio'])}: 'duration' {said} s, but the audio "
+                  f"lasts {real:.2f} s: batches (and --max-seconds) go by the manifest's durations "
+                  f"(reported once)", file=sys.stderr)
+        return dict(item, wave=wave)
+
+
+def first_loadable(items):
+    """(item, wave) of the first item whose audio loads (a bad one is named and passed over)."""
+    for it in items:
+        try:
+            return it, load_audio(it["audio"], it.get("where"))
+        except DataError as e:
             print(f"skipping bad item: {e}", file=sys.stderr)
-            return None
+    raise DataError("no item with readable audio")
+
+
+class Loader:
+    """A DataLoader whose workers' DataErrors are raised here, as one line."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for b in self.loader:
+            if b is not None and "_error" in b:
+                raise DataError(b["_error"])
+            yield b
+
+    def __len__(self):
+        return len(self.loader)
 
 
 def collate(rows):
     """Pad waveforms at the end; keep every other field as a list."""
+    bad = next((r for r in rows if r is not None and "_error" in r), None)
+    if bad:
+        return bad
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
@@ -205,7 +260,7 @@ def make_loader(items, batch_size, max_seconds=None, shuffle=True, seed=0, rank=
         SpeechDataset(items, skip_bad), batch_sampler=sampler, collate_fn=collate,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
         generator=torch.Generator().manual_seed(seed))   # never draws from the global RNG
-    return loader, sampler
+    return Loader(loader), sampler
 
 
 def to_gpu(t, device):

@@ -357,7 +357,7 @@ def infer(args, device):
             print(answer(llm, tok, [encoder_sample(speech(v), ids_of(tok, ins), eos, args.order)],
                          args.max_new_tokens)[0])
     if args.eval:
-        items = with_task_fields(data.read_manifest(args.eval)[:args.max_valid])
+        items = with_task_fields(common.usable_items(data.read_manifest(args.eval), args, encoder)[:args.max_valid])
         if not any(it.get(TASKS[args.task]) for it in items):
             raise common.UserError(f"--eval {args.eval}: no item has a '{TASKS[args.task]}' field "
                                    f"(needed for --task {args.task})")
@@ -380,7 +380,7 @@ def main(argv=None):
         raise common.UserError(f"--tasks {args.tasks}: choose among {','.join(TASKS)}")
     encoder, adapter, llm, tok = build(args, device)
     common.compile_adapter(adapter, args)
-    train_items, valid_items = common.manifests(args)
+    train_items, valid_items = common.manifests(args, encoder)
     with_task_fields(train_items + valid_items)
     bad = next((it for it in train_items if not any(it[TASKS[t]] for t in tasks)), None)
     if bad:
@@ -413,13 +413,14 @@ def main(argv=None):
                        method="slm", model_fields=("llm", "encoder", "encoder_layer", "stack",
                                                    "width", "layers", "heads", "ffn", "order"))
     if rank == 0:
-        show_sample(encoder, adapter, llm, tok, valid_items[0], args, device, tasks)
+        show_sample(encoder, adapter, llm, tok, valid_items, args, device, tasks)
         print("final: " + json.dumps(res))
 
 
-def show_sample(encoder, adapter, llm, tok, item, args, device, tasks):
+def show_sample(encoder, adapter, llm, tok, items, args, device, tasks):
     """A transcription and a translation of the same held-out spoken sentence."""
-    batch = common.to_device(data.collate([dict(item, wave=data.load_audio(item["audio"]))]), device)
+    item, wave = data.first_loadable(items)
+    batch = common.to_device(data.collate([dict(item, wave=wave)]), device)
     eos = common.eos_ids(llm, tok)[0]
     adapter.eval()
     with torch.no_grad(), common.autocast(device):

@@ -201,11 +201,12 @@ def aligner_cer(m, items, args, device):
     return err / max(n, 1)
 
 
-def oracle_frames(chars, txt, frame_seconds):
+def oracle_frames(chars, txt, frame_seconds, where="chars"):
     """Exact boundaries: each non-space character's last overlapping frame."""
     pos = [i for i, c in enumerate(" " + txt) if c != " "]
     if len(pos) != len(chars) or any((" " + txt)[p] != c for p, (c, _, _) in zip(pos, chars)):
-        raise data.DataError(f"`chars` do not match the transcript {txt!r}")
+        raise data.DataError(f"{where}: `chars` do not match the transcript {txt!r} (one entry per "
+                             f"character but spaces)")
     return {p: max(0, math.ceil(end / frame_seconds - 1e-6) - 1) for p, (_, _, end) in zip(pos, chars)}
 
 
@@ -304,8 +305,8 @@ def ssr_vectors(m, batch, mode):
         if mode == "greedy":
             txt, fr = common.ctc_greedy(logp[i, :T])
         else:
-            fr = char_frames(logp[i, :T], txt) if mode == "forced" else \
-                oracle_frames(batch["chars"][i], txt, m.encoder.frame_seconds)
+            fr = char_frames(logp[i, :T], txt) if mode == "forced" else oracle_frames(
+                batch["chars"][i], txt, m.encoder.frame_seconds, batch.get("where", ["chars"] * len(lens))[i])
         ids_i, offsets = tokens_of(m.tok, txt)
         b = token_boundaries(offsets, fr, T) if fr is not None else None
         if b is None:
@@ -514,9 +515,12 @@ def check_stages(args, stages):
 
 
 def run_stages(args, m, device, rank, world):
-    train_items, valid_items = common.manifests(args)
+    train_items, valid_items = common.manifests(args, m.encoder)
     if args.aligner == "oracle" and not all("chars" in it for it in train_items):
         raise common.UserError("--aligner oracle: the training manifest has no `chars` field")
+    for it in train_items + valid_items:                # (checked before any stage trains)
+        if it.get("chars") is not None:
+            oracle_frames(it["chars"], it["text"], m.encoder.frame_seconds, it["where"])
     stages = [args.stage] if args.stage != "all" else ["aligner", "1"] + (["2"] if args.stage2_steps else [])
     check_stages(args, stages)
     for blk in m.connector.blocks:            # --compile: the layers; masks and rows are built
@@ -636,7 +640,7 @@ def infer(args, device):
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
                                  run.prompt, args.max_new_tokens)[0])
     if args.eval:
-        items = data.read_manifest(args.eval)[:args.max_valid]
+        items = common.usable_items(data.read_manifest(args.eval), args, m.encoder)[:args.max_valid]
         modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]
         res = distill_eval(m, items, args, device, modes)
         report(res, modes)

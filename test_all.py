@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -120,6 +121,8 @@ def watch_host_syncs(monkeypatch, steps=2):
 def test_no_valid_holds_out_the_last_tenth_of_train(tmp_path, capsys):
     """--train without --valid: validation never sees a clip that trains (the last 10%, 1 to 50)."""
     p = tmp_path / "m.jsonl"
+    for i in range(1000):
+        (tmp_path / f"{i}.wav").touch()             # (manifests() checks that the files exist)
     for n, k in ((30, 3), (5, 1), (1000, 50)):
         p.write_text("".join(json.dumps(dict(audio=f"{i}.wav", text=f"t {i}")) + "\n" for i in range(n)))
         train, valid = common.manifests(common.Args(train=str(p)))
@@ -172,6 +175,75 @@ def test_skip_bad_items(tmp_path, tiny):
     assert len(batch["text"]) == 2
     with pytest.raises(data.DataError):
         data.SpeechDataset(items)[1]
+
+
+def test_manifest_text_and_field_types_are_checked(tmp_path):
+    """Non-UTF-8 bytes name their line; a BOM is read; optional fields of the wrong type stop at
+    reading (they crashed deep inside the scripts)."""
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(b'{"audio": "a.wav", "text": "hi"}\n{"audio": "a.wav", "text": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match=r"m.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        data.read_manifest(str(p))
+    p.write_bytes(b'\xef\xbb\xbf{"audio": "a.wav", "text": "hi"}\n')
+    assert data.read_manifest(str(p))[0]["text"] == "hi"
+    for row, error in ((dict(translation=3), "'translation' must be a string, not int"),
+                       (dict(chars=["a", "b"]), "'chars' must be a list of \\[character, start_s, end_s\\]"),
+                       (dict(chars=[["a", 0, "1"]]), "'chars' must be a list")):
+        p.write_text(json.dumps(dict(audio="a.wav", text="ab", **row)) + "\n")
+        with pytest.raises(data.DataError, match="m.jsonl:1: " + error):
+            data.read_manifest(str(p))
+    p.write_text(json.dumps(dict(audio="a.wav", text="ab", translation=None, chars=[["a", 0, 0.1]])) + "\n")
+    assert len(data.read_manifest(str(p))) == 1
+
+
+def test_unusable_audio_stops_the_run_before_it_trains(tmp_path, capsys):
+    """common.manifests: a missing file, a directory, or a clip longer than the encoder's window
+    is named (file:line) before any model trains; --skip-bad drops each with a line on stderr.
+    Clips under 50 ms are refused when read."""
+    import soundfile as sf
+    sf.write(tmp_path / "ok.wav", np.zeros(16000, np.float32), 16000)
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 3, np.float32), 16000)
+    sf.write(tmp_path / "tiny.wav", np.zeros(10, np.float32), 16000)
+    (tmp_path / "dir.wav").mkdir()
+    p = tmp_path / "m.jsonl"
+    rows = [dict(audio="ok.wav", text="a"), dict(audio="gone.wav", text="b"), dict(audio="dir.wav", text="c"),
+            dict(audio="long.wav", text="d")]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    window = types.SimpleNamespace(max_samples=lambda: 2 * 16000)        # a 2 s encoder
+    args = common.Args(train=str(p), valid=str(p))
+    with pytest.raises(data.DataError, match=r"m.jsonl:2: audio file not found: .*gone.wav \(--skip-bad"):
+        common.manifests(args, window)
+    args.skip_bad = True
+    train, valid = common.manifests(args, window)
+    assert [it["text"] for it in train] == ["a"] == [it["text"] for it in valid]
+    err = capsys.readouterr().err
+    assert "m.jsonl:3: a directory, not an audio file" in err
+    assert "m.jsonl:4: a clip of 3.00 s is longer than the encoder's 2 s window" in err
+    assert [it["text"] for it in common.manifests(args)[0]] == ["a", "d"]     # (no encoder: no window)
+    with pytest.raises(data.DataError, match="too short"):
+        data.load_audio(str(tmp_path / "tiny.wav"))
+
+
+def test_a_whisper_encoders_window_is_the_longest_clip_it_takes(tiny):
+    enc = common.load_encoder(tiny["enc"], cpu())
+    n = enc.max_samples()
+    with torch.no_grad():
+        assert enc(torch.zeros(1, n), torch.tensor([n]))[0].shape[1] == enc.model.embed_positions.weight.shape[0]
+        with pytest.raises(common.UserError, match="longer than the encoder's"):
+            enc(torch.zeros(1, n + 1), torch.tensor([n + 1]))
+
+
+def test_bad_audio_in_a_loader_worker_is_one_line_and_durations_are_checked(tmp_path, tiny, capsys):
+    items = data.read_manifest(tiny["valid"])[:4]
+    items[2] = dict(items[2], audio=str(tmp_path / "gone.wav"))
+    loader, _ = data.make_loader(items, 8, shuffle=False, workers=1)
+    with pytest.raises(data.DataError) as e:
+        list(loader)
+    assert str(e.value) == f"{items[2]['where']}: audio file not found: {tmp_path / 'gone.wav'}"
+    assert data.first_loadable(items[2:])[0] is items[3]                      # (show_sample's clip)
+    ds = data.SpeechDataset([dict(it, duration=it["duration"] * 3) for it in items[:2]])
+    ds[0], ds[1]
+    assert capsys.readouterr().err.count("batches (and --max-seconds) go by the manifest's durations") == 1
 
 
 def test_bucket_sampler_deterministic_sharded_low_padding():
@@ -951,6 +1023,29 @@ def test_resume_gives_the_same_losses(tiny, tmp_path):
     latest = open(tmp_path / "half" / "latest").read().strip()
     assert latest == "ckpt-6" and not any(p.name.endswith(".tmp") for p in (tmp_path / "half").iterdir())
 
+
+
+def test_bad_data_met_mid_run_keeps_the_steps_done(tiny, tmp_path):
+    """A DataError at step 3 (bad audio, SSR's `chars`) saves step 2 before it stops the run, and
+    --resume continues exactly: nothing trained is lost."""
+    items = data.read_manifest(tiny["train"])
+    full_m = Toy()
+    common.train(toy_args(tmp_path / "full"), full_m, toy_step(full_m), items, cpu(), method="toy")
+    m = Toy()
+    step, calls = toy_step(m), []
+
+    def bad_at_step_3(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise data.DataError("m.jsonl:7: cannot read audio")
+        return step(batch)
+    with pytest.raises(data.DataError, match=r"^m.jsonl:7: cannot read audio; step 2 is saved: .* --resume "):
+        common.train(toy_args(tmp_path / "run"), m, bad_at_step_3, items, cpu(), method="toy")
+    assert open(tmp_path / "run" / "latest").read().strip() == "ckpt-2"
+    again = Toy()
+    common.train(toy_args(tmp_path / "run", resume=str(tmp_path / "run")), again, toy_step(again), items,
+                 cpu(), method="toy")
+    assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "run"), abs=1e-6)
 
 
 def test_resuming_a_finished_run_only_validates(tiny, tmp_path, capsys):
@@ -3023,6 +3118,7 @@ def test_slm_main_end_to_end(slm_tiny, capsys, monkeypatch):
 def test_slm_bad_input_gives_one_line_error(slm_tiny, tmp_path, capsys):
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps(dict(audio="x.wav", text="the cat")) + "\n")
+    (tmp_path / "x.wav").touch()
     with pytest.raises(SystemExit):
         slm.main(["--llm", str(slm_tiny["root"] / "t5"), "--encoder", slm_tiny["enc"], "--train", str(m),
                   "--tasks", "ast", "--device", "cpu", "--out", str(tmp_path / "o")])
