@@ -500,7 +500,10 @@ def enable_checkpointing(model, context_fn=None):
     gets is hidden_states()' read-only prefix cache, which a recompute reads as the forward did."""
     from transformers.modeling_layers import GradientCheckpointingLayer
     kw = dict(use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:                                   # (transformers before 5.2x: the older name)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.checkpointed_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for m in model.checkpointed_layers:
         m._can_checkpoint_with_cache = True
