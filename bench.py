@@ -550,6 +550,8 @@ def run_variant(variant, args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         res["step_s_again"] = (time.time() - t1) / args.steps
+        if "mfu" in res:                                  # (steady state: no new shapes to plan)
+            res["mfu_again"] = flops / (res["step_s_again"] * args.steps) / common.peak_flops(device)
     if args.profile:                                      # one more step of the last timed lengths
         res["profile"] = profile(lambda: train_step(timed[-1]), device)
     train_step(timed[-1], HostSyncs)                      # the forward's waits for the GPU, counted
@@ -719,7 +721,8 @@ def main():
     for v, r in rows.items():
         if "step_s_again" in r:
             print(f"again {v}: {r['step_s']:.3f} s a step over new lengths, {r['step_s_again']:.3f} s over "
-                  f"the same batches again ({r['step_s'] / r['step_s_again']:.2f}x)")
+                  f"the same batches again ({r['step_s'] / r['step_s_again']:.2f}x)"
+                  + (f"; MFU {r['mfu']:.1%} -> {r['mfu_again']:.1%}" if "mfu_again" in r else ""))
     for v, r in rows.items():
         if "profile" in r:
             pr = r["profile"]
