@@ -153,7 +153,7 @@ class Args:
     eval_every: int = arg(0, "validate every N steps (0: only at the end)", min=0)
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)", min=0)
     max_valid: int = arg(200, "at most this many validation utterances", min=1)
-    skip_bad: bool = arg(False, "skip unreadable or empty audio instead of stopping")
+    skip_bad: bool = arg(False, "skip missing, unreadable, too short or too long audio instead of stopping")
     prompt: str = arg("auto", "prompt format: auto (chat template if the tokenizer has one) | "
                                "chat | blsp (###[Human]: ... ###[Assistant]:)", choices=("auto", "chat", "blsp"))
     ckpt: str = arg(None, "run directory with a trained checkpoint (for --infer / --eval)")
