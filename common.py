@@ -58,28 +58,30 @@ class StopFlags:
     in an all_reduce (gloo's then fails: no checkpoint), so a signal only raises this process's
     flag; the flags are summed in each step's all_reduce, and every process reads the same sum
     after the same step: at once on a CPU, two steps later on CUDA (a copy long finished by then:
-    no host-device stall), and then they all stop together."""
+    no host-device stall), and then they all stop together. A second flag, raised by process 0
+    when --save-minutes have passed, has them all save together the same way."""
 
     def __init__(self, device):
         self.cuda, self.pending, self.name = device.type == "cuda", [], None
         self.lag = 2 if self.cuda else 0
 
     def record(self, summed):
-        host = torch.empty((), pin_memory=self.cuda)
+        """summed: the step's all-reduced (stop, save) flags, on the device."""
+        host = torch.empty(2, pin_memory=self.cuda)
         host.copy_(summed, non_blocking=True)
         event = torch.cuda.Event() if self.cuda else None
         if self.cuda:
             event.record()
         self.pending.append((host, event))
 
-    def stop(self):
-        """At the end of a step: had any process raised its flag (`lag` steps ago)?"""
+    def poll(self):
+        """At the end of a step: (stop, save): had any process raised that flag `lag` steps ago?"""
         if len(self.pending) <= self.lag:
-            return False
+            return False, False
         host, event = self.pending.pop(0)
         if event is not None:
             event.synchronize()
-        return float(host) > 0
+        return bool(host[0] > 0), bool(host[1] > 0)
 
 
 class UserError(Exception):
@@ -152,6 +154,8 @@ class Args:
     log_every: int = arg(10, "log a metrics line every N steps", min=1)
     eval_every: int = arg(0, "validate every N steps (0: only at the end)", min=0)
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)", min=0)
+    save_minutes: float = arg(30.0, "also checkpoint when this many minutes have passed since the "
+                                    "last one (a crash loses at most that; 0: off)", min=0)
     max_valid: int = arg(200, "at most this many validation utterances", min=1)
     skip_bad: bool = arg(False, "skip missing, unreadable, too short or too long audio instead of stopping")
     prompt: str = arg("auto", "prompt format: auto (chat template if the tokenizer has one) | "
@@ -1434,6 +1438,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         checked = step
 
     def checkpoint(at=None):
+        nonlocal saved_at
         check_finite()
         e, b, r = at or (epoch, batch_pos, rng_state())
         if world > 1:                           # every process's RNG, to resume each exactly
@@ -1442,8 +1447,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             r = rngs
         if rank == 0:
             save_checkpoint(out, module, opt, step, e, b, meta, r)
+        saved_at = (step, at)
 
-    interrupted, flags = None, StopFlags(device)
+    interrupted, flags, last_save, saved_at = None, StopFlags(device), time.time(), None
 
     def on_signal(signum, frame):           # a cluster's preemption or `kill`: stop as on Ctrl-C
         if world == 1:
@@ -1477,12 +1483,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             total = float(units)
-            if world > 1:       # with the units, the loss and the stop flags (StopFlags)
-                extra = to_gpu(torch.tensor([total, float(flags.name is not None)]), device)
+            save_due = rank == 0 and args.save_minutes > 0 and time.time() - last_save > 60 * args.save_minutes
+            if save_due:
+                last_save = time.time()             # (asked for once: under torchrun it comes later)
+            if world > 1:       # with the units, the loss and the stop and save flags (StopFlags)
+                extra = to_gpu(torch.tensor([total, float(flags.name is not None), float(save_due)]), device)
                 flat = torch.cat([p.grad.flatten() for p in params] + [extra, loss_sum[None]])
                 torch.distributed.all_reduce(flat)
-                total, loss_sum = flat[-3], flat[-1]
-                flags.record(flat[-2])
+                total, loss_sum = flat[-4], flat[-1]
+                flags.record(flat[-3:-1])
                 offset = 0
                 for p in params:
                     p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
@@ -1533,9 +1542,10 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 last_valid = run_valid(valid_fn, step, log, rank, bar, device)
                 seen["valid_s"] += time.time() - t_valid
                 start = None
-            if args.save_every and step % args.save_every == 0:
+            stop, save_due = flags.poll() if world > 1 else (False, save_due)
+            if (args.save_every and step % args.save_every == 0) or (save_due and not stop):
                 checkpoint()
-            if world > 1 and flags.stop():
+            if stop:
                 interrupted = flags.name or "a signal to another process"
                 break
     except data.DataError as e:     # bad audio met mid-run: the steps done are kept (one process:
@@ -1558,7 +1568,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     finally:
         bar.close()
     try:        # (a signal now is taken as before: the checkpoint is written whole)
-        if step > step0 or not args.resume:         # (a resumed run that trained nothing: as it was)
+        # (not again what was just saved; a resumed run that trained nothing: as it was)
+        if (step > step0 or not args.resume) and saved_at != (step, start):
             checkpoint(start)
         if world > 1:       # the others wait for process 0's checkpoint: torchrun stops the
             torch.distributed.barrier()     # whole group when one process exits

@@ -1048,6 +1048,21 @@ def test_bad_data_met_mid_run_keeps_the_steps_done(tiny, tmp_path):
     assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "run"), abs=1e-6)
 
 
+def test_save_minutes_checkpoints_as_time_passes(tiny, tmp_path):
+    """--save-minutes: a checkpoint when that much time has passed since the last (here: every
+    step), and not one more at the end for the same step; off with 0."""
+    items = data.read_manifest(tiny["train"])
+    for minutes, want in ((1e-9, ["ckpt-1", "ckpt-2", "ckpt-3"]), (0, [None, None, None])):
+        m, seen = Toy(), []
+        step, out = toy_step(m), tmp_path / str(minutes)
+
+        def looking(batch):
+            seen.append(open(out / "latest").read().strip() if (out / "latest").exists() else None)
+            return step(batch)
+        common.train(toy_args(out, steps=4, save_minutes=minutes), m, looking, items, cpu(), method="toy")
+        assert seen[1:] == want and sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt")) == ["ckpt-4"]
+
+
 def test_resuming_a_finished_run_only_validates(tiny, tmp_path, capsys):
     """--resume of a run that reached --steps: nothing trained, no new checkpoint, and its final
     validation is run again in place of the old one (metrics.jsonl holds it once)."""
@@ -1491,14 +1506,17 @@ def test_torchrun_resume_gives_the_same_losses(tiny, tmp_path):
     at once, rank 0's all_reduce failed and nothing was saved). Both finish step 4 and stop
     (common.StopFlags); rank 1 waits for rank 0's slow save (it used to exit first, and torchrun
     killed rank 0 mid-save). 2 new processes resume, each with its own RNG (each process's dropout
-    differs; before, both took rank 0's): the same losses and weights as an uninterrupted run."""
+    differs; before, both took rank 0's): the same losses and weights as an uninterrupted run.
+    The uninterrupted run saves after every step (--save-minutes, asked for by rank 0 through the
+    all_reduce): all processes save together, and the saves leave the losses as they were."""
     script = tmp_path / "ddp.py"
     script.write_text(f"""
 import os, signal, sys, time, torch, common, data
 sys.path.insert(0, {HERE!r})
 from test_all import Toy, toy_step, toy_args
 out, mode = sys.argv[1], sys.argv[2]
-args = toy_args(out, batch_size=4, steps=6, resume=out if mode == "resume" else None)
+args = toy_args(out, batch_size=4, steps=6, resume=out if mode == "resume" else None,
+                save_minutes=1e-9 if mode == "full" else 0)
 device, rank, world = common.setup(args)
 make, save = common.make_optimizer, common.save_checkpoint
 common.make_optimizer = lambda params, args, device, lr_scale=(): torch.optim.AdamW(
@@ -1511,6 +1529,9 @@ def stopped_in_step_4(batch):
     calls.append(1)
     if mode == "stop" and len(calls) == 4 and rank == 1:
         os.kill(os.getpid(), signal.SIGTERM)
+    if mode == "full" and rank == 0 and len(calls) > 1:
+        with open(out + "/seen.txt", "a") as f:
+            f.write(open(out + "/latest").read().strip() + " ")
     return step(batch)
 common.train(args, m, stopped_in_step_4, data.read_manifest({tiny['train']!r}), device, rank, world, method="toy")
 if rank == 0:
@@ -1519,6 +1540,8 @@ if rank == 0:
     run = lambda out, mode: run_python(script, tmp_path / out, mode, torchrun=True)
     r = run("full", "full")
     assert r.returncode == 0, r.stderr[:3000]
+    assert open(tmp_path / "full" / "seen.txt").read().split() == [f"ckpt-{k}" for k in range(1, 6)]
+    assert sorted(os.listdir(tmp_path / "full")).count("ckpt-6") == 1 and "ckpt-6.1" not in os.listdir(tmp_path / "full")
     r = run("half", "stop")
     assert r.returncode != 0 and "interrupted (a signal to another process) at step 4" in r.stdout, \
         r.stdout[-2000:] + r.stderr[:2000]
@@ -1536,9 +1559,11 @@ def test_stop_flags_are_read_after_the_same_step_everywhere():
         f = common.StopFlags(cpu())
         f.lag, seen = lag, []
         for k, summed in enumerate([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]):       # flag raised in step 2
-            f.record(torch.tensor(summed))
-            seen.append(f.stop())
-        assert seen.index(True) == 2 + lag and sum(seen) == 1
+            f.record(torch.tensor([summed, 2.0 * (k == 3)]))              # a save asked for in step 3
+            seen.append(f.poll())
+        stops, saves = zip(*seen)
+        assert stops.index(True) == 2 + lag and sum(stops) == 1
+        assert saves.index(True) == 3 + lag and sum(saves) == 1
 
 def test_torchrun_processes_exit_cleanly(tmp_path):
     """Left to Python's teardown, a gloo worker thread that frees its last all_reduce late aborts
