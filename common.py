@@ -399,9 +399,10 @@ class SpeechEncoder(nn.Module):
     def whisper_forward(self, feats, flens):
         enc = self.model
         T = (feats.shape[-1] - 1) // 2 + 1
-        if T > enc.embed_positions.weight.shape[0]:     # (manifests() checks the clips first)
-            raise UserError(f"a clip of {feats.shape[-1] / 100:.2f} s is longer than the encoder's "
-                            f"{enc.embed_positions.weight.shape[0] / 50:g} s window")
+        if T > enc.embed_positions.weight.shape[0]:     # (manifests() checks the clips first; a
+            raise data.DataError(                       # manifest's short duration lets one by)
+                f"a clip of {feats.shape[-1] / 100:.2f} s is longer than the encoder's "
+                f"{enc.embed_positions.weight.shape[0] / 50:g} s window")
         # zero the frames past each clip's end so that the convolutions see what they see alone
         keep = torch.arange(feats.shape[-1], device=feats.device)[None] < flens[:, None]
         keep = keep[:, None, :].to(feats.dtype)
@@ -1132,20 +1133,31 @@ def manifests(args, encoder=None):
     else:
         tm, vm = data.toy_corpus()
         train, valid = data.read_manifest(tm), data.read_manifest(args.valid or vm)
-    return usable_items(train, args, encoder), usable_items(valid, args, encoder)[:args.max_valid]
+    return usable_items(train, args, encoder), usable_items(valid, args, encoder, args.max_valid)
 
 
-def usable_items(items, args, encoder=None):
-    """Missing audio files and clips longer than the encoder takes stop the run before it trains
-    (with --skip-bad: dropped, each named), not at the step that meets them."""
+def usable_items(items, args, encoder=None, most=None):
+    """Missing audio files, clips under 50 ms and clips longer than the encoder takes stop the run
+    before it trains (with --skip-bad: dropped, each named), not at the step that meets them. A
+    duration the manifest lacks is read from the file's header once, here. most: stop once that
+    many are kept (--max-valid: the lines after it are never read)."""
     limit, keep = encoder.max_samples() if encoder is not None else None, []
     for it in items:
+        if most is not None and len(keep) >= most:
+            break
         problem = None
         if not os.path.isfile(it["audio"]):
             problem = "a directory, not an audio file" if os.path.isdir(it["audio"]) else "audio file not found"
             problem += f": {it['audio']}"
-        elif limit and round(data.duration_of(it) * data.SAMPLE_RATE) > limit:
-            problem = (f"a clip of {data.duration_of(it):.2f} s is longer than the encoder's "
+        elif "duration" not in it:
+            d = data.duration_of(it)                # (0: unreadable; load_audio says why, later)
+            if d > 0:
+                it["duration"] = d
+        n = round(it.get("duration", 0) * data.SAMPLE_RATE)
+        if problem is None and 0 < n < data.MIN_SAMPLES:
+            problem = f"a clip of {it['duration'] * 1000:.0f} ms: too short (at least 50 ms)"
+        elif problem is None and limit and n > limit:
+            problem = (f"a clip of {it['duration']:.2f} s is longer than the encoder's "
                        f"{limit / data.SAMPLE_RATE:.0f} s window")
         if problem is None:
             keep.append(it)
@@ -1411,7 +1423,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     yield b
             epoch, batch_pos = epoch + 1, 0
 
-    step0 = step
+    step0 = step            # (and saved_at: a resumed run's own directory holds its step already)
+    same_dir = bool(args.resume) and os.path.samefile(args.resume, out)
     if args.resume and step >= args.steps and rank == 0:
         print(f"{args.resume}: at step {step} of --steps {args.steps} already: nothing to train (a larger "
               f"--steps continues it); validating only")
@@ -1447,9 +1460,10 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             r = rngs
         if rank == 0:
             save_checkpoint(out, module, opt, step, e, b, meta, r)
-        saved_at = (step, at)
+        saved_at = step
 
-    interrupted, flags, last_save, saved_at = None, StopFlags(device), time.time(), None
+    interrupted, flags, last_save = None, StopFlags(device), time.time()
+    saved_at = step if same_dir else None
 
     def on_signal(signum, frame):           # a cluster's preemption or `kill`: stop as on Ctrl-C
         if world == 1:
@@ -1549,12 +1563,11 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 interrupted = flags.name or "a signal to another process"
                 break
     except data.DataError as e:     # bad audio met mid-run: the steps done are kept (one process:
-        saved = world == 1 and step > step0         # with several, the others wait in all_reduce)
-        if saved:
-            checkpoint(start)
+        if world == 1 and saved_at != step and (step > step0 or args.resume):   # (the others wait
+            checkpoint(start)                                                  # in all_reduce)
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        if not saved:
+        if saved_at != step:
             raise
         raise data.DataError(f"{e}; step {step} is saved: mend the data (or add --skip-bad), then "
                              f"--resume {resume_dir or out}") from None
@@ -1569,7 +1582,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         bar.close()
     try:        # (a signal now is taken as before: the checkpoint is written whole)
         # (not again what was just saved; a resumed run that trained nothing: as it was)
-        if (step > step0 or not args.resume) and saved_at != (step, start):
+        if saved_at != step and (step > step0 or not same_dir):
             checkpoint(start)
         if world > 1:       # the others wait for process 0's checkpoint: torchrun stops the
             torch.distributed.barrier()     # whole group when one process exits

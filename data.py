@@ -140,7 +140,7 @@ class SpeechDataset(torch.utils.data.Dataset):
             self.warned = True
             print(f"warning: {item.get('where', item['audio'])}: 'duration' {said} s, but the audio "
                   f"lasts {real:.2f} s: batches (and --max-seconds) go by the manifest's durations "
-                  f"(reported once)", file=sys.stderr)
+                  f"(only the first such clip is reported)", file=sys.stderr)
         return dict(item, wave=wave)
 
 

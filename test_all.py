@@ -220,8 +220,17 @@ def test_unusable_audio_stops_the_run_before_it_trains(tmp_path, capsys):
     assert "m.jsonl:3: a directory, not an audio file" in err
     assert "m.jsonl:4: a clip of 3.00 s is longer than the encoder's 2 s window" in err
     assert [it["text"] for it in common.manifests(args)[0]] == ["a", "d"]     # (no encoder: no window)
+    assert train[0]["duration"] == 1.0                                      # read from the header, once
     with pytest.raises(data.DataError, match="too short"):
         data.load_audio(str(tmp_path / "tiny.wav"))
+    p.write_text(json.dumps(dict(audio="tiny.wav", text="e")) + "\n")
+    v = tmp_path / "v.jsonl"                # --max-valid: the lines after the kept ones are not read
+    v.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], rows[1]]))
+    args = common.Args(train=str(p), valid=str(v), max_valid=2)
+    with pytest.raises(data.DataError, match=r"m.jsonl:1: a clip of 1 ms: too short"):
+        common.manifests(args)
+    p.write_text(json.dumps(rows[0]) + "\n")
+    assert len(common.manifests(args)[1]) == 2
 
 
 def test_a_whisper_encoders_window_is_the_longest_clip_it_takes(tiny):
@@ -229,7 +238,7 @@ def test_a_whisper_encoders_window_is_the_longest_clip_it_takes(tiny):
     n = enc.max_samples()
     with torch.no_grad():
         assert enc(torch.zeros(1, n), torch.tensor([n]))[0].shape[1] == enc.model.embed_positions.weight.shape[0]
-        with pytest.raises(common.UserError, match="longer than the encoder's"):
+        with pytest.raises(data.DataError, match="longer than the encoder's"):
             enc(torch.zeros(1, n + 1), torch.tensor([n + 1]))
 
 
@@ -1040,8 +1049,8 @@ def test_bad_data_met_mid_run_keeps_the_steps_done(tiny, tmp_path):
             raise data.DataError("m.jsonl:7: cannot read audio")
         return step(batch)
     with pytest.raises(data.DataError, match=r"^m.jsonl:7: cannot read audio; step 2 is saved: .* --resume "):
-        common.train(toy_args(tmp_path / "run"), m, bad_at_step_3, items, cpu(), method="toy")
-    assert open(tmp_path / "run" / "latest").read().strip() == "ckpt-2"
+        common.train(toy_args(tmp_path / "run", save_every=2), m, bad_at_step_3, items, cpu(), method="toy")
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("ckpt")] == ["ckpt-2"]  # once
     again = Toy()
     common.train(toy_args(tmp_path / "run", resume=str(tmp_path / "run")), again, toy_step(again), items,
                  cpu(), method="toy")
@@ -1078,6 +1087,9 @@ def test_resuming_a_finished_run_only_validates(tiny, tmp_path, capsys):
     assert open(out / "metrics.jsonl").read() == before                 # valid @1, @2 once each
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt-")) == ["ckpt-2"]
     assert torch.equal(w, m.lin.weight)
+    other = tmp_path / "other"              # resumed into another --out: the step is saved there
+    common.train(toy_args(other, steps=2, resume=str(out)), m, toy_step(m), items, cpu(), method="toy")
+    assert open(other / "latest").read().strip() == "ckpt-2"
 
 
 def test_lr_scale_trains_those_parameters_at_a_fraction_of_the_lr(tiny, tmp_path):
