@@ -169,14 +169,13 @@ def load_run(args, device):
 def infer(args, device):
     encoder, adapter, llm, tok = load_run(args, device)
     if args.infer:
-        wave = data.load_audio(args.infer)
-        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
+        batch = common.infer_batch(args, encoder, device)
         with torch.no_grad(), common.autocast(device):
             vecs = speech_vectors(encoder, adapter, batch)
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
                                  args.prompt, args.max_new_tokens)[0])
     if args.eval:
-        items = common.usable_items(data.read_manifest(args.eval), args, encoder)[:args.max_valid]
+        items = common.eval_items(args, encoder)
         todo = [it for it in items if "continuation" not in it]
         for it in continuation_data(llm, tok, todo, args, args.ckpt, "eval"):
             it["continuation"] = it["continuation_llm"]

@@ -403,14 +403,13 @@ def load_run(args, device):
 def infer(args, device):
     encoder, cformer, llm, tok, ctx = load_run(args, device)
     if args.infer:
-        wave = data.load_audio(args.infer)
-        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
+        batch = common.infer_batch(args, encoder, device)
         with torch.no_grad(), common.autocast(device):
             vecs = speech_vectors(encoder, cformer, batch)[0]
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
                                  args.prompt, args.max_new_tokens, lora=ctx)[0])
     if args.eval:
-        items = common.usable_items(data.read_manifest(args.eval), args, encoder)[:args.max_valid]
+        items = common.eval_items(args, encoder)
         continuation_data(llm, tok, items, args, args.ckpt, "eval")
         for it in items:
             it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))

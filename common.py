@@ -156,14 +156,15 @@ class Args:
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)", min=0)
     save_minutes: float = arg(30.0, "also checkpoint when this many minutes have passed since the "
                                     "last one (a crash loses at most that; 0: off)", min=0)
-    max_valid: int = arg(200, "at most this many validation utterances", min=1)
+    max_valid: int = arg(200, "at most this many validation (and --eval) utterances", min=1)
     skip_bad: bool = arg(False, "skip missing, unreadable, too short or too long audio instead of stopping")
     prompt: str = arg("auto", "prompt format: auto (chat template if the tokenizer has one) | "
                                "chat | blsp (###[Human]: ... ###[Assistant]:)", choices=("auto", "chat", "blsp"))
-    ckpt: str = arg(None, "run directory with a trained checkpoint (for --infer / --eval)")
-    infer: str = arg(None, "audio file: print the LLM's answer to it")
+    ckpt: str = arg(None, "run directory with a trained checkpoint (for --infer / --eval)", metavar="RUN_DIR")
+    infer: str = arg(None, "audio file: print the LLM's answer to it (with --ckpt)", metavar="WAV")
     instruction: str = arg(None, "instruction for --infer / --eval (default: the method's)")
-    eval: str = arg(None, "manifest to evaluate a --ckpt on")
+    eval: str = arg(None, "manifest to evaluate a --ckpt on (its first --max-valid utterances)",
+                    metavar="MANIFEST")
     max_new_tokens: int = arg(64, "generation length limit", min=1)
 
 
@@ -184,7 +185,8 @@ def parse_args(cls, argv=None, **defaults):
         else:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
             typ = typ if typ in (int, float, str) else str
-            p.add_argument(name, type=typ, default=default, help=h, choices=meta[f.name].get("choices"))
+            p.add_argument(name, type=typ, default=default, help=h, choices=meta[f.name].get("choices"),
+                           metavar=meta[f.name].get("metavar"))
     args = cls(**vars(p.parse_args(argv)))
     for k, b in meta.items():
         v = getattr(args, k)
@@ -202,6 +204,13 @@ def parse_args(cls, argv=None, **defaults):
         raise UserError(f"--betas must be two numbers in [0, 1) such as 0.9,0.999, not {args.betas!r}")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise UserError(f"--device must be cuda, cuda:N or cpu, not {args.device!r}")
+    if args.ckpt and not (args.infer or args.eval):
+        raise UserError(f"--ckpt {args.ckpt}: add --infer WAV or --eval MANIFEST (what to do with the run)")
+    for flag, path in (("--infer", args.infer), ("--eval", args.eval)):
+        if path and not args.ckpt:
+            raise UserError(f"{flag} needs --ckpt RUN_DIR, the trained run to use")
+        if path and not os.path.isfile(path):       # (before any model loads)
+            raise UserError(f"{flag} {path}: " + ("a directory" if os.path.isdir(path) else "no such file"))
     return args
 
 
@@ -1168,6 +1177,26 @@ def usable_items(items, args, encoder=None, most=None):
     if not keep:
         raise data.DataError(f"{items[0]['where'].rsplit(':', 1)[0]}: no usable utterance")
     return keep
+
+
+def infer_batch(args, encoder, device):
+    """--infer: the audio file as a batch of one (too long for the encoder: said before it runs)."""
+    wave = data.load_audio(args.infer, f"--infer {args.infer}")
+    limit = encoder.max_samples()
+    if limit and len(wave) > limit:
+        raise data.DataError(f"--infer {args.infer}: a clip of {len(wave) / data.SAMPLE_RATE:.2f} s is longer "
+                             f"than the encoder's {limit / data.SAMPLE_RATE:.0f} s window")
+    return dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
+
+
+def eval_items(args, encoder):
+    """--eval: the manifest's first --max-valid usable utterances (said when that leaves some out)."""
+    items = data.read_manifest(args.eval)
+    kept = usable_items(items, args, encoder, args.max_valid)
+    if len(kept) < len(items) and len(kept) == args.max_valid:
+        print(f"--eval: the first {len(kept)} of {len(items)} utterances (--max-valid {args.max_valid})",
+              file=sys.stderr)
+    return kept
 
 
 def batches(items, args, rank=0, world=1, shuffle=False):

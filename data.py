@@ -40,6 +40,9 @@ def read_manifest(path, required=("audio", "text")):
     root = os.path.dirname(os.path.abspath(path))
     items = []
     with open(path, "rb") as f:
+        if f.read(4) in (b"RIFF", b"fLaC", b"OggS"):
+            raise DataError(f"{path}: an audio file, not a manifest (JSON lines: see the README)")
+        f.seek(0)
         for n, raw in enumerate(f, 1):
             try:                                    # (utf-8-sig: a Windows editor's BOM)
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
@@ -82,23 +85,23 @@ def load_audio(path, where=None):
     """Read a file -> mono float32 tensor at 16 kHz. One-line DataError on any problem."""
     import soundfile as sf
     import torchaudio
-    name = where or path
+    name, at = (where, f": {path}") if where else (path, "")
     if not os.path.isfile(path):
         raise DataError(f"{name}: " + ("a directory, not an audio file" if os.path.isdir(path) else
-                                       "audio file not found") + f": {path}")
+                                       "audio file not found") + at)
     try:
         wave, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for corrupt files
-        raise DataError(f"{name}: cannot read audio {path} ({type(e).__name__}: {e})") from None
+        raise DataError(f"{name}: cannot read audio{at} ({type(e).__name__}: {e})") from None
     wave = torch.from_numpy(wave.mean(axis=1))
     if wave.numel() == 0:
-        raise DataError(f"{name}: empty audio {path}")
+        raise DataError(f"{name}: empty audio{at}")
     if not torch.isfinite(wave).all():
-        raise DataError(f"{name}: non-finite samples in {path}")
+        raise DataError(f"{name}: non-finite samples{at}")
     if sr != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sr, SAMPLE_RATE)
     if len(wave) < MIN_SAMPLES:
-        raise DataError(f"{name}: {len(wave) / SAMPLE_RATE * 1000:.0f} ms of audio in {path}: too short "
+        raise DataError(f"{name}: {len(wave) / SAMPLE_RATE * 1000:.0f} ms of audio{at}: too short "
                         f"(at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms)")
     return wave
 

@@ -349,15 +349,14 @@ def infer(args, device):
     encoder, adapter, llm, tok = load_run(args, device)
     eos = common.eos_ids(llm, tok)[0]
     if args.infer:
-        wave = data.load_audio(args.infer)
-        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
+        batch = common.infer_batch(args, encoder, device)
         ins = args.instruction or instructions("asr", args.language)[0]
         with torch.no_grad(), common.autocast(device):
             v = speech_vectors(encoder, adapter, batch)[0]
             print(answer(llm, tok, [encoder_sample(speech(v), ids_of(tok, ins), eos, args.order)],
                          args.max_new_tokens)[0])
     if args.eval:
-        items = with_task_fields(common.usable_items(data.read_manifest(args.eval), args, encoder)[:args.max_valid])
+        items = with_task_fields(common.eval_items(args, encoder))
         if not any(it.get(TASKS[args.task]) for it in items):
             raise common.UserError(f"--eval {args.eval}: no item has a '{TASKS[args.task]}' field "
                                    f"(needed for --task {args.task})")

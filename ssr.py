@@ -411,7 +411,8 @@ def distill_eval(m, items, args, device, modes):
             o = got.get("oracle", {}).get(i, [])
             if len(o) == len(b):
                 s["bnd_err"], s["bnd_n"] = s["bnd_err"] + sum(abs(x - y) for x, y in zip(b, o)), s["bnd_n"] + len(b)
-    res = {f"{k}_{md}": s[f"{k}_{md}"] / max(s["tok_" + md], 1) for md in modes for k in ("cos", "mse", "acc")}
+    res = {f"{k}_{md}": s[f"{k}_{md}"] / s["tok_" + md] if s["tok_" + md] else None     # (None: no
+           for md in modes for k in ("cos", "mse", "acc")}                              # utterance matched)
     res.update({f"wer_{md}": common.wer(out["ref_" + md], out["hyp_" + md]) for md in modes})
     res.update({f"matched_{md}": s["match_" + md] / max(s["utts_" + md], 1) for md in modes})
     if s["bnd_n"]:
@@ -431,6 +432,22 @@ def ntp_eval(m, items, args, device, bos, eos):
             loss, n, _ = stage2_loss(m, batch, "forced", bos, eos, text_only=k == "text")
             s[k], s["n_" + k] = s[k] + float(loss), s["n_" + k] + n
     return dict(speech_loss=s["speech"] / max(s["n_speech"], 1), text_loss=s["text"] / max(s["n_text"], 1))
+
+
+def llm_eval(m, items, args, device, instruction=None):
+    """After stage 2: ntp_eval, and common.alignment_eval (content_acc with the continuation
+    instruction, repeat_wer with `instruction`, or the default repeat instruction)."""
+    r = ntp_eval(m, items, args, device, *text_ends(m))
+    r.update(common.alignment_eval(m.llm, m.tok, items, args, device, lambda b: every_vector(m, b),
+                                   CONTINUE_INSTRUCTION, *([instruction] if instruction else [])))
+    r.pop("repeat_example")
+    return r
+
+
+def text_ends(m):
+    """Stage 2's (BOS ids, EOS id): BOS as the tokenizer starts a text, the tokenizer's EOS."""
+    eos = m.tok.eos_token_id if m.tok.eos_token_id is not None else common.eos_ids(m.llm, m.tok)[0]
+    return common.bos_ids(m.tok), eos
 
 
 def step_flops(m, stage, full=False):
@@ -573,8 +590,7 @@ def run_stages(args, m, device, rank, world):
     common.freeze(m.connector)
 
     if "2" in stages:
-        bos = common.bos_ids(m.tok)                         # as the tokenizer starts a text
-        eos = m.tok.eos_token_id if m.tok.eos_token_id is not None else common.eos_ids(m.llm, m.tok)[0]
+        bos, eos = text_ends(m)
         module = stage2_module(args, m.llm).train()
         flops = step_flops(m, "2", args.finetune == "full")
         fields.append("finetune")
@@ -589,10 +605,7 @@ def run_stages(args, m, device, rank, world):
 
         def stage2_valid(step):
             module.eval()
-            r = ntp_eval(m, valid_items, args, device, bos, eos)
-            r.update(common.alignment_eval(m.llm, m.tok, valid_items, args, device,
-                                           lambda b: every_vector(m, b), CONTINUE_INSTRUCTION))
-            r.pop("repeat_example")
+            r = llm_eval(m, valid_items, args, device)
             module.train()
             return r
 
@@ -605,19 +618,30 @@ def run_stages(args, m, device, rank, world):
 
 
 def report(res, modes):
+    """The table of distill_eval: per boundary source, on the utterances that got one vector per
+    token (matched; '-': none did)."""
     names = dict(oracle="oracle", forced="forced (CTC + transcript)", greedy="CTC (no transcript)")
-    print(f"{'boundaries':26s} {'cosine':>7s} {'mse':>8s} {'token_acc':>9s} {'readout_wer':>11s}")
+    print(f"{'boundaries':26s} {'cosine':>7s} {'mse':>8s} {'token_acc':>9s} {'readout_wer':>11s} {'matched':>7s}")
     for m in modes:
-        print(f"{names[m]:26s} {res[f'cos_{m}']:7.4f} {res[f'mse_{m}']:8.4f} {res[f'acc_{m}']:9.4f} "
-              f"{res[f'wer_{m}']:11.4f}")
+        cells = [("-" if res[f"{k}_{m}"] is None else f"{res[f'{k}_{m}']:.4f}").rjust(w)
+                 for k, w in (("cos", 7), ("mse", 8), ("acc", 9))]
+        print(f"{names[m]:26s} {' '.join(cells)} {res[f'wer_{m}']:11.4f} {res[f'matched_{m}']:7.1%}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Inference and evaluation of a trained run (--ckpt: the run directory of all stages)
 
 def infer(args, device):
+    if not os.path.isdir(args.ckpt):
+        raise common.UserError(f"--ckpt {args.ckpt}: no such run directory")
+    if os.path.isfile(os.path.join(args.ckpt, "latest")):      # one training run: a stage's, or not SSR's
+        with open(os.path.join(common.find_checkpoint(args.ckpt), "meta.json")) as f:
+            method = json.load(f).get("method", "")
+        raise common.UserError(f"--ckpt {args.ckpt}: " + (
+            f"one stage of an SSR run: --ckpt takes the run's directory, {os.path.dirname(os.path.abspath(args.ckpt))}"
+            if method.startswith("ssr-") else f"a {method} run, not SSR's"))
     if not trained(args.ckpt, "1"):
-        raise common.UserError(f"{args.ckpt}: no stage 1 checkpoint in this run directory")
+        raise common.UserError(f"--ckpt {args.ckpt}: no stage 1 checkpoint (stage1/) in this run directory")
     has2 = trained(args.ckpt, "2")
     last = STAGE_DIRS["2" if has2 else "1"]                    # its config: the run's arguments
     cfg = common.run_config(os.path.join(args.ckpt, last), "ssr-" + last)[1]
@@ -629,8 +653,7 @@ def infer(args, device):
         load_stage(stage2_module(run, llm), args.ckpt, "2")
     common.freeze(m.aligner), common.freeze(m.connector), common.freeze(llm)
     if args.infer:
-        wave = data.load_audio(args.infer)
-        batch = dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
+        batch = common.infer_batch(args, m.encoder, device)
         with torch.no_grad(), common.autocast(device):
             vecs, ids, _, _ = ssr_vectors(m, batch, "greedy")
             if not vecs:
@@ -640,10 +663,12 @@ def infer(args, device):
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
                                  run.prompt, args.max_new_tokens)[0])
     if args.eval:
-        items = common.usable_items(data.read_manifest(args.eval), args, m.encoder)[:args.max_valid]
+        items = common.eval_items(args, m.encoder)
         modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]
         res = distill_eval(m, items, args, device, modes)
         report(res, modes)
+        if has2:                                # the fine-tuned LLM reading the SSR vectors
+            res.update(llm_eval(m, items, args, device, args.instruction))
         print(json.dumps(res, indent=1))
 
 
@@ -660,7 +685,7 @@ def main(argv=None):
         raise common.UserError("SSR needs a fast tokenizer (its offset mapping)")
     res = run_stages(args, build(args, encoder, llm, tok, device), device, rank, world)
     if rank == 0 and res:
-        print("final: " + json.dumps({k: round(v, 4) for k, v in res.items()}))
+        print("final: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
 
 
 if __name__ == "__main__":

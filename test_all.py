@@ -255,6 +255,29 @@ def test_bad_audio_in_a_loader_worker_is_one_line_and_durations_are_checked(tmp_
     assert capsys.readouterr().err.count("batches (and --max-seconds) go by the manifest's durations") == 1
 
 
+def test_infer_and_eval_inputs_are_checked_before_models_load(tiny, tmp_path, capsys):
+    """--ckpt alone, --infer / --eval without --ckpt or naming no file: one line, at parsing. An
+    audio file given as a manifest says so; a clip too long for the encoder names --infer; --eval
+    says when --max-valid leaves utterances out."""
+    import soundfile as sf
+    wav = data.read_manifest(tiny["valid"])[0]["audio"]
+    for argv, msg in ((["--ckpt", str(tmp_path)], "add --infer WAV or --eval MANIFEST"),
+                      (["--infer", wav], "--infer needs --ckpt RUN_DIR"),
+                      (["--ckpt", str(tmp_path), "--eval", str(tmp_path / "m.jsonl")], "m.jsonl: no such file"),
+                      (["--ckpt", str(tmp_path), "--infer", str(tmp_path)], "a directory")):
+        with pytest.raises(common.UserError, match=re.escape(msg)):
+            common.parse_args(common.Args, argv)
+    with pytest.raises(data.DataError, match="an audio file, not a manifest"):
+        data.read_manifest(wav)
+    enc = common.load_encoder(tiny["enc"], cpu())
+    sf.write(tmp_path / "long.wav", np.zeros(enc.max_samples() + 1, np.float32), 16000)
+    with pytest.raises(data.DataError, match=r"^--infer .*long.wav: a clip of .* longer than the encoder's"):
+        common.infer_batch(common.Args(infer=str(tmp_path / "long.wav")), enc, cpu())
+    assert common.infer_batch(common.Args(infer=wav), enc, cpu())["wave"].shape[0] == 1
+    assert len(common.eval_items(common.Args(eval=tiny["valid"], max_valid=3), enc)) == 3
+    assert "--eval: the first 3 of 8 utterances (--max-valid 3)" in capsys.readouterr().err
+
+
 def test_bucket_sampler_deterministic_sharded_low_padding():
     rng = random.Random(0)
     durs = [rng.uniform(2, 20) for _ in range(3000)]               # a LibriSpeech-like spread
@@ -2441,7 +2464,7 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "checkpoint of another method (blsp != blsp_kd)" in capsys.readouterr().err
     for script in (blsp, slm):                            # --ckpt of another method's run
         with pytest.raises(SystemExit) as e:
-            script.main(["--ckpt", s1, "--infer", "x.wav", "--device", "cpu"])
+            script.main(["--ckpt", s1, "--infer", data.read_manifest(valid)[0]["audio"], "--device", "cpu"])
         assert e.value.code == 2 and "checkpoint of another method (blsp_kd != " in capsys.readouterr().err
     for extra, msg in ((["--unfreeze-encoder"], "--unfreeze-encoder is for stage 2"),
                        (["--encoder-lr", "1e-5"], "--encoder-lr is the lr of an unfrozen encoder"),
@@ -2837,7 +2860,13 @@ def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys, monkeypatch):
     ssr.main(["--ckpt", str(out), "--infer", str(ssr_tiny / "wav" / "0.wav"), "--eval", str(ssr_tiny / "m.jsonl"),
               "--max-new-tokens", "3", "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert "nearest-token readout" in printed and '"cos_forced"' in printed
+    assert "nearest-token readout" in printed and '"cos_forced"' in printed and "matched" in printed
+    assert '"speech_loss"' in printed and '"repeat_wer"' in printed         # stage 2's LLM, measured
+    for ckpt, msg in ((out / "stage1", f"one stage of an SSR run: --ckpt takes the run's directory, {out}"),
+                      (tmp_path / "nope", "no such run directory")):
+        with pytest.raises(SystemExit) as e:
+            ssr.main(["--ckpt", str(ckpt), "--eval", str(ssr_tiny / "m.jsonl"), "--device", "cpu"])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:                 # stage 2 without a stage-1 checkpoint
         ssr.main(ssr_base_args(ssr_tiny, tmp_path / "empty") + ["--stage", "2"])
     assert e.value.code == 2
