@@ -1480,7 +1480,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         checked = step
 
     def checkpoint(at=None):
-        nonlocal saved_at
+        nonlocal saved_at, last_save
         check_finite()
         e, b, r = at or (epoch, batch_pos, rng_state())
         if world > 1:                           # every process's RNG, to resume each exactly
@@ -1489,7 +1489,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             r = rngs
         if rank == 0:
             save_checkpoint(out, module, opt, step, e, b, meta, r)
-        saved_at = step
+        saved_at, last_save = step, time.time()
 
     interrupted, flags, last_save = None, StopFlags(device), time.time()
     saved_at = step if same_dir else None
