@@ -439,13 +439,13 @@ def main(argv=None):
     if args.init:   # the stage-1 run fixes the models and the CFormer's shape (unset: its own)
         init_ck, cfg = common.run_config(args.init, "blsp_kd")
         for k in ("llm", "encoder", "encoder_layer", "pre_layers", "post_layers", "heads", "ffn"):
-            if getattr(args, k) == getattr(KDArgs, k):
+            if not common.given(args, k):
                 setattr(args, k, cfg.get(k))
             elif cfg.get(k) != getattr(args, k):
                 raise common.UserError(f"--init {args.init}: its --{k.replace('_', '-')} is "
                                        f"{cfg.get(k)!r}, not {getattr(args, k)!r}")
         for k in ("prompt", "continuation_tokens"):        # the data it learned from, unless set
-            if getattr(args, k) == getattr(KDArgs, k) and k in cfg:
+            if not common.given(args, k) and k in cfg:
                 setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)

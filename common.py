@@ -188,6 +188,9 @@ def parse_args(cls, argv=None, **defaults):
             p.add_argument(name, type=typ, default=default, help=h, choices=meta[f.name].get("choices"),
                            metavar=meta[f.name].get("metavar"))
     args = cls(**vars(p.parse_args(argv)))
+    unset = object()                    # which flags the command line gave (abbreviated ones too)
+    p.set_defaults(**{f.name: unset for f in dataclasses.fields(cls)})
+    args._given = frozenset(k for k, v in vars(p.parse_args(argv)).items() if v is not unset)
     for k, b in meta.items():
         v = getattr(args, k)
         if v is None or isinstance(v, (bool, str)):
@@ -216,6 +219,11 @@ def parse_args(cls, argv=None, **defaults):
 
 # ============================================================================================
 # Devices and processes
+
+def given(args, name):
+    """Was --name on the command line? (a value equal to the default counts: asked for, not taken)"""
+    return name in getattr(args, "_given", ())
+
 
 def setup(args):
     """-> (device, rank, world). Initialises torch.distributed under torchrun."""
@@ -1432,7 +1440,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             torch.distributed.broadcast(p.data, src=0)
     if rank == 0:           # (a refused --resume leaves the run's config as it was)
         with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dict(vars(args), world=world), f, indent=1)
+            json.dump({**{k: v for k, v in vars(args).items() if not k.startswith("_")}, "world": world}, f, indent=1)
     loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
                                        args.seed, rank, world, args.workers, args.skip_bad,
                                        pin_memory=device.type == "cuda")

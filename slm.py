@@ -338,7 +338,7 @@ def load_run(args, device):
     for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn"):
         setattr(args, k, cfg[k])
     for k in ("order", "tasks", "language"):
-        if getattr(args, k) == getattr(SLMArgs, k):
+        if not common.given(args, k):
             setattr(args, k, cfg[k])
     encoder, adapter, llm, tok = build(args, device)
     common.load_trainable(adapter, ck).eval()

@@ -255,6 +255,15 @@ def test_bad_audio_in_a_loader_worker_is_one_line_and_durations_are_checked(tmp_
     assert capsys.readouterr().err.count("batches (and --max-seconds) go by the manifest's durations") == 1
 
 
+def test_given_tells_flags_on_the_command_line_from_defaults():
+    """common.given: a flag given with its default value counts as given (BLSP-KD's --init and
+    SLM's --ckpt take only the others from the run); abbreviations and --no-X count too."""
+    a = common.parse_args(common.Args, ["--max-va", "200", "--no-skip-bad", "--seed=0"])
+    assert [k for k in ("max_valid", "skip_bad", "seed", "steps", "lr") if common.given(a, k)] == \
+        ["max_valid", "skip_bad", "seed"]
+    assert not common.given(common.Args(), "seed")
+
+
 def test_infer_and_eval_inputs_are_checked_before_models_load(tiny, tmp_path, capsys):
     """--ckpt alone, --infer / --eval without --ckpt or naming no file: one line, at parsing. An
     audio file given as a manifest says so; a clip too long for the encoder names --infer; --eval
@@ -2455,6 +2464,9 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         blsp_kd.main(stage2 + ["--out", str(tmp_path / "bad"), "--stage", "2", "--init", s1, "--heads", "3"])
     assert e.value.code == 2 and "its --heads is 2, not 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                  # the default, given: checked all the same
+        blsp_kd.main(stage2 + ["--out", str(tmp_path / "bad"), "--stage", "2", "--init", s1, "--heads", "4"])
+    assert e.value.code == 2 and "its --heads is 2, not 4" in capsys.readouterr().err
     other = tmp_path / "other" / "ckpt-1"                 # another method's run
     other.mkdir(parents=True)
     (other / "meta.json").write_text(json.dumps(dict(method="blsp", model="x")))
