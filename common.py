@@ -1467,7 +1467,10 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
               f"--steps continues it); validating only")
     log = Logger(out, rank, step, finished=step >= args.steps)
     it = micro_batches()
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
+    # a terminal gets a progress bar; a log file (a cluster job, a pipe) plain lines instead, at the
+    # logged steps, at most one every 10 s (a bar there is one endless line of carriage returns)
+    interactive, said_at = sys.stderr.isatty() or sys.stdout.isatty(), 0.0
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0 or not interactive, dynamic_ncols=True,
                mininterval=1.0, file=sys.stdout if not sys.stderr.isatty() else sys.stderr)
     # throughput counters: validation is left out of the rates, waiting for data is not (data_wait)
     last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0, data_s=0.0, valid_s=0.0)
@@ -1588,6 +1591,13 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     if peak_fl and seen["flops"]:
                         row["mfu"] = seen["flops"] / dt / peak_fl    # per GPU
                 log(**row)
+                if rank == 0 and not interactive and (time.time() - said_at >= 10 or step == args.steps):
+                    said_at = time.time()
+                    print(f"step {step}/{args.steps}: loss {loss_val:.4f}, lr {row['lr']:.2e}, "
+                          f"{row['samples_per_s']:.1f} samples/s, {row['tokens_per_s']:.0f} tokens/s"
+                          + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "")
+                          + (f", peak {peak:.1f} GiB" if "peak_mem_gib" in row else "")
+                          + f", {(args.steps - step) * dt / (step - step0) / 60:.1f} min to go", flush=True)
             if valid_fn and args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 t_valid, start = time.time(), (epoch, batch_pos, rng_state())   # (a stop in it)
                 last_valid = run_valid(valid_fn, step, log, rank, bar, device)

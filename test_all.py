@@ -1104,6 +1104,18 @@ def test_save_minutes_checkpoints_as_time_passes(tiny, tmp_path):
         assert seen[1:] == want and sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt")) == ["ckpt-4"]
 
 
+def test_a_log_file_gets_plain_lines_not_a_progress_bar(tiny, tmp_path, capsys):
+    """Not a terminal (a cluster job's log): no tqdm bar (one endless line of carriage returns
+    there), but a line at a logged step, at most every 10 s, and at the last step."""
+    items, m = data.read_manifest(tiny["train"]), Toy()
+    common.train(toy_args(tmp_path / "run", steps=6), m, toy_step(m), items, cpu(), method="toy")
+    out = capsys.readouterr()
+    lines = [x for x in out.out.splitlines() if x.startswith("step ")]
+    assert "\r" not in out.out + out.err and "%|" not in out.out + out.err
+    assert [x.split(":")[0] for x in lines] == ["step 1/6", "step 6/6"]
+    assert re.fullmatch(r"step 6/6: loss \d+\.\d{4}, lr .*, [\d.]+ samples/s, \d+ tokens/s, 0\.0 min to go", lines[-1])
+
+
 def test_resuming_a_finished_run_only_validates(tiny, tmp_path, capsys):
     """--resume of a run that reached --steps: nothing trained, no new checkpoint, and its final
     validation is run again in place of the old one (metrics.jsonl holds it once)."""
