@@ -1162,20 +1162,16 @@ def usable_items(items, args, encoder=None, most=None):
     for it in items:
         if most is not None and len(keep) >= most:
             break
-        problem = None
-        if not os.path.isfile(it["audio"]):
-            problem = "a directory, not an audio file" if os.path.isdir(it["audio"]) else "audio file not found"
+        problem = data.missing_audio(it["audio"])
+        if problem:
             problem += f": {it['audio']}"
-        elif "duration" not in it:
-            d = data.duration_of(it)                # (0: unreadable; load_audio says why, later)
-            if d > 0:
-                it["duration"] = d
-        n = round(it.get("duration", 0) * data.SAMPLE_RATE)
-        if problem is None and 0 < n < data.MIN_SAMPLES:
-            problem = f"a clip of {it['duration'] * 1000:.0f} ms: too short (at least 50 ms)"
-        elif problem is None and limit and n > limit:
-            problem = (f"a clip of {it['duration']:.2f} s is longer than the encoder's "
-                       f"{limit / data.SAMPLE_RATE:.0f} s window")
+        else:
+            if "duration" not in it:
+                d = data.duration_of(it)            # (0: unreadable; load_audio says why, later)
+                if d > 0:
+                    it["duration"] = d
+            n = round(it.get("duration", 0) * data.SAMPLE_RATE)
+            problem = data.clip_problem(n, limit) if n > 0 else None
         if problem is None:
             keep.append(it)
         elif not args.skip_bad:
@@ -1190,10 +1186,9 @@ def usable_items(items, args, encoder=None, most=None):
 def infer_batch(args, encoder, device):
     """--infer: the audio file as a batch of one (too long for the encoder: said before it runs)."""
     wave = data.load_audio(args.infer, f"--infer {args.infer}")
-    limit = encoder.max_samples()
-    if limit and len(wave) > limit:
-        raise data.DataError(f"--infer {args.infer}: a clip of {len(wave) / data.SAMPLE_RATE:.2f} s is longer "
-                             f"than the encoder's {limit / data.SAMPLE_RATE:.0f} s window")
+    problem = data.clip_problem(len(wave), encoder.max_samples())
+    if problem:
+        raise data.DataError(f"--infer {args.infer}: {problem}")
     return dict(wave=wave[None].to(device), wave_lens=torch.tensor([len(wave)]))
 
 
@@ -1460,8 +1455,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     yield b
             epoch, batch_pos = epoch + 1, 0
 
-    step0 = step            # (and saved_at: a resumed run's own directory holds its step already)
-    same_dir = bool(args.resume) and os.path.samefile(args.resume, out)
+    step0 = step
     if args.resume and step >= args.steps and rank == 0:
         print(f"{args.resume}: at step {step} of --steps {args.steps} already: nothing to train (a larger "
               f"--steps continues it); validating only")
@@ -1503,7 +1497,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         saved_at, last_save = step, time.time()
 
     interrupted, flags, last_save = None, StopFlags(device), time.time()
-    saved_at = step if same_dir else None
+    # the step the run's directory holds already (a run resumed in its own directory: its checkpoint)
+    saved_at = step if args.resume and os.path.samefile(args.resume, out) else None
 
     def on_signal(signum, frame):           # a cluster's preemption or `kill`: stop as on Ctrl-C
         if world == 1:
@@ -1628,8 +1623,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     finally:
         bar.close()
     try:        # (a signal now is taken as before: the checkpoint is written whole)
-        # (not again what was just saved; a resumed run that trained nothing: as it was)
-        if saved_at != step and (step > step0 or not same_dir):
+        # (not again what was just saved: by --save-every/--save-minutes, or what --resume read)
+        if saved_at != step:
             checkpoint(start)
         if world > 1:       # the others wait for process 0's checkpoint: torchrun stops the
             torch.distributed.barrier()     # whole group when one process exits

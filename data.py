@@ -81,14 +81,30 @@ def read_manifest(path, required=("audio", "text")):
     return items
 
 
+def missing_audio(path):
+    """Why `path` is no audio file, seen without reading it, or None."""
+    if os.path.isfile(path):
+        return None
+    return "a directory, not an audio file" if os.path.isdir(path) else "audio file not found"
+
+
+def clip_problem(n, max_samples=None):
+    """What no encoder takes in a clip of n samples (16 kHz), or one past this encoder's window
+    (max_samples), or None."""
+    if n < MIN_SAMPLES:
+        return f"a clip of {n / SAMPLE_RATE * 1000:.0f} ms: too short (at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms)"
+    if max_samples and n > max_samples:
+        return f"a clip of {n / SAMPLE_RATE:.2f} s is longer than the encoder's {max_samples / SAMPLE_RATE:.0f} s window"
+    return None
+
+
 def load_audio(path, where=None):
     """Read a file -> mono float32 tensor at 16 kHz. One-line DataError on any problem."""
     import soundfile as sf
     import torchaudio
     name, at = (where, f": {path}") if where else (path, "")
-    if not os.path.isfile(path):
-        raise DataError(f"{name}: " + ("a directory, not an audio file" if os.path.isdir(path) else
-                                       "audio file not found") + at)
+    if missing_audio(path):
+        raise DataError(f"{name}: {missing_audio(path)}{at}")
     try:
         wave, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for corrupt files
@@ -100,9 +116,8 @@ def load_audio(path, where=None):
         raise DataError(f"{name}: non-finite samples{at}")
     if sr != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sr, SAMPLE_RATE)
-    if len(wave) < MIN_SAMPLES:
-        raise DataError(f"{name}: {len(wave) / SAMPLE_RATE * 1000:.0f} ms of audio{at}: too short "
-                        f"(at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms)")
+    if clip_problem(len(wave)):
+        raise DataError(f"{name}: {clip_problem(len(wave))}{at}")
     return wave
 
 
