@@ -23,6 +23,7 @@ import datetime
 import glob
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -773,7 +774,7 @@ def hidden_states(llm, sp):
             return llm.base_model(inputs_embeds=sp.inputs_embeds, use_cache=False).last_hidden_state
     with torch.no_grad(), lora_rows_from(llm, None):           # the prefix is text: no LoRA there
         head = llm.base_model(inputs_embeds=sp.inputs_embeds[:1, :P], use_cache=True)
-    cache, read = head.past_key_values, []
+    cache, read = kv_cache(head), []
     for layer in cache.layers:                       # one sample's keys and values, for all B
         layer.batch_repeat_interleave(B)
 
@@ -782,12 +783,28 @@ def hidden_states(llm, sp):
         return torch.cat([cache.layers[i].keys, k], -2), torch.cat([cache.layers[i].values, v], -2)
     cache.update = prefix_and
     with checkpointing(llm), lora_rows_from(llm, P, sp.inputs_embeds.shape[1]):
-        rest = llm.base_model(inputs_embeds=sp.inputs_embeds[:, P:], past_key_values=cache,
-                              use_cache=False).last_hidden_state   # reads it, stores nothing
+        rest = llm.base_model(inputs_embeds=sp.inputs_embeds[:, P:], use_cache=False,
+                              **cache_arg(llm.base_model, cache)).last_hidden_state   # reads it, stores nothing
     if set(read) != set(range(len(cache.layers))):
         raise RuntimeError(f"{type(llm).__name__}: not every layer read the shared prefix's keys and "
                            "values (set common.SHARED_PREFIX_MIN higher to run it for every sample)")
     return torch.cat([head.last_hidden_state.expand(B, -1, -1), rest], 1)
+
+
+def kv_cache(out):
+    """A forward's KV cache: transformers 5.24 names it `cache` (`past_key_values` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def cache_arg(model, cache):
+    """The keyword argument that hands model.forward a KV cache, named as its version names it."""
+    kind = type(model)
+    if kind not in CACHE_KEYWORD:
+        CACHE_KEYWORD[kind] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {CACHE_KEYWORD[kind]: cache}
+
+
+CACHE_KEYWORD = {}
 
 
 def prefix_runs_once(llm, sp):
@@ -972,7 +989,7 @@ def generate(llm, sp, eos, max_new_tokens=64, lora=None):
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         pos = pos[:, -1:] + 1
         out = llm(inputs_embeds=embed(nxt)[:, None], attention_mask=step_mask(llm, mask),
-                  position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+                  position_ids=pos, use_cache=True, **cache_arg(llm, kv_cache(out)))
     result = []
     for row in torch.stack(seqs, 1).tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -590,6 +591,27 @@ def test_hidden_states_without_a_mask_equal_the_masked_ones_at_real_positions(ar
         common.hidden_states(llm, common.splice(llm.get_input_embeddings(), [[common.text([3])]], True))
 
 
+@contextlib.contextmanager
+def no_cache_deprecation():
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40):
+    common passes and reads the KV cache by the name the installed version has (cache_arg, kv_cache)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        yield
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    class New(nn.Module):
+        def forward(self, x, cache=None, use_cache=False):
+            return x
+
+    class Old(nn.Module):
+        def forward(self, x, past_key_values=None, use_cache=False):
+            return x
+    assert common.cache_arg(New(), 7) == {"cache": 7} and common.cache_arg(Old(), 7) == {"past_key_values": 7}
+    assert common.kv_cache({"cache": 3}) == 3 and common.kv_cache(type("Out", (dict,), dict(past_key_values=4))()) == 4
+
+
 @pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Mistral", "Phi3", "Gemma3Text"])
 def test_hidden_states_run_a_shared_prefix_once(arch):
     """A prefix that every sample shares (18 tokens, longer than Gemma 3's window of 8) runs once,
@@ -617,7 +639,7 @@ def test_hidden_states_run_a_shared_prefix_once(arch):
         assert sp.prefix == 18
         sp.prefix = sp.prefix if shared else 0
         ran.clear()
-        with bench.HostSyncs() as syncs:
+        with bench.HostSyncs() as syncs, no_cache_deprecation():
             h = common.hidden_states(model, sp)
             loss, _ = common.lm_loss(model, h, sp)
         forward = sum(ran)
@@ -842,7 +864,8 @@ def test_generate_with_step_masks_equals_transformers_per_prompt(arch):
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
     emb = llm.get_input_embeddings()
     with torch.no_grad():
-        batched = common.generate(llm, common.splice(emb, [[common.text(p)] for p in prompts], True), [1], 7)
+        with no_cache_deprecation():
+            batched = common.generate(llm, common.splice(emb, [[common.text(p)] for p in prompts], True), [1], 7)
         for p, out in zip(prompts, batched):
             ref = llm.generate(torch.tensor([p]), max_new_tokens=7, do_sample=False, eos_token_id=1,
                                pad_token_id=0)[0, len(p):].tolist()
@@ -2280,7 +2303,7 @@ def test_blsp_kd_cformer_equals_the_paper_step_by_step():
     got, n, total = cf(frames, torch.tensor([9]), [N])
     pad = torch.zeros(1, 9, dtype=torch.bool)
     h = cf.pre[0](frames, src_key_padding_mask=pad)[0]
-    alpha = torch.sigmoid(h[:, 7])                                   # h_t[D-1]
+    alpha = torch.sigmoid(h[:, 7]).detach()                          # h_t[D-1] (read as floats)
     alpha = alpha * N / alpha.sum()
     tokens, acc, k = torch.zeros(N, 7), 0.0, 0
     for t in range(9):                                               # integrate and fire
@@ -2293,7 +2316,7 @@ def test_blsp_kd_cformer_equals_the_paper_step_by_step():
                 k, acc = k + 1, 0.0
     want = cf.out(cf.post[0](cf.proj(tokens)[None], src_key_padding_mask=torch.zeros(1, N, dtype=torch.bool)))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert n.tolist() == [N] and float(total) == pytest.approx(float(torch.sigmoid(h[:, 7]).sum()), rel=1e-5)
+    assert n.tolist() == [N] and float(total.detach()) == pytest.approx(float(torch.sigmoid(h[:, 7]).detach().sum()), rel=1e-5)
 
 
 def test_blsp_kd_eval_averages_each_kl_over_its_own_positions(monkeypatch):
