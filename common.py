@@ -12,7 +12,8 @@
                    checkpointed chunk of rows at a time
                    LoRA (optionally masked per position), generate() (greedy, KV cache)
     training       train(): AdamW, warm-up + decay, token-normalised accumulation, clipping,
-                   bf16 autocast, DDP (torchrun), checkpoints + exact resume, metrics.jsonl
+                   bf16 autocast, DDP (torchrun), checkpoints + exact resume, metrics.jsonl;
+                   Stages: a run of several train()s, one subdirectory each (SSR's)
     evaluation     alignment_eval(): content-token accuracy from speech vs text, zero-shot repeat
                    WER; wer() with its normaliser
 """
@@ -1351,6 +1352,66 @@ def check_out(args, resume_dir=None):
         raise UserError(f"--out {resume_dir} holds a run already (its latest checkpoint: "
                         f"{open(latest).read().strip()}): --resume {resume_dir} continues it; to start "
                         f"again, remove it or give another --out")
+
+
+class Stages:
+    """A run of several training stages (SSR's), each a train() in its own subdirectory of the
+    run's directory: dirs = {stage: subdirectory}; each stage's checkpoints say method "METHOD-
+    subdirectory". --out, --resume and --ckpt name the run's directory. a_run: "an SSR run"."""
+
+    def __init__(self, method, dirs, a_run):
+        self.method, self.dirs, self.a_run = method, dirs, a_run
+
+    def path(self, run_dir, stage):
+        return os.path.join(run_dir or "", self.dirs[stage])
+
+    def method_of(self, stage):
+        return f"{self.method}-{self.dirs[stage]}"
+
+    def trained(self, run_dir, stage):
+        return os.path.isfile(os.path.join(self.path(run_dir, stage), "latest"))
+
+    def args(self, args, stage, steps, lr):
+        """A stage's arguments for train(): its subdirectory, steps, lr, a warm-up of at most a
+        fifth of its steps, and --resume where that stage has a checkpoint."""
+        resume = self.path(args.resume, stage) if self.trained(args.resume, stage) else None
+        return dataclasses.replace(args, out=self.path(args.out, stage), steps=steps, lr=lr,
+                                   warmup=min(args.warmup, max(1, steps // 5)), resume=resume)
+
+    def load(self, module, run_dir, stage, required=False):
+        """The stage's trained parts into module, if that stage has a checkpoint (required: or stop)."""
+        if self.trained(run_dir, stage):
+            return load_trainable(module, find_checkpoint(self.path(run_dir, stage)))
+        if required:
+            raise UserError(f"{self.path(run_dir, stage)}: no checkpoint (run --stage {stage} first)")
+        return module
+
+    def check(self, args, stages):
+        """Before any training: --resume takes the run's directory; a stage trained already in
+        --out is not trained afresh over."""
+        if args.resume and not any(self.trained(args.resume, st) for st in self.dirs):
+            raise UserError(f"--resume {args.resume}: no stage checkpoint in it ({', '.join(d + '/' for d in self.dirs.values())}): "
+                            f"--resume takes the run's directory")
+        for st in stages:
+            if not args.resume and self.trained(args.out, st):
+                raise UserError(f"--out {args.out} holds a trained {self.dirs[st]} already: --resume "
+                                f"{args.out} continues the run; to start again, remove it or give another --out")
+
+    def check_ckpt(self, run_dir, needed):
+        """--ckpt names the run's directory (not one stage's, not another method's run), where stage
+        `needed` has a checkpoint."""
+        if not os.path.isdir(run_dir):
+            raise UserError(f"--ckpt {run_dir}: no such run directory")
+        if os.path.isfile(os.path.join(run_dir, "latest")):      # one training run: a stage's, or another's
+            with open(os.path.join(find_checkpoint(run_dir), "meta.json")) as f:
+                was = json.load(f).get("method", "")
+            raise UserError(f"--ckpt {run_dir}: " + (
+                f"one stage of {self.a_run}: --ckpt takes the run's directory, "
+                f"{os.path.dirname(os.path.abspath(run_dir))}" if was.startswith(self.method + "-")
+                else f"a {was} run, not {self.a_run}"))
+        if not self.trained(run_dir, needed):
+            raise UserError(f"--ckpt {run_dir}: no {self.dirs[needed]} checkpoint ({self.dirs[needed]}/) "
+                            f"in this run directory")
 
 
 def data_order(args, items, world):

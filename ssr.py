@@ -49,7 +49,6 @@ Project choices ([choice] in METHODS.md, or where it is silent):
 import dataclasses
 import json
 import math
-import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -475,27 +474,7 @@ def step_flops(m, stage, full=False):
 # ----------------------------------------------------------------------------------------------
 # The stages, each through common.train in its own subdirectory of --out
 
-STAGE_DIRS = {"aligner": "aligner", "1": "stage1", "2": "stage2"}
-
-
-def trained(run_dir, stage):
-    return os.path.isfile(os.path.join(run_dir or "", STAGE_DIRS[stage], "latest"))
-
-
-def stage_args(args, stage, steps, lr):
-    """A stage's arguments for common.train: its own subdirectory, steps, lr and warm-up."""
-    resume = os.path.join(args.resume, STAGE_DIRS[stage]) if trained(args.resume, stage) else None
-    return dataclasses.replace(args, out=os.path.join(args.out, STAGE_DIRS[stage]), steps=steps, lr=lr,
-                               warmup=min(args.warmup, max(1, steps // 5)), resume=resume)
-
-
-def load_stage(module, run_dir, stage, required=False):
-    if trained(run_dir, stage):
-        return common.load_trainable(module, common.find_checkpoint(os.path.join(run_dir, STAGE_DIRS[stage])))
-    if required:
-        raise common.UserError(f"{os.path.join(run_dir, STAGE_DIRS[stage])}: no checkpoint (run --stage "
-                               f"{stage} first)")
-    return module
+STAGES = common.Stages("ssr", {"aligner": "aligner", "1": "stage1", "2": "stage2"}, "an SSR run")
 
 
 def build(args, encoder, llm, tok, device):
@@ -519,18 +498,6 @@ def stage2_module(args, llm):
     return common.add_lora(llm, masked=False)[1]
 
 
-def check_stages(args, stages):
-    """Before any training: --resume takes the run's directory; a stage trained already in --out
-    is not trained afresh over."""
-    if args.resume and not any(trained(args.resume, st) for st in STAGE_DIRS):
-        raise common.UserError(f"--resume {args.resume}: no stage checkpoint in it (aligner/, stage1/, "
-                               f"stage2/): --resume takes the run's directory")
-    for st in stages:
-        if not args.resume and trained(args.out, st):
-            raise common.UserError(f"--out {args.out} holds a trained {STAGE_DIRS[st]} already: --resume "
-                                   f"{args.out} continues the run; to start again, remove it or give another --out")
-
-
 def run_stages(args, m, device, rank, world):
     train_items, valid_items = common.manifests(args, m.encoder)
     if args.aligner == "oracle" and not all("chars" in it for it in train_items):
@@ -539,7 +506,7 @@ def run_stages(args, m, device, rank, world):
         if it.get("chars") is not None:
             oracle_frames(it["chars"], it["text"], m.encoder.frame_seconds, it["where"])
     stages = [args.stage] if args.stage != "all" else ["aligner", "1"] + (["2"] if args.stage2_steps else [])
-    check_stages(args, stages)
+    STAGES.check(args, stages)
     for blk in m.connector.blocks:            # --compile: the layers; masks and rows are built
         common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]
@@ -547,8 +514,8 @@ def run_stages(args, m, device, rank, world):
     fields, res = ["llm", "encoder", "encoder_layer", "aligner_layers", "heads"], {}
 
     def train(stage, module, step_fn, valid_fn, steps, lr):
-        return common.train(stage_args(args, stage, steps, lr), module, step_fn, train_items, device, rank,
-                            world, valid_fn, method="ssr-" + STAGE_DIRS[stage], model_fields=tuple(fields),
+        return common.train(STAGES.args(args, stage, steps, lr), module, step_fn, train_items, device, rank,
+                            world, valid_fn, method=STAGES.method_of(stage), model_fields=tuple(fields),
                             resume_dir=args.out)
 
     if "aligner" in stages:
@@ -565,8 +532,8 @@ def run_stages(args, m, device, rank, world):
                     lambda step: dict(cer=aligner_cer(m, valid_items, args, device)), args.aligner_steps,
                     args.aligner_lr)
     else:       # (not after training it: under torchrun, rank 0 may still be writing its checkpoint)
-        load_stage(m.aligner, args.out, "aligner")
-        if rank == 0 and not m.aligner.pretrained and not trained(args.out, "aligner"):
+        STAGES.load(m.aligner, args.out, "aligner")
+        if rank == 0 and not m.aligner.pretrained and not STAGES.trained(args.out, "aligner"):
             print("ssr: warning: no trained aligner and no pre-trained CTC head: CTC boundaries are "
                   "random (run --stage aligner first)", file=sys.stderr)
     common.freeze(m.aligner)
@@ -586,7 +553,7 @@ def run_stages(args, m, device, rank, world):
         if rank == 0:
             report(res, modes)
     else:
-        load_stage(m.connector, args.out, "1", required=True)
+        STAGES.load(m.connector, args.out, "1", required=True)
     common.freeze(m.connector)
 
     if "2" in stages:
@@ -632,25 +599,15 @@ def report(res, modes):
 # Inference and evaluation of a trained run (--ckpt: the run directory of all stages)
 
 def infer(args, device):
-    if not os.path.isdir(args.ckpt):
-        raise common.UserError(f"--ckpt {args.ckpt}: no such run directory")
-    if os.path.isfile(os.path.join(args.ckpt, "latest")):      # one training run: a stage's, or not SSR's
-        with open(os.path.join(common.find_checkpoint(args.ckpt), "meta.json")) as f:
-            method = json.load(f).get("method", "")
-        raise common.UserError(f"--ckpt {args.ckpt}: " + (
-            f"one stage of an SSR run: --ckpt takes the run's directory, {os.path.dirname(os.path.abspath(args.ckpt))}"
-            if method.startswith("ssr-") else f"a {method} run, not SSR's"))
-    if not trained(args.ckpt, "1"):
-        raise common.UserError(f"--ckpt {args.ckpt}: no stage 1 checkpoint (stage1/) in this run directory")
-    has2 = trained(args.ckpt, "2")
-    last = STAGE_DIRS["2" if has2 else "1"]                    # its config: the run's arguments
-    cfg = common.run_config(os.path.join(args.ckpt, last), "ssr-" + last)[1]
+    STAGES.check_ckpt(args.ckpt, "1")
+    last = "2" if STAGES.trained(args.ckpt, "2") else "1"       # its config: the run's arguments
+    cfg = common.run_config(STAGES.path(args.ckpt, last), STAGES.method_of(last))[1]
     run = SSRArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(SSRArgs) if f.name in cfg})
     llm, tok = common.load_llm(run.llm, device)
     m = build(run, common.load_encoder(run.encoder, device, run.encoder_layer), llm, tok, device)
-    load_stage(m.aligner, args.ckpt, "aligner"), load_stage(m.connector, args.ckpt, "1")
-    if has2:
-        load_stage(stage2_module(run, llm), args.ckpt, "2")
+    STAGES.load(m.aligner, args.ckpt, "aligner"), STAGES.load(m.connector, args.ckpt, "1")
+    if last == "2":
+        STAGES.load(stage2_module(run, llm), args.ckpt, "2")
     common.freeze(m.aligner), common.freeze(m.connector), common.freeze(llm)
     if args.infer:
         batch = common.infer_batch(args, m.encoder, device)
@@ -667,7 +624,7 @@ def infer(args, device):
         modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]
         res = distill_eval(m, items, args, device, modes)
         report(res, modes)
-        if has2:                                # the fine-tuned LLM reading the SSR vectors
+        if last == "2":                         # the fine-tuned LLM reading the SSR vectors
             res.update(llm_eval(m, items, args, device, args.instruction))
         print(json.dumps(res, indent=1))
 

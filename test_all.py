@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_all.py
 """
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -2935,6 +2936,41 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:                # a stage's directory given to --resume
         ssr.main(base + ["--resume", str(out / "stage1")])
     assert e.value.code == 2 and "no stage checkpoint in it" in capsys.readouterr().err
+
+
+def test_stages_directories_and_their_messages(tmp_path):
+    """common.Stages (SSR's run of stages): a stage is trained when its subdirectory has a
+    checkpoint; each stage's arguments point into its subdirectory; --ckpt of one stage, of
+    another method's run, or of a run without the needed stage is refused with a one-line error."""
+    st = common.Stages("m", {"a": "first", "b": "second"}, "an M run")
+    run = tmp_path / "run"
+
+    def fake_checkpoint(d, method):
+        os.makedirs(d / "ckpt-3")
+        (d / "ckpt-3" / "meta.json").write_text(json.dumps(dict(method=method)))
+        (d / "latest").write_text("ckpt-3")
+
+    assert not st.trained(run, "a") and not st.trained(None, "a")
+    fake_checkpoint(run / "first", "m-first")
+    assert st.trained(run, "a") and not st.trained(run, "b") and st.method_of("b") == "m-second"
+    args = common.Args(out=str(tmp_path / "new"), resume=str(run), warmup=20)
+    a, b = st.args(args, "a", 10, 0.5), st.args(args, "b", 200, 0.1)
+    assert (a.out, a.resume, a.steps, a.lr, a.warmup) == (str(tmp_path / "new" / "first"), str(run / "first"), 10, 0.5, 2)
+    assert (b.resume, b.warmup) == (None, 20)               # nothing to resume in that stage
+    st.check(args, ["a", "b"])
+    cases = [(lambda: st.check(dataclasses.replace(args, resume=str(run / "first")), ["a"]),
+              "no stage checkpoint in it (first/, second/)"),
+             (lambda: st.check(common.Args(out=str(run)), ["b", "a"]), "holds a trained first already: --resume"),
+             (lambda: st.load(nn.Linear(1, 1), run, "b", required=True), "no checkpoint (run --stage b first)"),
+             (lambda: st.check_ckpt(str(run / "first"), "a"), f"one stage of an M run: --ckpt takes the run's directory, {run}"),
+             (lambda: st.check_ckpt(str(run), "b"), "no second checkpoint (second/) in this run directory"),
+             (lambda: st.check_ckpt(str(tmp_path / "nope"), "a"), "no such run directory")]
+    fake_checkpoint(tmp_path / "other", "blsp")
+    cases.append((lambda: st.check_ckpt(str(tmp_path / "other"), "a"), "a blsp run, not an M run"))
+    for call, msg in cases:
+        with pytest.raises(common.UserError, match=re.escape(msg)):
+            call()
+    st.check_ckpt(str(run), "a")
 
 
 def test_ssr_all_stages_under_torchrun(ssr_tiny, tmp_path):
