@@ -390,7 +390,7 @@ def build(args, device, encoder, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
-    ck, cfg = common.run_config(args.ckpt, "blsp_kd")
+    ck, cfg = common.run_config(args.ckpt, "blsp_kd", args)
     for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
         setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
@@ -436,8 +436,9 @@ def main(argv=None):
     args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
     args.out = args.out or args.resume or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
     common.check_out(args)                # before the continuations are generated into it
-    if args.init:   # the stage-1 run fixes the models and the CFormer's shape (unset: its own)
-        init_ck, cfg = common.run_config(args.init, "blsp_kd")
+    if args.init:   # the stage-1 run fixes the models (their folders may be given anew) and the
+                    # CFormer's shape (unset: its own)
+        init_ck, cfg = common.run_config(args.init, "blsp_kd", args, f"--init {args.init}")
         for k in ("llm", "encoder", "encoder_layer", "pre_layers", "post_layers", "heads", "ffn"):
             if not common.given(args, k):
                 setattr(args, k, cfg.get(k))

@@ -1321,11 +1321,41 @@ def find_checkpoint(run_dir, meta=None):
     return ck
 
 
-def run_config(run_dir, method):
-    """A trained run's directory -> (its latest checkpoint, the run's arguments: config.json)."""
+def model_change(run_dir, model_args):
+    """--resume: the models and shapes (model_args) that differ from the run's (its config.json),
+    said as flags; None where none differs (the checkpoint's fingerprint is checked all the same)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            was = json.load(f)
+    except (OSError, ValueError):
+        return None
+    diff = [k for k, v in model_args.items() if k in was and was[k] != v]
+    flags = lambda d: ", ".join(f"--{k.replace('_', '-')} {d[k]}" for k in diff)
+    return (f"the run was trained with {flags(was)}, not {flags(model_args)}: a run resumes with its "
+            f"models and shapes (give the same flags; a model folder that moved: link it at its old "
+            f"path)") if diff else None
+
+
+def run_config(run_dir, method, args=None, flag=None):
+    """A trained run's directory -> (its latest checkpoint, the run's arguments: config.json).
+    With args (--ckpt, --init: flag names it): the run's models where they are now. --llm and
+    --encoder given here take the place of the run's folders (a run or its models moved; the
+    trained parts must fit them: load_trainable checks), and a run's folder that is not there
+    says so."""
     ck = find_checkpoint(run_dir, dict(method=method))
     with open(os.path.join(run_dir, "config.json")) as f:
-        return ck, json.load(f)
+        cfg = json.load(f)
+    flag = flag or f"--ckpt {run_dir}"
+    for k in ("llm", "encoder") if args is not None else ():
+        if given(args, k):
+            if getattr(args, k) != cfg.get(k):
+                print(f"{flag}: --{k} {getattr(args, k)} in place of the run's "
+                      f"{cfg.get(k) or 'built-in default'}", file=sys.stderr)
+            cfg[k] = getattr(args, k)
+        elif cfg.get(k) and not os.path.isdir(cfg[k]):
+            raise UserError(f"{flag}: the run's --{k} {cfg[k]} is not a folder here (moved, or another "
+                            f"working directory?): give --{k} PATH, where that model is now")
+    return ck, cfg
 
 
 def load_trainable(module, ckpt_dir):
@@ -1482,6 +1512,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     ours = [{k: g[k] for k in ("lr_scale", "betas", "weight_decay", "fused")} for g in opt.param_groups]
     step, epoch, batch_pos = 0, 0, 0
     if args.resume:
+        change = model_change(args.resume, {k: getattr(args, k) for k in model_fields})
+        if change:
+            raise UserError(f"--resume {resume_dir or args.resume}: {change}")
         ck = find_checkpoint(args.resume, meta)
         load_trainable(module, ck)
         st = torch.load(os.path.join(ck, "train_state.pt"), weights_only=False)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -1320,9 +1321,15 @@ def test_resume_errors(tiny, tmp_path, capsys):
         common.train(toy_args(tmp_path / "b", resume=str(tmp_path / "a")), m, toy_step(m), items, cpu(),
                      method="other")
     config = (tmp_path / "a" / "config.json").read_text()
-    with pytest.raises(common.UserError, match="checkpoint of another model"):   # refused: the run's
-        common.train(toy_args(tmp_path / "a", steps=2, llm="other", resume=str(tmp_path / "a")), m,  # config
-                     toy_step(m), items, cpu(), method="toy", model_fields=("llm",))      # as it was
+    with pytest.raises(common.UserError, match=f"^--resume {tmp_path / 'a'}: the run was trained with --llm "
+                       "None, not --llm other: a run resumes"):         # refused, naming the field: the
+        common.train(toy_args(tmp_path / "a", steps=2, llm="other", resume=str(tmp_path / "a")), m,  # run's
+                     toy_step(m), items, cpu(), method="toy", model_fields=("llm",))   # config as it was
+    os.rename(tmp_path / "a" / "config.json", tmp_path / "config.json")
+    with pytest.raises(common.UserError, match="checkpoint of another model"):     # (no config.json: the
+        common.train(toy_args(tmp_path / "a", steps=2, llm="other", resume=str(tmp_path / "a")), m,  # hash)
+                     toy_step(m), items, cpu(), method="toy", model_fields=("llm",))
+    os.rename(tmp_path / "config.json", tmp_path / "a" / "config.json")
     assert (tmp_path / "a" / "config.json").read_text() == config
     # a fresh run into a run directory: refused, nothing of the old run touched
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
@@ -1850,6 +1857,33 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
     assert os.listdir(tmp_path / "old") == ["latest"]        # refused before writing continuations
+
+
+def test_a_run_whose_models_moved(tiny, tmp_path, capsys):
+    """A run keeps its model folders as given. Moved (another machine, another working directory):
+    --ckpt names the missing folder and takes --llm / --encoder given in its place (a note on
+    stderr); --resume refuses a flag that changes the run's models or shapes, naming it."""
+    shutil.copytree(tiny["llm"], tmp_path / "llm")
+    out = tmp_path / "run"
+    run = ["--encoder", tiny["enc"], "--train", tiny["train"], "--valid", tiny["valid"], "--batch-size", "8",
+           "--bottleneck", "16", "--continuation-tokens", "4", "--max-new-tokens", "3", "--steps", "2"]
+    blsp.main(run + ["--llm", str(tmp_path / "llm"), "--out", str(out)])
+    capsys.readouterr()
+    for extra, msg in ((["--bottleneck", "8"], "the run was trained with --bottleneck 16, not --bottleneck 8"),
+                       (["--llm", tiny["llm"]], f"the run was trained with --llm {tmp_path / 'llm'}, not --llm {tiny['llm']}")):
+        with pytest.raises(SystemExit) as e:
+            blsp.main(run + ["--llm", str(tmp_path / "llm"), "--resume", str(out), "--steps", "3"] + extra)
+        assert e.value.code == 2 and f"--resume {out}: {msg}" in capsys.readouterr().err
+    os.rename(tmp_path / "llm", tmp_path / "moved")
+    ask = ["--ckpt", str(out), "--eval", tiny["valid"], "--max-valid", "2", "--max-new-tokens", "2"]
+    with pytest.raises(SystemExit) as e:
+        blsp.main(ask)
+    assert e.value.code == 2 and (f"--ckpt {out}: the run's --llm {tmp_path / 'llm'} is not a folder here"
+                                  in capsys.readouterr().err)
+    blsp.main(ask + ["--llm", str(tmp_path / "moved")])
+    printed = capsys.readouterr()
+    assert f"--ckpt {out}: --llm {tmp_path / 'moved'} in place of the run's {tmp_path / 'llm'}" in printed.err
+    assert '"repeat_wer"' in printed.out
 
 
 def test_bad_numbers_are_one_line_errors_naming_the_flag():
