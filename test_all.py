@@ -1065,6 +1065,55 @@ def test_grad_accumulation_equals_one_large_batch(tiny, tmp_path):
             torch.testing.assert_close(a, b.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_optimizer_gets_the_token_normalised_clipped_gradient_at_the_scheduled_lr(tiny, tmp_path):
+    """What AdamW's step receives, with micro-batches of unequal unit counts (a weight per
+    utterance, as target tokens): the gradient of sum(loss sums) / sum(units) over both
+    micro-batches (not a mean of per-micro-batch means, nor per sample), clipped after that
+    normalisation to exactly --clip, at lr_at(step) of the step being taken."""
+    items = data.read_manifest(tiny["train"])
+
+    def weighted_step(model):
+        def step(batch):
+            w = (batch["wave_lens"] // 8000 + 1).float()          # 'tokens' per utterance: unequal
+            x = torch.stack([batch["wave"][:, :100].mean(1), batch["wave"][:, :100].std(1),
+                             batch["wave_lens"].float() / 1e5], 1)
+            return (w * (model.lin(x).squeeze(1) - 1) ** 2).sum(), int(w.sum()), {}
+        return step
+
+    def direct_grad(batches):
+        m = Toy()
+        loss = sum(weighted_step(m)(b)[0] for b in batches) / sum(weighted_step(m)(b)[1] for b in batches)
+        loss.backward()
+        return [p.grad for p in m.parameters()]
+
+    for clip in (0.0, 1e-3):
+        m, seen, got = Toy(), [], []
+        m.drop.p = 0.0
+        step = weighted_step(m)
+        args = toy_args(tmp_path / f"clip{clip}", steps=2, batch_size=4, grad_accum=2, clip=clip, lr=0.1,
+                        warmup=4, weight_decay=0.0)
+        orig = torch.optim.AdamW.step
+
+        def spy(self, *a, **k):
+            got.append(([p.grad.clone() for p in m.parameters()], [g["lr"] for g in self.param_groups]))
+            return orig(self, *a, **k)
+        torch.optim.AdamW.step = spy
+        try:
+            common.train(args, m, lambda b: seen.append(b) or step(b), items, cpu(), method="toy")
+        finally:
+            torch.optim.AdamW.step = orig
+        assert [lrs[0] for _, lrs in got] == pytest.approx([common.lr_at(0, args), common.lr_at(1, args)])
+        units = [weighted_step(m)(b)[1] for b in seen[:2]]
+        assert units[0] != units[1] * len(seen[0]["text"]) / len(seen[1]["text"])   # (unequal per sample)
+        want = direct_grad(seen[:2])
+        norm = torch.cat([g.flatten() for g in want]).norm()
+        if clip:
+            assert norm > 10 * clip
+            want = [g * clip / norm for g in want]
+        for a, b in zip(got[0][0], want):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+
+
 def test_resume_gives_the_same_losses(tiny, tmp_path):
     items = data.read_manifest(tiny["train"])
     full_m = Toy()
