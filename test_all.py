@@ -308,6 +308,16 @@ def test_bucket_sampler_deterministic_sharded_low_padding():
     assert list(s) == s.batches()[5:]
     one = [data.BucketBatchSampler(durs[:10], 16, rank=r, world=2).batches() for r in (0, 1)]
     assert one == [[], []]      # one batch, two processes: none for either (one waited forever)
+    # an epoch on one process: every utterance once (the last, short batch too); batches full but
+    # the last of each pool of 50 batches; never over --batch-size
+    for n, bs, cap in ((3000, 16, None), (1001, 16, None), (1001, 64, 100)):
+        b = data.BucketBatchSampler(durs[:n], bs, max_seconds=cap, seed=1).batches()
+        assert sorted(i for x in b for i in x) == list(range(n))
+        assert max(map(len, b)) <= bs
+        if cap is None:
+            assert sum(len(x) < bs for x in b) <= math.ceil(n / (bs * 50)) and max(map(len, b)) == bs
+    two = [data.BucketBatchSampler(durs, 16, seed=3, rank=r, world=2).batches() for r in (0, 1)]
+    assert len({i for r in two for x in r for i in x}) == 3000      # 188 batches, each on one process
 
 
 def test_toy_corpus_boundaries_and_tasks(tiny):
