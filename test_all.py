@@ -1880,9 +1880,17 @@ def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path, monkeypatch):
 
 def test_blsp_main_precision_bf16_on_cpu(tiny, tmp_path, monkeypatch):
     """--precision bf16: the frozen encoder and LLM load in bf16, the adapter trains and is saved
-    in fp32, and the loss goes down."""
+    in fp32, and the loss goes down. The adapter's LayerNorm starts at the scale of the LLM's
+    input embeddings (their root mean square): its speech vectors start as large as a token's."""
     from safetensors.torch import load_file
     monkeypatch.setattr(common, "BF16", None)
+    start = []
+
+    class Adapter(blsp.Adapter):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            start.append(self.norm.weight.detach().clone())
+    monkeypatch.setattr(blsp, "Adapter", Adapter)
     loaded, load_llm, load_encoder = [], common.load_llm, common.load_encoder
     monkeypatch.setattr(common, "load_llm", lambda *a, **k: loaded.append(load_llm(*a, **k)) or loaded[-1])
     monkeypatch.setattr(common, "load_encoder", lambda *a, **k: loaded.append(load_encoder(*a, **k)) or loaded[-1])
@@ -1893,6 +1901,8 @@ def test_blsp_main_precision_bf16_on_cpu(tiny, tmp_path, monkeypatch):
     blsp.main(run + ["--out", str(out), "--steps", "16"])
     enc, (llm, _) = loaded[0], loaded[1]
     assert next(enc.parameters()).dtype == llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    rms = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+    torch.testing.assert_close(start[0], torch.full_like(start[0], float(rms)))
     l = losses(out)
     assert np.mean(l[-4:]) < np.mean(l[:4])
     saved = load_file(os.path.join(common.find_checkpoint(str(out)), "trainable.safetensors"))
@@ -2530,6 +2540,22 @@ def blsp_kd_write_manifest(folder, name, sentences, seed):
     return os.path.join(folder, f"{name}.jsonl")
 
 
+def test_blsp_kd_response_ends_with_the_end_token_only_where_the_llm_ended(tiny, monkeypatch):
+    """The teacher's response is the LLM's continuation + the end of its turn where generation
+    ended there; one cut at --continuation-tokens gets no end (the LLM did not end it). A cache
+    written without `ended`: ended where shorter than the limit."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    conts = ["then the cat", "the fox sees the cat", "the dog"]
+    monkeypatch.setattr(common, "cached_answers", lambda *a, **k: (conts, [True, False, None]))
+    items = [dict(text=t) for t in ("the cat", "the fox", "a dog")]
+    args = blsp_kd.KDArgs(continuation_tokens=5)
+    blsp_kd.continuation_data(llm, tok, items, args, "unused", "t")
+    eos, ids = common.answer_end(llm, tok, args.prompt), [common.target_ids(tok, c) for c in conts]
+    assert len(ids[1]) == 5 and len(ids[2]) < 5
+    assert [it["response_ids"] for it in items] == [ids[0] + [eos], ids[1], ids[2] + [eos]]
+    assert items[1]["transcript_ids"] == common.input_ids(tok, "the fox")
+
+
 def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     """Stage 1, stage 2 from it, eval; no training step waits for the GPU (bench.HostSyncs). The
     tiny prompt's shared prefix (3 tokens) runs once, as a real chat template's does."""
@@ -2909,6 +2935,22 @@ def ssr_base_args(t, out):
             "--valid", str(t / "m.jsonl"), "--out", str(out), "--batch-size", "3", "--device", "cpu",
             "--max-new-tokens", "3", "--aligner-layers", "1", "--layers", "1", "--heads", "2",
             "--log-every", "1"]
+
+
+def test_ssr_text_mix_is_the_share_of_transcript_batches(ssr_tiny, tmp_path, monkeypatch):
+    """--text-mix: the fraction of stage-2 training batches that are the transcripts' ids (the
+    LLM's own text), the others SSR vectors: 1, all of them."""
+    trained, loss = [], ssr.stage2_loss
+
+    def spy(*a, **k):
+        if torch.is_grad_enabled():                     # (ntp_eval's passes run without gradient)
+            trained.append(a[5] if len(a) > 5 else k.get("text_only", False))
+        return loss(*a, **k)
+    monkeypatch.setattr(ssr, "stage2_loss", spy)
+    ssr.main(ssr_base_args(ssr_tiny, tmp_path / "run") + ["--aligner-steps", "1", "--steps", "1",
+                                                          "--stage2-steps", "4", "--text-mix", "1",
+                                                          "--max-valid", "2"])
+    assert trained == [True] * 4
 
 
 def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, monkeypatch):
