@@ -492,6 +492,33 @@ def test_alignment_eval_targets_end_and_text_input_as_in_training(tiny, monkeypa
         sorted(common.input_ids(tok, common.normalize(it["text"])) for it in items)
 
 
+def test_alignment_eval_with_partial_lora_updates_the_speech_only(tiny, monkeypatch):
+    """BLSP-KD's validation with Partial LoRA: the speech positions get the LoRA update, in the
+    teacher-forced passes and in the repeat's generation; the text input gets none (its loss is
+    the frozen LLM's)."""
+    import blsp
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    ctx, layers = common.add_lora(llm, r=4, masked=True)
+    torch.manual_seed(0)
+    for lora in layers:
+        nn.init.normal_(lora.lora_B, std=0.5)
+    items = data.read_manifest(tiny["valid"])[:2]
+    for it in items:
+        it["continuation"] = "the cat sees"
+    gen, real = [], common.generate
+    monkeypatch.setattr(common, "generate", lambda *a, **k: gen.append(k.get("lora")) or real(*a, **k))
+    d, res = llm.config.hidden_size, {}
+    for on in (True, False):
+        ctx.enabled = on
+        with torch.no_grad():
+            res[on] = common.alignment_eval(llm, tok, items, blsp.BLSPArgs(batch_size=2, max_new_tokens=2),
+                                            cpu(), lambda b: [torch.ones(3, d) for _ in b["text"]], "continue",
+                                            lora=ctx)
+    assert gen == [ctx, ctx] and ctx.rows is None
+    assert res[True]["loss_text"] == pytest.approx(res[False]["loss_text"], rel=1e-6)
+    assert abs(res[True]["loss_speech"] - res[False]["loss_speech"]) > 1e-3
+
+
 def test_splice_text_equals_llm_on_token_ids(tiny):
     llm, tok = common.load_llm(tiny["llm"], cpu())
     b, a = common.prompt_pieces(tok, data.CONTINUE_INSTRUCTIONS[0])
