@@ -1537,7 +1537,7 @@ def test_default_llm_build_refuses_an_llm_that_cannot_copy(tmp_path):
     assert not (tmp_path / "llm").exists()
 
 
-def test_built_in_llm_reads_stuttered_input_and_models_its_input():
+def test_built_in_llm_reads_stuttered_input_and_models_its_input(tiny):
     """The built-in LLM, built by the committed recipe (cached as a user's run would): it must read
     a word spread over two positions (as speech vectors spread a word), and be a language model of
     its input too (BLSP-KD's input KL distils its distributions there). The recipe before stutter
@@ -1558,6 +1558,15 @@ def test_built_in_llm_reads_stuttered_input_and_models_its_input():
     assert np.mean([r == s for r, s in zip(rep, sents)]) >= 0.9            # measured 0.975
     assert np.mean([c == data.toy_tasks(s)["continuation"] for c, s in zip(con, sents)]) >= 0.9
     assert float(nll) < 4.0                                                  # measured 3.06
+    # so validation's content accuracy from the transcript is high: the position before each
+    # content word predicts it (from the word itself, it would be near 0)
+    items = data.read_manifest(tiny["valid"])                      # (toy sentences and their tasks)
+    import blsp
+    with torch.no_grad():
+        res = common.alignment_eval(llm, tok, items, blsp.BLSPArgs(batch_size=8, max_new_tokens=1), cpu(),
+                                    lambda b: [torch.zeros(2, llm.config.hidden_size) for _ in b["text"]],
+                                    data.CONTINUE_INSTRUCTIONS[1])
+    assert res["content_acc_text"] >= 0.9
 
 
 def test_grad_ckpt_same_loss_and_gradients_fewer_saved_activations(tiny):
@@ -2252,6 +2261,10 @@ def test_blsp_kd_cif_fires_in_the_last_frame():
     w = blsp_kd.cif_weights(alpha, n)
     torch.testing.assert_close(w[0], torch.tensor([[0.3, 0.3, 0.4], [0, 0, 1.0], [0, 0, 1.0]],
                                                   dtype=torch.float64))
+    # weights summing past N (float rounding of the rescaled sum, at most): the last token takes
+    # the tail, so every frame's weight is still spent
+    w = blsp_kd.cif_weights(torch.tensor([[0.6, 0.6, 0.6, 0.6]], dtype=torch.float64), torch.tensor([2]))
+    torch.testing.assert_close(w[0], torch.tensor([[0.6, 0.4, 0, 0], [0, 0.2, 0.6, 0.6]], dtype=torch.float64))
 
 
 def test_blsp_kd_cif_is_differentiable_in_alpha():
