@@ -157,7 +157,7 @@ def step_flops(encoder, adapter, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); args.prompt takes the run's."""
-    ck, cfg = common.run_config(args.ckpt, "blsp", args)
+    ck, cfg = common.run_config(args.ckpt, "blsp", args, fixed=("encoder_layer", "bottleneck"))
     encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"])
     llm, tok = common.load_llm(cfg["llm"], device)
     adapter = Adapter(encoder.dim, llm.config.hidden_size, cfg["bottleneck"]).to(device)

@@ -390,7 +390,7 @@ def build(args, device, encoder, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
-    ck, cfg = common.run_config(args.ckpt, "blsp_kd", args)
+    ck, cfg = common.run_config(args.ckpt, "blsp_kd", args, fixed=MODEL_FIELDS[2:])
     for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
         setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
@@ -438,13 +438,10 @@ def main(argv=None):
     common.check_out(args)                # before the continuations are generated into it
     if args.init:   # the stage-1 run fixes the models (their folders may be given anew) and the
                     # CFormer's shape (unset: its own)
-        init_ck, cfg = common.run_config(args.init, "blsp_kd", args, f"--init {args.init}")
-        for k in ("llm", "encoder", "encoder_layer", "pre_layers", "post_layers", "heads", "ffn"):
-            if not common.given(args, k):
-                setattr(args, k, cfg.get(k))
-            elif cfg.get(k) != getattr(args, k):
-                raise common.UserError(f"--init {args.init}: its --{k.replace('_', '-')} is "
-                                       f"{cfg.get(k)!r}, not {getattr(args, k)!r}")
+        shape = ("encoder_layer", "pre_layers", "post_layers", "heads", "ffn")
+        init_ck, cfg = common.run_config(args.init, "blsp_kd", args, f"--init {args.init}", fixed=shape)
+        for k in ("llm", "encoder") + shape:
+            setattr(args, k, cfg.get(k))
         for k in ("prompt", "continuation_tokens"):        # the data it learned from, unless set
             if not common.given(args, k) and k in cfg:
                 setattr(args, k, cfg[k])

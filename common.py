@@ -1336,16 +1336,20 @@ def model_change(run_dir, model_args):
             f"path)") if diff else None
 
 
-def run_config(run_dir, method, args=None, flag=None):
+def run_config(run_dir, method, args=None, flag=None, fixed=()):
     """A trained run's directory -> (its latest checkpoint, the run's arguments: config.json).
     With args (--ckpt, --init: flag names it): the run's models where they are now. --llm and
     --encoder given here take the place of the run's folders (a run or its models moved; the
     trained parts must fit them: load_trainable checks), and a run's folder that is not there
-    says so."""
+    says so. fixed: the fields the run fixes (shapes): one given here must be the run's."""
     ck = find_checkpoint(run_dir, dict(method=method))
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     flag = flag or f"--ckpt {run_dir}"
+    for k in fixed:
+        if given(args, k) and getattr(args, k) != cfg.get(k):
+            raise UserError(f"{flag}: its --{k.replace('_', '-')} is {cfg.get(k)!r}, not {getattr(args, k)!r} "
+                            f"(the run fixes it)")
     for k in ("llm", "encoder") if args is not None else ():
         if given(args, k):
             if getattr(args, k) != cfg.get(k):

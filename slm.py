@@ -334,7 +334,8 @@ def build(args, device):
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the models and
     sizes, and the input order, tasks and language unless given here (a zero-shot test)."""
-    ck, cfg = common.run_config(args.ckpt, "slm", args)
+    ck, cfg = common.run_config(args.ckpt, "slm", args,
+                                fixed=("encoder_layer", "stack", "width", "layers", "heads", "ffn"))
     for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn"):
         setattr(args, k, cfg[k])
     for k in ("order", "tasks", "language"):

@@ -601,7 +601,8 @@ def report(res, modes):
 def infer(args, device):
     STAGES.check_ckpt(args.ckpt, "1")
     last = "2" if STAGES.trained(args.ckpt, "2") else "1"       # its config: the run's arguments
-    cfg = common.run_config(STAGES.path(args.ckpt, last), STAGES.method_of(last), args, f"--ckpt {args.ckpt}")[1]
+    cfg = common.run_config(STAGES.path(args.ckpt, last), STAGES.method_of(last), args, f"--ckpt {args.ckpt}",
+                            fixed=("encoder_layer", "aligner_layers", "layers", "heads", "blockwise", "finetune"))[1]
     run = SSRArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(SSRArgs) if f.name in cfg})
     llm, tok = common.load_llm(run.llm, device)
     m = build(run, common.load_encoder(run.encoder, device, run.encoder_layer), llm, tok, device)

@@ -1967,7 +1967,8 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
 def test_a_run_whose_models_moved(tiny, tmp_path, capsys):
     """A run keeps its model folders as given. Moved (another machine, another working directory):
     --ckpt names the missing folder and takes --llm / --encoder given in its place (a note on
-    stderr); --resume refuses a flag that changes the run's models or shapes, naming it."""
+    stderr), but not another shape; --resume refuses a flag that changes the run's models or
+    shapes, naming it."""
     shutil.copytree(tiny["llm"], tmp_path / "llm")
     out = tmp_path / "run"
     run = ["--encoder", tiny["enc"], "--train", tiny["train"], "--valid", tiny["valid"], "--batch-size", "8",
@@ -1985,7 +1986,10 @@ def test_a_run_whose_models_moved(tiny, tmp_path, capsys):
         blsp.main(ask)
     assert e.value.code == 2 and (f"--ckpt {out}: the run's --llm {tmp_path / 'llm'} is not a folder here"
                                   in capsys.readouterr().err)
-    blsp.main(ask + ["--llm", str(tmp_path / "moved")])
+    with pytest.raises(SystemExit) as e:                 # a shape given with --ckpt: the run's, or refused
+        blsp.main(ask + ["--llm", str(tmp_path / "moved"), "--bottleneck", "8"])
+    assert e.value.code == 2 and "its --bottleneck is 16, not 8 (the run fixes it)" in capsys.readouterr().err
+    blsp.main(ask + ["--llm", str(tmp_path / "moved"), "--bottleneck", "16"])
     printed = capsys.readouterr()
     assert f"--ckpt {out}: --llm {tmp_path / 'moved'} in place of the run's {tmp_path / 'llm'}" in printed.err
     assert '"repeat_wer"' in printed.out
