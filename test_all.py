@@ -2518,6 +2518,9 @@ def test_blsp_kd_plora_teacher_and_text_positions_are_the_frozen_llm():
     assert torch.equal(h[:, :first], base_speech[:, :first])    # causal: before speech untouched
     assert not torch.allclose(h[:, first:], base_speech[:, first:], atol=1e-3)
     assert ctx.enabled and ctx.rows is None                     # switches restored
+    args = blsp_kd.KDArgs(stage=2, pre_layers=1, post_layers=1, heads=2, ffn=16)    # what stage 2
+    _, _, ctx2 = blsp_kd.build(args, cpu(), types.SimpleNamespace(dim=16), blsp_kd_tiny_llm()[0])  # builds:
+    assert ctx2.masked                                                                  # Partial LoRA
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3038,7 +3041,7 @@ def test_ssr_stage1_distils_into_the_input_embeddings_and_reads_out_by_cosine(ss
     assert not torch.equal(E, llm.get_output_embeddings().weight) and len(vecs) == 2
     want = ssr.distill_loss(torch.cat(vecs).float(), E[torch.tensor([i for x in ids for i in x])].float(), 5.0)
     got = ssr.stage1_loss(m, batch, "oracle", 5.0)
-    assert got[1] == want[1] == sum(map(len, ids)) and float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
+    assert got[1] == want[1] == sum(map(len, ids)) and float(got[0].detach()) == pytest.approx(float(want[0].detach()), rel=1e-6)
     torch.manual_seed(0)
     z = torch.randn(4, E.shape[1]) * torch.tensor([[1.0], [10.0], [0.1], [3.0]])
     E2 = torch.randn(20, E.shape[1]) * torch.rand(20, 1) * 5     # rows of unequal norms: dot != cos
