@@ -392,7 +392,8 @@ def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
     ck, cfg = common.run_config(args.ckpt, "blsp_kd", args, fixed=MODEL_FIELDS[2:])
     for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
-        setattr(args, k, cfg[k])
+        if k in MODEL_FIELDS or not common.given(args, k):         # (given: a test of another)
+            setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device)
     module, cformer, ctx = build(args, device, encoder, llm)

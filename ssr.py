@@ -604,6 +604,7 @@ def infer(args, device):
     cfg = common.run_config(STAGES.path(args.ckpt, last), STAGES.method_of(last), args, f"--ckpt {args.ckpt}",
                             fixed=("encoder_layer", "aligner_layers", "layers", "heads", "blockwise", "finetune"))[1]
     run = SSRArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(SSRArgs) if f.name in cfg})
+    args.prompt = args.prompt if common.given(args, "prompt") else run.prompt   # (given: a test of another)
     llm, tok = common.load_llm(run.llm, device)
     m = build(run, common.load_encoder(run.encoder, device, run.encoder_layer), llm, tok, device)
     STAGES.load(m.aligner, args.ckpt, "aligner"), STAGES.load(m.connector, args.ckpt, "1")
@@ -619,7 +620,7 @@ def infer(args, device):
             print(f"aligner (greedy CTC):  {tok.decode(ids[0])}")
             print(f"nearest-token readout: {tok.decode(readout(vecs[0], llm.get_input_embeddings().weight).tolist())}")
             print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
-                                 run.prompt, args.max_new_tokens)[0])
+                                 args.prompt, args.max_new_tokens)[0])
     if args.eval:
         items = common.eval_items(args, m.encoder)
         modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]

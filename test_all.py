@@ -1964,7 +1964,7 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
     assert os.listdir(tmp_path / "old") == ["latest"]        # refused before writing continuations
 
 
-def test_a_run_whose_models_moved(tiny, tmp_path, capsys):
+def test_a_run_whose_models_moved(tiny, tmp_path, capsys, monkeypatch):
     """A run keeps its model folders as given. Moved (another machine, another working directory):
     --ckpt names the missing folder and takes --llm / --encoder given in its place (a note on
     stderr), but not another shape; --resume refuses a flag that changes the run's models or
@@ -1989,7 +1989,10 @@ def test_a_run_whose_models_moved(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:                 # a shape given with --ckpt: the run's, or refused
         blsp.main(ask + ["--llm", str(tmp_path / "moved"), "--bottleneck", "8"])
     assert e.value.code == 2 and "its --bottleneck is 16, not 8 (the run fixes it)" in capsys.readouterr().err
-    blsp.main(ask + ["--llm", str(tmp_path / "moved"), "--bottleneck", "16"])
+    formats, pieces = [], common.prompt_pieces          # (a prompt format given: used, not the run's)
+    monkeypatch.setattr(common, "prompt_pieces", lambda tok, ins, fmt="auto": formats.append(fmt) or pieces(tok, ins, fmt))
+    blsp.main(ask + ["--llm", str(tmp_path / "moved"), "--bottleneck", "16", "--prompt", "blsp"])
+    assert formats and set(formats) == {"blsp"}
     printed = capsys.readouterr()
     assert f"--ckpt {out}: --llm {tmp_path / 'moved'} in place of the run's {tmp_path / 'llm'}" in printed.err
     assert '"repeat_wer"' in printed.out
@@ -2986,7 +2989,8 @@ def ssr_base_args(t, out):
 
 def test_ssr_text_mix_is_the_share_of_transcript_batches(ssr_tiny, tmp_path, monkeypatch):
     """--text-mix: the fraction of stage-2 training batches that are the transcripts' ids (the
-    LLM's own text), the others SSR vectors: 1, all of them."""
+    LLM's own text), the others SSR vectors: 1, all of them. --ckpt then evaluates in the run's
+    prompt format (--eval once took the default), or in one given on the command line."""
     trained, loss = [], ssr.stage2_loss
 
     def spy(*a, **k):
@@ -2996,8 +3000,15 @@ def test_ssr_text_mix_is_the_share_of_transcript_batches(ssr_tiny, tmp_path, mon
     monkeypatch.setattr(ssr, "stage2_loss", spy)
     ssr.main(ssr_base_args(ssr_tiny, tmp_path / "run") + ["--aligner-steps", "1", "--steps", "1",
                                                           "--stage2-steps", "4", "--text-mix", "1",
-                                                          "--max-valid", "2"])
+                                                          "--max-valid", "2", "--prompt", "blsp"])
     assert trained == [True] * 4
+    formats, pieces = [], common.prompt_pieces
+    monkeypatch.setattr(common, "prompt_pieces", lambda tok, ins, fmt="auto": formats.append(fmt) or pieces(tok, ins, fmt))
+    for given, want in (([], "blsp"), (["--prompt", "auto"], "auto")):
+        formats.clear()
+        ssr.main(["--ckpt", str(tmp_path / "run"), "--eval", str(ssr_tiny / "m.jsonl"), "--max-valid", "2",
+                  "--max-new-tokens", "2", "--device", "cpu"] + given)
+        assert formats and set(formats) == {want}
 
 
 def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, monkeypatch):
