@@ -157,12 +157,12 @@ def step_flops(encoder, adapter, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); args.prompt takes the run's unless given."""
-    ck, cfg = common.run_config(args.ckpt, "blsp", args, fixed=("encoder_layer", "bottleneck"))
+    ck, cfg = common.run_config(args.ckpt, "blsp", args, fixed=("encoder_layer", "bottleneck"), free=("prompt",))
     encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"])
     llm, tok = common.load_llm(cfg["llm"], device)
     adapter = Adapter(encoder.dim, llm.config.hidden_size, cfg["bottleneck"]).to(device)
     common.load_trainable(adapter, ck).eval()
-    args.prompt = args.prompt if common.given(args, "prompt") else cfg["prompt"]   # (a test of another)
+    args.prompt = cfg["prompt"]
     return encoder, adapter, llm, tok
 
 

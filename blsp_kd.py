@@ -390,10 +390,10 @@ def build(args, device, encoder, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
-    ck, cfg = common.run_config(args.ckpt, "blsp_kd", args, fixed=MODEL_FIELDS[2:])
+    ck, cfg = common.run_config(args.ckpt, "blsp_kd", args, fixed=MODEL_FIELDS[2:],
+                               free=("prompt", "continuation_tokens"))
     for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
-        if k in MODEL_FIELDS or not common.given(args, k):         # (given: a test of another)
-            setattr(args, k, cfg[k])
+        setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device)
     module, cformer, ctx = build(args, device, encoder, llm)
@@ -440,11 +440,12 @@ def main(argv=None):
     if args.init:   # the stage-1 run fixes the models (their folders may be given anew) and the
                     # CFormer's shape (unset: its own)
         shape = ("encoder_layer", "pre_layers", "post_layers", "heads", "ffn")
-        init_ck, cfg = common.run_config(args.init, "blsp_kd", args, f"--init {args.init}", fixed=shape)
+        init_ck, cfg = common.run_config(args.init, "blsp_kd", args, f"--init {args.init}", fixed=shape,
+                                         free=("prompt", "continuation_tokens"))
         for k in ("llm", "encoder") + shape:
             setattr(args, k, cfg.get(k))
         for k in ("prompt", "continuation_tokens"):        # the data it learned from, unless set
-            if not common.given(args, k) and k in cfg:
+            if k in cfg:
                 setattr(args, k, cfg[k])
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)

@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import importlib
@@ -799,13 +800,12 @@ def kv_cache(out):
 
 def cache_arg(model, cache):
     """The keyword argument that hands model.forward a KV cache, named as its version names it."""
-    kind = type(model)
-    if kind not in CACHE_KEYWORD:
-        CACHE_KEYWORD[kind] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {CACHE_KEYWORD[kind]: cache}
+    return {cache_keyword(type(model)): cache}
 
 
-CACHE_KEYWORD = {}
+@functools.cache
+def cache_keyword(kind):
+    return "cache" if "cache" in inspect.signature(kind.forward).parameters else "past_key_values"
 
 
 def prefix_runs_once(llm, sp):
@@ -1336,12 +1336,13 @@ def model_change(run_dir, model_args):
             f"path)") if diff else None
 
 
-def run_config(run_dir, method, args=None, flag=None, fixed=()):
+def run_config(run_dir, method, args=None, flag=None, fixed=(), free=()):
     """A trained run's directory -> (its latest checkpoint, the run's arguments: config.json).
     With args (--ckpt, --init: flag names it): the run's models where they are now. --llm and
     --encoder given here take the place of the run's folders (a run or its models moved; the
     trained parts must fit them: load_trainable checks), and a run's folder that is not there
-    says so. fixed: the fields the run fixes (shapes): one given here must be the run's."""
+    says so. fixed: the fields the run fixes (shapes): one given here must be the run's. free:
+    the fields a value given here replaces (a test of another prompt format, language...)."""
     ck = find_checkpoint(run_dir, dict(method=method))
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -1350,6 +1351,9 @@ def run_config(run_dir, method, args=None, flag=None, fixed=()):
         if given(args, k) and getattr(args, k) != cfg.get(k):
             raise UserError(f"{flag}: its --{k.replace('_', '-')} is {cfg.get(k)!r}, not {getattr(args, k)!r} "
                             f"(the run fixes it)")
+    for k in free:
+        if given(args, k):
+            cfg[k] = getattr(args, k)
     for k in ("llm", "encoder") if args is not None else ():
         if given(args, k):
             if getattr(args, k) != cfg.get(k):

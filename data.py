@@ -103,8 +103,8 @@ def load_audio(path, where=None):
     import soundfile as sf
     import torchaudio
     name, at = (where, f": {path}") if where else (path, "")
-    if missing_audio(path):
-        raise DataError(f"{name}: {missing_audio(path)}{at}")
+    if (problem := missing_audio(path)):
+        raise DataError(f"{name}: {problem}{at}")
     try:
         wave, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for corrupt files
@@ -116,8 +116,8 @@ def load_audio(path, where=None):
         raise DataError(f"{name}: non-finite samples{at}")
     if sr != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sr, SAMPLE_RATE)
-    if clip_problem(len(wave)):
-        raise DataError(f"{name}: {clip_problem(len(wave))}{at}")
+    if (problem := clip_problem(len(wave))):
+        raise DataError(f"{name}: {problem}{at}")
     return wave
 
 

@@ -334,13 +334,11 @@ def build(args, device):
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the models and
     sizes, and the input order, tasks and language unless given here (a zero-shot test)."""
-    ck, cfg = common.run_config(args.ckpt, "slm", args,
-                                fixed=("encoder_layer", "stack", "width", "layers", "heads", "ffn"))
-    for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn"):
+    ck, cfg = common.run_config(args.ckpt, "slm", args, fixed=("encoder_layer", "stack", "width", "layers",
+                                                              "heads", "ffn"), free=("order", "tasks", "language"))
+    for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn", "order", "tasks",
+              "language"):
         setattr(args, k, cfg[k])
-    for k in ("order", "tasks", "language"):
-        if not common.given(args, k):
-            setattr(args, k, cfg[k])
     encoder, adapter, llm, tok = build(args, device)
     common.load_trainable(adapter, ck).eval()
     return encoder, adapter, llm, tok

@@ -602,9 +602,10 @@ def infer(args, device):
     STAGES.check_ckpt(args.ckpt, "1")
     last = "2" if STAGES.trained(args.ckpt, "2") else "1"       # its config: the run's arguments
     cfg = common.run_config(STAGES.path(args.ckpt, last), STAGES.method_of(last), args, f"--ckpt {args.ckpt}",
-                            fixed=("encoder_layer", "aligner_layers", "layers", "heads", "blockwise", "finetune"))[1]
+                            fixed=("encoder_layer", "aligner_layers", "layers", "heads", "blockwise", "finetune"),
+                            free=("prompt",))[1]
     run = SSRArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(SSRArgs) if f.name in cfg})
-    args.prompt = args.prompt if common.given(args, "prompt") else run.prompt   # (given: a test of another)
+    args.prompt = run.prompt                        # (--eval's alignment_eval reads args)
     llm, tok = common.load_llm(run.llm, device)
     m = build(run, common.load_encoder(run.encoder, device, run.encoder_layer), llm, tok, device)
     STAGES.load(m.aligner, args.ckpt, "aligner"), STAGES.load(m.connector, args.ckpt, "1")
