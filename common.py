@@ -447,6 +447,13 @@ def quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
+# from_pretrained's options for every model we load. transformers 5.25 turned `use_kernels` on by
+# default: on CUDA it swaps layers (Llama's RMSNorm, Whisper's GELU...) for kernels downloaded
+# from the Hub at load time and at each train()/eval() (on an offline node, an error). A frozen
+# model here runs its own code, offline, with the same numbers on every machine.
+LOAD = dict(use_kernels=False)
+
+
 def load_encoder(path, device, layer=-1):
     """HF speech encoder folder (or None: the built-in default) -> frozen SpeechEncoder."""
     from transformers import AutoConfig, AutoModel
@@ -462,15 +469,15 @@ def load_encoder(path, device, layer=-1):
     mt = cfg.model_type
     if mt == "whisper":
         from transformers import WhisperFeatureExtractor, WhisperModel
-        model = WhisperModel.from_pretrained(path, dtype=dtype).encoder
+        model = WhisperModel.from_pretrained(path, dtype=dtype, **LOAD).encoder
         fe = WhisperFeatureExtractor.from_pretrained(path) if os.path.isfile(
             os.path.join(path, "preprocessor_config.json")) else WhisperFeatureExtractor(
             feature_size=cfg.num_mel_bins)
         enc = SpeechEncoder(model, "whisper", fe.mel_filters, layer)
     elif mt in ("wav2vec2-bert",):
-        enc = SpeechEncoder(AutoModel.from_pretrained(path, dtype=dtype), "w2v-bert", layer=layer)
+        enc = SpeechEncoder(AutoModel.from_pretrained(path, dtype=dtype, **LOAD), "w2v-bert", layer=layer)
     elif mt in ("wav2vec2", "hubert", "wavlm", "data2vec-audio"):
-        enc = SpeechEncoder(AutoModel.from_pretrained(path, dtype=dtype), "wave", layer=layer)
+        enc = SpeechEncoder(AutoModel.from_pretrained(path, dtype=dtype, **LOAD), "wave", layer=layer)
     else:
         raise UserError(f"--encoder {path}: unsupported model type '{mt}' "
                         "(Whisper, w2v-BERT, wav2vec2, HuBERT, WavLM)")
@@ -504,7 +511,7 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
                         f"decoder-only causal LM (SLM takes a T5-family model)")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="sdpa")
+        model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="sdpa", **LOAD)
     except Exception as e:
         raise UserError(f"--llm {path}: cannot load a {kind} LM ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None

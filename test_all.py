@@ -466,6 +466,22 @@ def test_encoder_and_llm_path_errors(tmp_path):
         common.load_llm(str(tmp_path / "whisper"), cpu())     # (AutoModelForCausalLM takes its decoder)
 
 
+def test_models_load_without_hub_kernels(tiny, tmp_path, monkeypatch):
+    """transformers 5.25 kernelizes what from_pretrained loads unless told not to (on CUDA: layers
+    fetched from the Hub at load and at each train()/eval(); offline, an error). Nothing we load
+    may ask for it: the LLM, a Whisper and a wav2vec2 encoder."""
+    import transformers.modeling_utils as mu
+    asked = []
+    real = mu.PreTrainedModel.set_use_kernels
+    monkeypatch.setattr(mu.PreTrainedModel, "set_use_kernels", lambda self, use, *a, **kw: (
+        asked.append(type(self).__name__) if use else None, real(self, False, *a, **kw))[1])
+    save_tiny_wav2vec2(tmp_path / "w2v")
+    llm, _ = common.load_llm(tiny["llm"], cpu())
+    common.load_encoder(tiny["enc"], cpu()), common.load_encoder(str(tmp_path / "w2v"), cpu())
+    llm.train(), llm.eval()
+    assert asked == [] and not llm.use_kernels
+
+
 # ============================================================================================
 # Prompt, splice, LLM helpers, LoRA, generation
 
