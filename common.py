@@ -245,6 +245,7 @@ def setup(args):
                                              timeout=datetime.timedelta(hours=1))
         atexit.register(end_processes)
     device = torch.device(dev, int(os.environ.get("LOCAL_RANK", "0"))) if dev == "cuda" else torch.device(dev)
+    check_torchaudio()
     set_precision(args.precision, device)
     if args.precision == "auto" and device.type == "cpu" and args.llm and rank == 0 and cpu_has_bf16():
         print("hint: this CPU has bf16 instructions: --precision bf16 runs about 2x faster "
@@ -255,6 +256,18 @@ def setup(args):
         torch.set_num_threads(args.threads or 1)
     seed_all(args.seed)
     return device, rank, world
+
+
+def check_torchaudio():
+    """torchaudio (resampling, fbank, forced alignment) loads, or a one-line error before any work:
+    a torchaudio built for another torch fails deep in torch's library loader (2.11.1, which asks
+    for torch >= 2.11, does not load with torch 2.11.0: an undefined symbol)."""
+    try:
+        import torchaudio  # noqa: F401
+    except (ImportError, OSError) as e:
+        why = str(e.__cause__ or e).splitlines()[0][:200]
+        raise UserError(f"torchaudio does not load with torch {torch.__version__} ({why}): install "
+                        f"the versions requirements.txt pins (pip install -r requirements.txt)") from None
 
 
 def end_processes():

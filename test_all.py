@@ -1980,6 +1980,25 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
     assert os.listdir(tmp_path / "old") == ["latest"]        # refused before writing continuations
 
 
+def test_a_torchaudio_built_for_another_torch_is_one_line_before_any_work(tiny, tmp_path):
+    """torchaudio 2.11.1 installed beside torch 2.11.0 fails in torch's library loader (OSError):
+    said in one line before any model loads, with what to install."""
+    fake = tmp_path / "site" / "torchaudio"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "try:\n    raise OSError('libtorchaudio.so: undefined symbol: torch_exception_get_what')\n"
+        "except OSError as e:\n    raise OSError('Could not load this library: libtorchaudio.so') from e\n")
+    r = subprocess.run([sys.executable, "blsp.py", "--llm", tiny["llm"], "--encoder", tiny["enc"],
+                        "--train", tiny["train"], "--out", str(tmp_path / "run")], capture_output=True,
+                       text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}:{HERE}"),
+                       timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert err[0].startswith(f"error: torchaudio does not load with torch {torch.__version__} "
+                             f"(libtorchaudio.so: undefined symbol") and "requirements.txt" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_whose_models_moved(tiny, tmp_path, capsys, monkeypatch):
     """A run keeps its model folders as given. Moved (another machine, another working directory):
     --ckpt names the missing folder and takes --llm / --encoder given in its place (a note on
