@@ -11,7 +11,9 @@
   voice (one tone pair per letter), with exact character boundaries, plus the toy "tasks" that the
   built-in LLMs learn (continue, repeat, translate) and the *content* words of each continuation:
   the words only the input sentence can tell.
+- Manifests from LibriSpeech, Common Voice and CoVoST 2: `python data.py librispeech|tsv ... --out FILE`.
 """
+import glob
 import json
 import math
 import os
@@ -505,3 +507,111 @@ def toy_vocabulary():
 def cache_root():
     return os.environ.get("SPEECHLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
                                                          "speechlm-ref"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifests from the corpora the papers train on: python data.py librispeech|tsv ... --out FILE
+
+def librispeech_rows(root):
+    """A LibriSpeech folder (train-clean-100, dev-clean...) -> (audio, text, where, extra) for each
+    line "ID WORDS" of its SPEAKER-CHAPTER.trans.txt files (ID.flac beside them); text lower-cased."""
+    found = sorted(glob.glob(os.path.join(root, "**", "*.trans.txt"), recursive=True))
+    if not found:
+        raise DataError(f"{root}: no *.trans.txt below it (give a LibriSpeech folder such as train-clean-100)")
+    for tr in found:
+        with open(tr, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                uid, _, words = line.strip().partition(" ")
+                if line.strip() and not words.strip():
+                    raise DataError(f"{tr}:{n}: expected 'ID WORDS'")
+                if words.strip():
+                    yield os.path.join(os.path.dirname(tr), uid + ".flac"), words.strip().lower(), f"{tr}:{n}", {}
+
+
+def tsv_rows(path, clips=None):
+    """A Common Voice or CoVoST 2 TSV (columns path, sentence, and translation in CoVoST) -> rows;
+    clips: the folder of the audio files (default: clips/ beside the TSV, Common Voice's layout)."""
+    import csv
+    clips = clips or os.path.join(os.path.dirname(os.path.abspath(path)), "clips")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = sorted({"path", "sentence"} - set(reader.fieldnames or ()))
+        if missing:
+            raise DataError(f"{path}: no column '{missing[0]}' (a Common Voice or CoVoST 2 TSV has path "
+                            f"and sentence)")
+        for n, row in enumerate(reader, 2):
+            if (row.get("sentence") or "").strip():
+                extra = {"translation": row["translation"]} if (row.get("translation") or "").strip() else {}
+                yield os.path.join(clips, row["path"]), row["sentence"].strip(), f"{path}:{n}", extra
+
+
+def write_manifest(rows, out, skip_bad=False, threads=8):
+    """rows -> the manifest `out` (audio relative to it; each duration read from its file's
+    header, in threads), written whole or not at all. A missing or unreadable file stops it,
+    named with its source line, unless skip_bad (then named on stderr and left out).
+    -> (utterances written, hours, utterances left out)."""
+    import soundfile as sf
+    from concurrent.futures import ThreadPoolExecutor
+    rows, base = list(rows), os.path.dirname(os.path.abspath(out))
+
+    def duration(row):
+        audio, where = row[0], row[2]
+        problem = missing_audio(audio)
+        if problem is None:
+            try:
+                return sf.info(audio).duration, None
+            except Exception as e:      # (soundfile raises several types)
+                problem = f"cannot read audio ({type(e).__name__})"
+        return None, f"{where}: {problem}: {audio}"
+
+    n = hours = bad = 0
+    tmp = out + ".tmp"
+    with ThreadPoolExecutor(threads) as pool, open(tmp, "w", encoding="utf-8") as f:
+        read = (d for k in range(0, len(rows), 4096) for d in pool.map(duration, rows[k:k + 4096]))
+        for (audio, txt, _, extra), (dur, problem) in zip(rows, read):
+            if problem and not skip_bad:
+                f.close(), os.remove(tmp)
+                raise DataError(f"{problem} (--skip-bad leaves such lines out)")
+            if problem:
+                print(f"skipping bad item: {problem}", file=sys.stderr)
+                bad += 1
+                continue
+            f.write(json.dumps(dict(audio=os.path.relpath(audio, base), text=txt, duration=round(dur, 3),
+                                    **extra), ensure_ascii=False) + "\n")
+            n, hours = n + 1, hours + dur / 3600
+    if n == 0:
+        os.remove(tmp)
+        raise DataError(f"{out}: no utterance to write")
+    os.replace(tmp, out)
+    return n, hours, bad
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python data.py", description="Write a training manifest (JSON "
+                                "lines: audio, text, duration[, translation]) from a public corpus.")
+    sub = p.add_subparsers(dest="corpus", required=True)
+    ls = sub.add_parser("librispeech", help="LibriSpeech folders (train-clean-100 train-clean-360 ...)")
+    ls.add_argument("sources", nargs="+", metavar="FOLDER")
+    tsv = sub.add_parser("tsv", help="Common Voice or CoVoST 2 TSV files (path, sentence[, translation])")
+    tsv.add_argument("sources", nargs="+", metavar="TSV")
+    tsv.add_argument("--clips", help="the folder of the audio files (default: clips/ beside each TSV)")
+    for s in (ls, tsv):
+        s.add_argument("--out", required=True, metavar="MANIFEST", help="the manifest to write")
+        s.add_argument("--skip-bad", action="store_true", help="leave out missing or unreadable audio "
+                       "(each named on stderr) instead of stopping")
+    args = p.parse_args(argv)
+    rows = (row for src in args.sources for row in (
+        librispeech_rows(src) if args.corpus == "librispeech" else tsv_rows(src, args.clips)))
+    try:
+        n, hours, bad = write_manifest(rows, args.out, args.skip_bad)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{args.out}: {n} utterances, {hours:.2f} h" + (f" ({bad} left out)" if bad else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -170,6 +170,58 @@ def test_audio_errors_and_resampling(tmp_path):
     assert w.dtype == torch.float32 and abs(len(w) - 16000) <= 1
 
 
+def test_manifests_written_from_librispeech_common_voice_and_covost(tmp_path, capsys):
+    """python data.py librispeech|tsv: every transcript line becomes a manifest line that
+    read_manifest takes (audio relative to the manifest, duration from the header, LibriSpeech
+    lower-cased, CoVoST's translation kept); a missing clip is named by its source line and
+    nothing is written, or it is left out with --skip-bad."""
+    import soundfile as sf
+    rng = random.Random(0)
+    ls = tmp_path / "LibriSpeech" / "dev-clean" / "84" / "121123"
+    ls.mkdir(parents=True)
+    lens = {}
+    for uid, words in (("84-121123-0000", "GO DO YOU HEAR"), ("84-121123-0001", "BUT IN LESS THAN FIVE MINUTES")):
+        wave, _ = data.synthesize(words.lower().replace("v", "f"), rng)
+        sf.write(ls / f"{uid}.flac", wave, 16000)
+        lens[words.lower()] = len(wave) / 16000
+    (ls / "84-121123.trans.txt").write_text("84-121123-0000 GO DO YOU HEAR\n84-121123-0001 BUT IN LESS THAN FIVE MINUTES\n")
+    out = tmp_path / "manifests" / "dev.jsonl"
+    out.parent.mkdir()
+    r = subprocess.run([sys.executable, "data.py", "librispeech", str(tmp_path / "LibriSpeech"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"{out}: 2 utterances, 0.00 h", r.stdout + r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["audio"] == "../LibriSpeech/dev-clean/84/121123/84-121123-0000.flac"
+    items = data.read_manifest(str(out))
+    assert [it["text"] for it in items] == ["go do you hear", "but in less than five minutes"]
+    for it in items:
+        assert it["duration"] == pytest.approx(lens[it["text"]], abs=1e-3)
+        assert len(data.load_audio(it["audio"])) == round(lens[it["text"]] * 16000)
+
+    cv = tmp_path / "cv"
+    (cv / "clips").mkdir(parents=True)
+    for name in ("a.wav", "b.wav"):
+        sf.write(cv / "clips" / name, np.zeros(1600, np.float32), 16000)
+    (cv / "train.tsv").write_text('client_id\tpath\tsentence\tup_votes\nx\ta.wav\tHe said "yes".\t2\n'
+                                  'y\tb.wav\tNo.\t1\nz\tgone.wav\tLost.\t0\n')
+    with pytest.raises(SystemExit) as e:
+        data.main(["tsv", str(cv / "train.tsv"), "--out", str(cv / "m.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"train.tsv:4: audio file not found: {cv / 'clips' / 'gone.wav'}" in err[0]
+    assert not list(cv.glob("m.jsonl*"))                                   # nothing written
+    data.main(["tsv", str(cv / "train.tsv"), "--out", str(cv / "m.jsonl"), "--skip-bad"])
+    assert "train.tsv:4" in capsys.readouterr().err
+    assert [(it["text"], it["duration"]) for it in data.read_manifest(str(cv / "m.jsonl"))] == \
+        [('He said "yes".', 0.1), ("No.", 0.1)]
+    (tmp_path / "covost.tsv").write_text("path\tsentence\ttranslation\tclient_id\na.wav\tHello.\tHallo.\tx\n")
+    data.main(["tsv", str(tmp_path / "covost.tsv"), "--clips", str(cv / "clips"), "--out", str(tmp_path / "st.jsonl")])
+    (it,) = data.read_manifest(str(tmp_path / "st.jsonl"))
+    assert (it["text"], it["translation"], it["audio"]) == ("Hello.", "Hallo.", str(cv / "clips" / "a.wav"))
+    with pytest.raises(SystemExit):
+        data.main(["librispeech", str(cv), "--out", str(tmp_path / "x.jsonl")])
+    assert "no *.trans.txt below it" in capsys.readouterr().err
+
+
 def test_skip_bad_items(tmp_path, tiny):
     items = data.read_manifest(tiny["valid"])[:3]
     items[1] = dict(items[1], audio=str(tmp_path / "gone.wav"))
