@@ -1556,10 +1556,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 if "step" in opt.state.get(p, {}):
                     opt.state[p]["step"] = opt.state[p]["step"].to(p.device, torch.float32)
         step, epoch, batch_pos = st["step"], st["epoch"], st["batch_pos"]
-        rng = st["rng"] if isinstance(st["rng"], dict) else st["rng"][rank % len(st["rng"])]   # its own
-        set_rng_state(rng, device)
+        rngs = [st["rng"]] if isinstance(st["rng"], dict) else st["rng"]
+        if rngs[rank % len(rngs)] is not None:
+            set_rng_state(rngs[rank % len(rngs)], device)               # its own
+        else:                   # saved by another process alone (bad data met under torchrun)
+            seed_all(args.seed + rank + world * step)
         if rank == 0:
-            print(f"resumed from {ck} at step {step}")
+            print(f"resumed from {ck} at step {step}" + (
+                "; it was saved by one process alone (bad data), so the others' random draws (dropout) "
+                "start afresh" if None in rngs else ""))
             with open(os.path.join(ck, "meta.json")) as f:
                 was = json.load(f).get("data", meta["data"])
             changed = [f"{k} {was.get(k)} -> {v}" for k, v in meta["data"].items() if was.get(k) != v]
@@ -1677,7 +1682,11 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if world > 1:       # with the units, the loss and the stop and save flags (StopFlags)
                 extra = to_gpu(torch.tensor([total, float(flags.name is not None), float(save_due)]), device)
                 flat = torch.cat([p.grad.flatten() for p in params] + [extra, loss_sum[None]])
-                torch.distributed.all_reduce(flat)
+                try:
+                    torch.distributed.all_reduce(flat)
+                except RuntimeError as e:   # gloo, when another process left (its error is above)
+                    raise UserError(f"process {rank}: another process stopped in step {step + 1} "
+                                    f"({str(e).splitlines()[0][:120]})") from None
                 total, loss_sum = flat[-4], flat[-1]
                 flags.record(flat[-3:-1])
                 offset = 0
@@ -1743,9 +1752,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if stop:
                 interrupted = flags.name or "a signal to another process"
                 break
-    except data.DataError as e:     # bad audio met mid-run: the steps done are kept (one process:
-        if world == 1 and saved_at != step and (step > step0 or args.resume):   # (the others wait
-            checkpoint(start)                                                  # in all_reduce)
+    except data.DataError as e:     # bad audio met mid-run: the step before it is saved
+        if saved_at != step and (step > step0 or args.resume):
+            if world == 1:
+                checkpoint(start)
+            else:   # the others wait in this step's all_reduce: this process saves alone (all hold
+                check_finite()      # the same weights and optimizer state), with its own RNG only
+                save_checkpoint(out, module, opt, step, *start[:2], meta,
+                                [start[2] if k == rank else None for k in range(world)])
+                saved_at = step
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if saved_at != step:
@@ -1779,7 +1794,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         last_valid = run_valid(valid_fn, step, log, rank, None, device)
     if rank == 0:
         mfu = seen["flops"] / dt / peak_fl if peak_fl and seen["flops"] else 0
-        print(f"{method}: {step} steps in {dt:.0f} s, {seen['samples'] * world / dt:.1f} samples/s, "
+        print(f"{method}: {step - step0} steps" + (f" (resumed at {step0})" if step0 else "")
+              + f" in {dt:.0f} s, {seen['samples'] * world / dt:.1f} samples/s, "
               f"{seen['tokens'] * world / dt:.0f} tokens/s" + (f", peak {peak:.1f} GiB" if peak else "")
               + (f", MFU {mfu:.1%}" if mfu else "") + f"; waiting for data {seen['data_s'] / dt:.1%} of it"
               + (" (more --workers?)" if seen["data_s"] > 0.2 * dt else ""))

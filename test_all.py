@@ -1803,6 +1803,48 @@ if rank == 0:
     torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"),
                                torch.load(tmp_path / "full" / "weight.pt"))
 
+def test_torchrun_bad_data_met_by_one_process_keeps_the_steps_done(tiny, tmp_path):
+    """2 gloo processes; rank 1's third batch is bad audio, while rank 0 waits in step 3's
+    all_reduce: rank 1 saves step 2 alone (it used to exit with nothing saved since the last
+    checkpoint), rank 0 says in one line that another process stopped, and 2 new processes resume
+    the run to the uninterrupted run's losses and weights."""
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import sys, torch, common, data
+sys.path.insert(0, {HERE!r})
+from test_all import Toy, toy_step, toy_args
+out, mode = sys.argv[1], sys.argv[2]
+args = toy_args(out, batch_size=4, steps=5, resume=out if mode == "resume" else None)
+device, rank, world = common.setup(args)
+m = Toy(); m.drop.p = 0.0      # (rank 0's dropout draws are not in a checkpoint rank 1 saved)
+step, calls = toy_step(m), []
+def bad_in_step_3(batch):
+    calls.append(1)
+    if mode == "bad" and len(calls) == 3 and rank == 1:
+        raise data.DataError("m.jsonl:7: cannot read audio")
+    return step(batch)
+common.train(args, m, bad_in_step_3, data.read_manifest({tiny['train']!r}), device, rank, world, method="toy")
+if rank == 0:
+    torch.save(m.lin.weight, out + "/weight.pt")
+""")
+    run = lambda out, mode: run_python(script, tmp_path / out, mode, torchrun=True)
+    assert run("full", "full").returncode == 0
+    r = run("half", "bad")
+    assert r.returncode != 0 and "m.jsonl:7: cannot read audio; step 2 is saved: mend the data" in r.stderr, \
+        r.stderr[-3000:]
+    assert "UserError: process 0: another process stopped in step 3 (" in r.stderr      # (not gloo's trace)
+    assert open(tmp_path / "half" / "latest").read().strip() == "ckpt-2"
+    rngs = torch.load(tmp_path / "half" / "ckpt-2" / "train_state.pt", weights_only=False)["rng"]
+    assert rngs[0] is None and rngs[1] is not None
+    r = run("half", "resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout and "saved by one process alone" in r.stdout, \
+        r.stderr[-3000:]
+    assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert len(losses(tmp_path / "full")) == 5
+    torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"),
+                               torch.load(tmp_path / "full" / "weight.pt"))
+
+
 def test_stop_flags_are_read_after_the_same_step_everywhere():
     """Every process reads the summed flags of step k after step k + lag (0 on CPU, 2 on CUDA)."""
     for lag in (0, 2):
