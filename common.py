@@ -1628,15 +1628,19 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                             f"its update was skipped; stopped, the last good checkpoint in {out} is kept")
         checked = step
 
-    def checkpoint(at=None):
+    def checkpoint(at=None, alone=False):
+        """alone: this process saves by itself while the others wait in an all_reduce (they all
+        hold the same weights and optimizer state), with its own RNG only."""
         nonlocal saved_at, last_save
         check_finite()
         e, b, r = at or (epoch, batch_pos, rng_state())
-        if world > 1:                           # every process's RNG, to resume each exactly
+        if world > 1 and alone:
+            r = [r if k == rank else None for k in range(world)]
+        elif world > 1:                         # every process's RNG, to resume each exactly
             rngs = [None] * world
             torch.distributed.all_gather_object(rngs, r)
             r = rngs
-        if rank == 0:
+        if rank == 0 or alone:
             save_checkpoint(out, module, opt, step, e, b, meta, r)
         saved_at, last_save = step, time.time()
 
@@ -1752,15 +1756,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if stop:
                 interrupted = flags.name or "a signal to another process"
                 break
-    except data.DataError as e:     # bad audio met mid-run: the step before it is saved
-        if saved_at != step and (step > step0 or args.resume):
-            if world == 1:
-                checkpoint(start)
-            else:   # the others wait in this step's all_reduce: this process saves alone (all hold
-                check_finite()      # the same weights and optimizer state), with its own RNG only
-                save_checkpoint(out, module, opt, step, *start[:2], meta,
-                                [start[2] if k == rank else None for k in range(world)])
-                saved_at = step
+    except data.DataError as e:     # bad audio met mid-run: the step before it is saved, by
+        if saved_at != step and (step > step0 or args.resume):      # this process (the others
+            checkpoint(start, alone=True)                           # wait in the all_reduce)
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if saved_at != step:
