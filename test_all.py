@@ -200,9 +200,9 @@ def test_manifests_written_from_librispeech_common_voice_and_covost(tmp_path, ca
 
     cv = tmp_path / "cv"
     (cv / "clips").mkdir(parents=True)
-    for name in ("a.wav", "b.wav"):
-        sf.write(cv / "clips" / name, np.zeros(1600, np.float32), 16000)
-    (cv / "train.tsv").write_text('client_id\tpath\tsentence\tup_votes\nx\ta.wav\tHe said "yes".\t2\n'
+    sf.write(cv / "clips" / "a.mp3", np.zeros(4800, np.float32), 48000, format="MP3")   # Common Voice's
+    sf.write(cv / "clips" / "b.wav", np.zeros(1600, np.float32), 16000)
+    (cv / "train.tsv").write_text('client_id\tpath\tsentence\tup_votes\nx\ta.mp3\tHe said "yes".\t2\n'
                                   'y\tb.wav\tNo.\t1\nz\tgone.wav\tLost.\t0\n')
     with pytest.raises(SystemExit) as e:
         data.main(["tsv", str(cv / "train.tsv"), "--out", str(cv / "m.jsonl")])
@@ -213,10 +213,11 @@ def test_manifests_written_from_librispeech_common_voice_and_covost(tmp_path, ca
     assert "train.tsv:4" in capsys.readouterr().err
     assert [(it["text"], it["duration"]) for it in data.read_manifest(str(cv / "m.jsonl"))] == \
         [('He said "yes".', 0.1), ("No.", 0.1)]
-    (tmp_path / "covost.tsv").write_text("path\tsentence\ttranslation\tclient_id\na.wav\tHello.\tHallo.\tx\n")
+    assert len(data.load_audio(str(cv / "clips" / "a.mp3"))) == 1600                      # (48 kHz MP3)
+    (tmp_path / "covost.tsv").write_text("path\tsentence\ttranslation\tclient_id\na.mp3\tHello.\tHallo.\tx\n")
     data.main(["tsv", str(tmp_path / "covost.tsv"), "--clips", str(cv / "clips"), "--out", str(tmp_path / "st.jsonl")])
     (it,) = data.read_manifest(str(tmp_path / "st.jsonl"))
-    assert (it["text"], it["translation"], it["audio"]) == ("Hello.", "Hallo.", str(cv / "clips" / "a.wav"))
+    assert (it["text"], it["translation"], it["audio"]) == ("Hello.", "Hallo.", str(cv / "clips" / "a.mp3"))
     with pytest.raises(SystemExit):
         data.main(["librispeech", str(cv), "--out", str(tmp_path / "x.jsonl")])
     assert "no *.trans.txt below it" in capsys.readouterr().err
