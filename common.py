@@ -1060,10 +1060,21 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     if cut:
         f.write("\n")
     order = sorted(todo, key=lambda i: len(prompts[i]))
+    # what a long job is doing: a line at its start and end, and in a log file (no progress bar)
+    # a line at most every 30 s (rank 0 speaks for all; shortest prompts first: early rates run high)
+    say, left, t0 = bool(cache and todo and rank == 0), len(prompts) - len(done), time.time()
+    said = t0
+    if say:
+        print(f"{desc}: {left} of {len(prompts)} to generate with the frozen LLM ({len(done)} cached "
+              f"in {os.path.basename(cache)})", flush=True)
     try:
         from tqdm import tqdm
         for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=not todo or not
                       sys.stderr.isatty() or rank != 0, leave=False):
+            if say and not sys.stderr.isatty() and k and time.time() - said >= 30:
+                said, rate = time.time(), k / (time.time() - t0)
+                print(f"{desc}: {k * world}/{left}, {rate * world:.1f} prompts/s, "   # (all processes)
+                      f"{(len(order) - k) / rate / 60:.1f} min to go", flush=True)
             idx = order[k:k + batch_size]
             sp = splice(embed, [[text(prompts[i])] for i in idx], pad_left=True)
             outs = generate(llm, sp, eos, max_new_tokens)
@@ -1076,6 +1087,8 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     finally:
         if f:
             f.close()
+    if say:
+        print(f"{desc}: {left} generated in {time.time() - t0:.0f} s", flush=True)
     if world > 1:
         torch.distributed.barrier()                     # every process has written its share
         done = read_texts(cache)
@@ -1982,7 +1995,7 @@ def _cached(name, size, build):
     print(f"building the built-in {name} (once, cached in {path}) ...", flush=True)
     # in a fresh process: deterministic, and unaffected by what this process already loaded
     import subprocess
-    code = f"import common; common.{build.__name__}({tmp!r}, {size!r})"
+    code = f"import common; common.quiet_transformers(); common.{build.__name__}({tmp!r}, {size!r})"
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
     if subprocess.run([sys.executable, "-c", code], env=env).returncode != 0:
         raise UserError(f"building the built-in {name} failed (see above)")
@@ -2280,7 +2293,7 @@ def _build_default_encoder(path, size):
             loss = F.ctc_loss(logp, torch.cat(tgt), lens, torch.tensor([len(t) for t in tgt]),
                               zero_infinity=True)
             if step % 100 == 0:
-                print(f"  default encoder step {step}: CTC loss {float(loss):.4f}", flush=True)
+                print(f"  default encoder step {step}: CTC loss {float(loss.detach()):.4f}", flush=True)
             for g in opt.param_groups:
                 g["lr"] = size["lr"] * min(1, (step + 1) / 50) * (1 - step / size["steps"])
             loss.backward()
@@ -2291,7 +2304,7 @@ def _build_default_encoder(path, size):
             if step >= size["steps"]:
                 break
         epoch += 1
-    print(f"  default encoder: final CTC loss {float(loss):.4f}")
+    print(f"  default encoder: final CTC loss {float(loss.detach()):.4f}")
     whisper.save_pretrained(path)
     fe.save_pretrained(path)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()},

@@ -993,6 +993,25 @@ def test_generate_texts_cache_resumes(tiny, tmp_path):
     assert len(common.read_texts(cache)) == 3        # the cut line ended: the next ones stay whole
 
 
+def test_generate_texts_says_what_it_does_in_a_log_file(tiny, tmp_path, monkeypatch, capsys):
+    """A long generation (the continuations of a corpus) is not silent where no progress bar
+    shows (a cluster job's log): a line at its start and end, one at most every 30 s between;
+    nothing when every answer is cached."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    clock = iter(range(0, 10000, 40))                       # 40 s a call of time.time()
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [5], [6, 7], [9]]
+    common.generate_texts(llm, tok, prompts[:2], 4, 2, str(tmp_path / "gen.jsonl"), desc="answers (train)")
+    capsys.readouterr()
+    common.generate_texts(llm, tok, prompts, 4, 2, str(tmp_path / "gen.jsonl"), desc="answers (train)")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "answers (train): 4 of 6 to generate with the frozen LLM (2 cached in gen.jsonl)"
+    assert re.fullmatch(r"answers \(train\): 2/4, [\d.]+ prompts/s, [\d.]+ min to go", out[1]), out
+    assert re.fullmatch(r"answers \(train\): 4 generated in \d+ s", out[-1]) and len(out) == 3, out
+    common.generate_texts(llm, tok, prompts, 4, 2, str(tmp_path / "gen.jsonl"), desc="answers (train)")
+    assert capsys.readouterr().out == ""
+
+
 def test_generate_runs_no_forward_past_the_limit(tiny, monkeypatch):
     """max_new_tokens forwards in all: the prompt's, then one per new token but the last."""
     llm, tok = common.load_llm(tiny["llm"], cpu())
