@@ -555,6 +555,7 @@ def write_manifest(rows, out, skip_bad=False, threads=8):
     import soundfile as sf
     from concurrent.futures import ThreadPoolExecutor
     rows, base = list(rows), os.path.dirname(os.path.abspath(out))
+    os.makedirs(base, exist_ok=True)
 
     def duration(row):
         audio, where = row[0], row[2]

@@ -185,8 +185,7 @@ def test_manifests_written_from_librispeech_common_voice_and_covost(tmp_path, ca
         sf.write(ls / f"{uid}.flac", wave, 16000)
         lens[words.lower()] = len(wave) / 16000
     (ls / "84-121123.trans.txt").write_text("84-121123-0000 GO DO YOU HEAR\n84-121123-0001 BUT IN LESS THAN FIVE MINUTES\n")
-    out = tmp_path / "manifests" / "dev.jsonl"
-    out.parent.mkdir()
+    out = tmp_path / "manifests" / "dev.jsonl"                 # (its folder is made)
     r = subprocess.run([sys.executable, "data.py", "librispeech", str(tmp_path / "LibriSpeech"), "--out", str(out)],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == f"{out}: 2 utterances, 0.00 h", r.stdout + r.stderr
