@@ -1087,11 +1087,11 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     finally:
         if f:
             f.close()
-    if say:
-        print(f"{desc}: {left} generated in {time.time() - t0:.0f} s", flush=True)
     if world > 1:
         torch.distributed.barrier()                     # every process has written its share
         done = read_texts(cache)
+    if say:
+        print(f"{desc}: {left} generated in {time.time() - t0:.0f} s", flush=True)
     texts, ended = [done[i][0] for i in range(len(prompts))], [done[i][1] for i in range(len(prompts))]
     return (texts, ended) if with_ended else texts
 
