@@ -1316,7 +1316,7 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
     final = os.path.join(out, f"ckpt-{step}")
     if os.path.exists(final):
         final += ".1"
-    tmp = final + ".tmp"
+    tmp = final + f".tmp{os.getpid()}"      # (its own: two processes may save one step alone at once)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file(trainable_state(module), os.path.join(tmp, "trainable.safetensors"))
@@ -1325,12 +1325,18 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)            # (a ckpt-STEP.1 that latest does not name)
-    os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not os.path.isfile(os.path.join(final, "meta.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process saved this very step a moment ago
+    latest = os.path.join(out, f"latest.tmp{os.getpid()}")
+    with open(latest, "w") as f:
         f.write(os.path.basename(final))
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    os.replace(latest, os.path.join(out, "latest"))
     for d in os.listdir(out):  # keep only the latest checkpoint
-        if d.startswith("ckpt-") and d != os.path.basename(final) and not d.endswith(".tmp"):
+        if d.startswith("ckpt-") and d != os.path.basename(final) and ".tmp" not in d:
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     return final
 
@@ -1342,7 +1348,8 @@ def find_checkpoint(run_dir, meta=None):
     latest = os.path.join(run_dir, "latest")
     if not os.path.isfile(latest):
         raise UserError(f"{run_dir}: no checkpoint in this directory")
-    ck = os.path.join(run_dir, open(latest).read().strip())
+    with open(latest) as f:
+        ck = os.path.join(run_dir, f.read().strip())
     if not os.path.isfile(os.path.join(ck, "meta.json")):
         raise UserError(f"{run_dir}: `latest` names {ck!r}, which holds no checkpoint")
     with open(os.path.join(ck, "meta.json")) as f:

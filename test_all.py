@@ -1472,6 +1472,31 @@ def test_a_step_saved_again_never_leaves_latest_without_its_folder(tmp_path, mon
         common.find_checkpoint(str(tmp_path))
 
 
+def test_two_processes_saving_one_step_at_once_leave_it_whole(tmp_path):
+    """Two processes that each meet bad audio in the same step save that step alone, at once: each
+    writes through its own temporary folder (a shared one was emptied or refused by the other),
+    and `latest` names one whole checkpoint."""
+    import multiprocessing
+    import safetensors.torch
+    ctx = multiprocessing.get_context("fork")
+    both_writing = ctx.Barrier(2, timeout=30)
+    real = safetensors.torch.save_file
+
+    def save(k):
+        safetensors.torch.save_file = lambda *a, **kw: (both_writing.wait(), real(*a, **kw))[1]
+        m = torch.nn.Linear(3, 1)
+        common.save_checkpoint(str(tmp_path), m, None, 2, 0, 2, dict(method="toy"), rng=[k])
+    procs = [ctx.Process(target=save, args=(k,)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ck = common.find_checkpoint(str(tmp_path))
+    assert os.path.basename(ck) == "ckpt-2" and sorted(os.listdir(tmp_path)) == ["ckpt-2", "latest"]
+    assert torch.load(os.path.join(ck, "train_state.pt"), weights_only=False)["rng"] in ([0], [1])
+
+
 def test_train_runs_the_trained_parts_in_train_mode(tiny, tmp_path):
     """A part left in eval() (BLSP-KD's unfrozen encoder: freeze() made it so) trains with its
     dropout on; the loop does not wait for a validation to switch it."""
