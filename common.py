@@ -1427,8 +1427,10 @@ def check_out(args, resume_dir=None):
     --resume takes, when not --out (SSR: the run's directory, above its stages')."""
     latest, resume_dir = os.path.join(args.out, "latest"), resume_dir or args.out
     if not args.resume and os.path.isfile(latest):
+        with open(latest) as f:
+            name = f.read().strip()
         raise UserError(f"--out {resume_dir} holds a run already (its latest checkpoint: "
-                        f"{open(latest).read().strip()}): --resume {resume_dir} continues it; to start "
+                        f"{name}): --resume {resume_dir} continues it; to start "
                         f"again, remove it or give another --out")
 
 

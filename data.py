@@ -522,9 +522,9 @@ def librispeech_rows(root):
         with open(tr, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 uid, _, words = line.strip().partition(" ")
-                if line.strip() and not words.strip():
+                if uid and not words.strip():
                     raise DataError(f"{tr}:{n}: expected 'ID WORDS'")
-                if words.strip():
+                if uid:
                     yield os.path.join(os.path.dirname(tr), uid + ".flac"), words.strip().lower(), f"{tr}:{n}", {}
 
 
