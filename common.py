@@ -1311,12 +1311,11 @@ def set_rng_state(rng, device):
 def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
     """Write ckpt-STEP/ through a temporary folder and a rename, then point `latest` at it (a step
     saved again goes to ckpt-STEP.1: the folder `latest` names is never deleted before it moves).
+    The rename, `latest` and the clean-up hold a lock on the run directory: two processes saving
+    alone at once (each met bad data) would otherwise each delete the other's folder.
     rng: the RNG states to resume with (default: this process's)."""
     from safetensors.torch import save_file
-    final = os.path.join(out, f"ckpt-{step}")
-    if os.path.exists(final):
-        final += ".1"
-    tmp = final + f".tmp{os.getpid()}"      # (its own: two processes may save one step alone at once)
+    tmp = os.path.join(out, f"ckpt-{step}.tmp{os.getpid()}")     # (this process's own)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file(trainable_state(module), os.path.join(tmp, "trainable.safetensors"))
@@ -1324,21 +1323,39 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
                     batch_pos=batch_pos, rng=rng or rng_state()), os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)            # (a ckpt-STEP.1 that latest does not name)
-    try:
+    with run_lock(out):
+        try:
+            with open(os.path.join(out, "latest")) as f:
+                named = f.read().strip()
+        except OSError:
+            named = None
+        final = os.path.join(out, f"ckpt-{step}" + (".1" if named == f"ckpt-{step}" else ""))
+        shutil.rmtree(final, ignore_errors=True)        # (a step saved before, that latest does not name)
         os.replace(tmp, final)
-    except OSError:
-        if not os.path.isfile(os.path.join(final, "meta.json")):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process saved this very step a moment ago
-    latest = os.path.join(out, f"latest.tmp{os.getpid()}")
-    with open(latest, "w") as f:
-        f.write(os.path.basename(final))
-    os.replace(latest, os.path.join(out, "latest"))
-    for d in os.listdir(out):  # keep only the latest checkpoint
-        if d.startswith("ckpt-") and d != os.path.basename(final) and ".tmp" not in d:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+        latest = os.path.join(out, f"latest.tmp{os.getpid()}")
+        with open(latest, "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(latest, os.path.join(out, "latest"))
+        for d in os.listdir(out):                       # keep only the latest checkpoint
+            if d.startswith("ckpt-") and d != os.path.basename(final) and ".tmp" not in d:
+                shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def run_lock(out):
+    """An exclusive lock on the run directory (its file `.lock`), where the system has one."""
+    try:
+        import fcntl
+    except ImportError:                                 # (not on Windows: no lock)
+        yield
+        return
+    with open(os.path.join(out, ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def find_checkpoint(run_dir, meta=None):

@@ -1465,7 +1465,7 @@ def test_a_step_saved_again_never_leaves_latest_without_its_folder(tmp_path, mon
     monkeypatch.setattr(os, "replace", real)
     assert common.find_checkpoint(str(tmp_path)).endswith("ckpt-2")        # the first one, whole
     assert common.save_checkpoint(str(tmp_path), m, opt, 2, 0, 2, dict(method="toy")).endswith("ckpt-2.1")
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-2.1", "latest"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt-2.1", "latest"]
     assert common.save_checkpoint(str(tmp_path), m, opt, 2, 0, 2, dict(method="toy")).endswith("ckpt-2")
     (tmp_path / "latest").write_text("ckpt-9")                          # (a hand-edited run)
     with pytest.raises(common.UserError, match="latest` names .*ckpt-9.*, which holds no checkpoint"):
@@ -1493,8 +1493,38 @@ def test_two_processes_saving_one_step_at_once_leave_it_whole(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     ck = common.find_checkpoint(str(tmp_path))
-    assert os.path.basename(ck) == "ckpt-2" and sorted(os.listdir(tmp_path)) == ["ckpt-2", "latest"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", os.path.basename(ck), "latest"]
     assert torch.load(os.path.join(ck, "train_state.pt"), weights_only=False)["rng"] in ([0], [1])
+
+
+def test_a_process_saving_while_another_cleans_up_keeps_the_checkpoint_latest_names(tmp_path):
+    """Two processes save one step alone, the second just after the first's rename: without a
+    lock, each one's clean-up deleted the other's folder and `latest` named neither."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    renamed = ctx.Event()
+
+    def first():
+        real = os.replace
+
+        def stall_after_latest(a, b):                   # between `latest` and the clean-up
+            real(a, b)
+            if os.path.basename(b) == "latest":
+                renamed.set(), time.sleep(1.5)
+        os.replace = stall_after_latest
+        common.save_checkpoint(str(tmp_path), torch.nn.Linear(3, 1), None, 2, 0, 2, dict(method="toy"), rng=[0])
+
+    def second():
+        renamed.wait(30)
+        common.save_checkpoint(str(tmp_path), torch.nn.Linear(3, 1), None, 2, 0, 2, dict(method="toy"), rng=[1])
+    procs = [ctx.Process(target=f) for f in (first, second)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ck = common.find_checkpoint(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".lock", os.path.basename(ck), "latest"]
 
 
 def test_train_runs_the_trained_parts_in_train_mode(tiny, tmp_path):
