@@ -2245,8 +2245,10 @@ def load_ctc_head(encoder_path):
     from safetensors.torch import load_file
     path = encoder_path or default_encoder()
     f, c = os.path.join(path, "ctc_head.safetensors"), os.path.join(path, "ctc_chars.json")
-    ok = os.path.isfile(f) and os.path.isfile(c) and json.load(open(c)) == CTC_CHARS
-    return load_file(f) if ok else None
+    if not (os.path.isfile(f) and os.path.isfile(c)):
+        return None
+    with open(c) as g:
+        return load_file(f) if json.load(g) == CTC_CHARS else None
 
 
 def ctc_forced_align(logp, targets, blank=0):

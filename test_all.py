@@ -32,6 +32,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ============================================================================================
 # Fixtures: tiny models saved to disk, loaded back through the user's --llm / --encoder path
 
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def write(path, text, mode="w"):
+    with open(path, mode) as f:
+        f.write(text)
+
 def tiny_llama(tok, hidden=32, layers=2, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
@@ -985,10 +995,10 @@ def test_generate_texts_cache_resumes(tiny, tmp_path):
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     cache = str(tmp_path / "gen.jsonl")
     full = common.generate_texts(llm, tok, prompts, 4, 2, cache)
-    lines = open(cache).read().splitlines()
-    open(cache, "w").write(lines[0] + "\n" + lines[1][:5])          # an interrupted write
+    lines = read(cache).splitlines()
+    write(cache, lines[0] + "\n" + lines[1][:5])          # an interrupted write
     assert common.generate_texts(llm, tok, prompts, 4, 2, cache) == full
-    assert len(open(cache).read().splitlines()) >= 3
+    assert len(read(cache).splitlines()) >= 3
     assert len(common.read_texts(cache)) == 3        # the cut line ended: the next ones stay whole
 
 
@@ -1052,7 +1062,7 @@ def test_generate_texts_records_whether_an_answer_ended(tiny, tmp_path, monkeypa
     texts, ended = common.generate_texts(llm, tok, [[5, 6, 7], [8, 9]], 4, 2, cache, with_ended=True)
     assert ended == [False, True] and texts[1] == tok.decode([5, 6], skip_special_tokens=True).strip()
     assert common.generate_texts(llm, tok, [[5, 6, 7], [8, 9]], 4, 2, cache, with_ended=True) == (texts, ended)
-    open(cache, "a").write(json.dumps({"i": 2, "text": "old"}) + "\n")       # a line from before the flag
+    write(cache, json.dumps({"i": 2, "text": "old"}) + "\n", "a")       # a line from before the flag
     assert common.generate_texts(llm, tok, [[5, 6, 7], [8, 9], [1]], 4, 2, cache, with_ended=True)[1] == \
         [False, True, None]
 
@@ -1115,7 +1125,7 @@ def toy_args(tmp_path, **kw):
 
 
 def losses(out):
-    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+    return [r["loss"] for r in map(json.loads, read(os.path.join(out, "metrics.jsonl")).splitlines())
             if "split" not in r]
 
 
@@ -1252,14 +1262,14 @@ def test_resume_gives_the_same_losses(tiny, tmp_path):
         return step(batch)
     with pytest.raises(SystemExit) as e:
         common.train(toy_args(tmp_path / "half"), half, interrupted_at_step_4, items, cpu(), method="toy")
-    assert e.value.code == 130 and open(tmp_path / "half" / "latest").read().strip() == "ckpt-3"
+    assert e.value.code == 130 and read(tmp_path / "half" / "latest").strip() == "ckpt-3"
     again = Toy()
     common.train(toy_args(tmp_path / "half", steps=6, resume=str(tmp_path / "half")), again,
                  toy_step(again), items, cpu(), method="toy")
     assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "half"), abs=1e-6)
     torch.testing.assert_close(full_m.lin.weight, again.lin.weight)
     # the checkpoint is complete and `latest` points at it
-    latest = open(tmp_path / "half" / "latest").read().strip()
+    latest = read(tmp_path / "half" / "latest").strip()
     assert latest == "ckpt-6" and not any(p.name.endswith(".tmp") for p in (tmp_path / "half").iterdir())
 
 
@@ -1296,7 +1306,7 @@ def test_save_minutes_checkpoints_as_time_passes(tiny, tmp_path):
         step, out = toy_step(m), tmp_path / str(minutes)
 
         def looking(batch):
-            seen.append(open(out / "latest").read().strip() if (out / "latest").exists() else None)
+            seen.append(read(out / "latest").strip() if (out / "latest").exists() else None)
             return step(batch)
         common.train(toy_args(out, steps=4, save_minutes=minutes), m, looking, items, cpu(), method="toy")
         assert seen[1:] == want and sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt")) == ["ckpt-4"]
@@ -1321,17 +1331,17 @@ def test_resuming_a_finished_run_only_validates(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     common.train(toy_args(out, steps=2, eval_every=1), m, toy_step(m), items, cpu(),
                  valid_fn=lambda step: dict(x=float(step)), method="toy")
-    before = open(out / "metrics.jsonl").read()
+    before = read(out / "metrics.jsonl")
     w = m.lin.weight.detach().clone()
     res = common.train(toy_args(out, steps=2, eval_every=1, resume=str(out)), m, toy_step(m), items, cpu(),
                        valid_fn=lambda step: dict(x=float(step)), method="toy")
     assert res == dict(x=2.0) and "nothing to train" in capsys.readouterr().out
-    assert open(out / "metrics.jsonl").read() == before                 # valid @1, @2 once each
+    assert read(out / "metrics.jsonl") == before                 # valid @1, @2 once each
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt-")) == ["ckpt-2"]
     assert torch.equal(w, m.lin.weight)
     other = tmp_path / "other"              # resumed into another --out: the step is saved there
     common.train(toy_args(other, steps=2, resume=str(out)), m, toy_step(m), items, cpu(), method="toy")
-    assert open(other / "latest").read().strip() == "ckpt-2"
+    assert read(other / "latest").strip() == "ckpt-2"
 
 
 def test_lr_scale_trains_those_parameters_at_a_fraction_of_the_lr(tiny, tmp_path):
@@ -1394,7 +1404,7 @@ def test_sigterm_saves_the_last_finished_step(tiny, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         common.train(toy_args(tmp_path / "run"), m, killed_in_step_3, items, cpu(), method="toy")
-    assert e.value.code == 143 and open(tmp_path / "run" / "latest").read().strip() == "ckpt-2"
+    assert e.value.code == 143 and read(tmp_path / "run" / "latest").strip() == "ckpt-2"
     assert signal.getsignal(signal.SIGTERM) is before                # the handler is put back
 
 def test_sigterm_in_a_validation_resumes_exactly(tiny, tmp_path):
@@ -1572,12 +1582,12 @@ def test_resume_errors(tiny, tmp_path, capsys):
     common.train(toy_args(tmp_path / "a", steps=2, resume=str(tmp_path / "a")), m, toy_step(m), items,
                  cpu(), method="toy")
     assert "warning" not in capsys.readouterr().err
-    assert [r["step"] for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl"))] == [1, 2]
+    assert [r["step"] for r in map(json.loads, read(tmp_path / "a" / "metrics.jsonl").splitlines())] == [1, 2]
     # a fresh run where an earlier one stopped before its first checkpoint: its lines go
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "metrics.jsonl").write_text(json.dumps(dict(step=5, loss=1.0)) + "\n")
     common.train(toy_args(tmp_path / "c", steps=1), m, toy_step(m), items, cpu(), method="toy")
-    assert [r["step"] for r in map(json.loads, open(tmp_path / "c" / "metrics.jsonl"))] == [1]
+    assert [r["step"] for r in map(json.loads, read(tmp_path / "c" / "metrics.jsonl").splitlines())] == [1]
     common.train(toy_args(tmp_path / "a", steps=3, batch_size=2, resume=str(tmp_path / "a")), m, toy_step(m),
                  items[:-1], cpu(), method="toy")
     err = capsys.readouterr().err
@@ -1597,7 +1607,7 @@ def test_nan_loss_stops_naming_the_step(tiny, tmp_path):
         return (loss * float("nan") if len(calls) == 3 else loss), n, lg
     with pytest.raises(common.UserError, match="non-finite loss .* at step 2"):
         common.train(toy_args(tmp_path, save_every=1), m, bad, items, cpu(), method="toy")
-    assert open(tmp_path / "latest").read().strip() == "ckpt-2"
+    assert read(tmp_path / "latest").strip() == "ckpt-2"
 
 
 def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tmp_path, monkeypatch):
@@ -1624,7 +1634,7 @@ def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tm
         return (loss * float("nan") if len(calls) == 3 else loss), n, lg
     with pytest.raises(common.UserError, match="non-finite loss or gradients at a step from 2 to 2"):
         common.train(toy_args(tmp_path, save_every=1, log_every=5), m, bad, items, cpu(), method="toy")
-    assert open(tmp_path / "latest").read().strip() == "ckpt-2"
+    assert read(tmp_path / "latest").strip() == "ckpt-2"
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights[0].items())
 
 
@@ -1655,7 +1665,7 @@ def test_data_wait_and_validation_time_are_measured_apart(tiny, tmp_path, monkey
         out = tmp_path / str(sleepy)
         common.train(toy_args(out, steps=4, eval_every=2), m, slow_step, items, cpu(), valid_fn=valid,
                      method="toy")
-        rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
+        rows = [json.loads(x) for x in read(out / "metrics.jsonl").splitlines() if '"loss"' in x]
         wait, rate = rows[-1]["data_wait"], rows[-1]["samples_per_s"]
         closing = capsys.readouterr().out.strip().splitlines()[-1]
         assert "waiting for data" in closing
@@ -1792,7 +1802,7 @@ common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device
     l2, l1 = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(l2) == len(l1) == 4 and l1[-1] < l1[0]
     assert l2 == pytest.approx(l1, rel=1e-5)
-    norms = lambda out: [r["grad_norm"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    norms = lambda out: [r["grad_norm"] for r in map(json.loads, read(out / "metrics.jsonl").splitlines()) if "loss" in r]
     assert norms(tmp_path / "ddp") == pytest.approx(norms(tmp_path / "one"), rel=1e-5)   # (AdamW hides a scale)
 
 
@@ -1864,12 +1874,12 @@ if rank == 0:
     run = lambda out, mode: run_python(script, tmp_path / out, mode, torchrun=True)
     r = run("full", "full")
     assert r.returncode == 0, r.stderr[:3000]
-    assert open(tmp_path / "full" / "seen.txt").read().split() == [f"ckpt-{k}" for k in range(1, 6)]
+    assert read(tmp_path / "full" / "seen.txt").split() == [f"ckpt-{k}" for k in range(1, 6)]
     assert sorted(os.listdir(tmp_path / "full")).count("ckpt-6") == 1 and "ckpt-6.1" not in os.listdir(tmp_path / "full")
     r = run("half", "stop")
     assert r.returncode != 0 and "interrupted (a signal to another process) at step 4" in r.stdout, \
         r.stdout[-2000:] + r.stderr[:2000]
-    assert open(tmp_path / "half" / "latest").read().strip() == "ckpt-4"
+    assert read(tmp_path / "half" / "latest").strip() == "ckpt-4"
     r = run("half", "resume")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[:3000]
     assert len(losses(tmp_path / "full")) == 6
@@ -1907,7 +1917,7 @@ if rank == 0:
     assert r.returncode != 0 and "m.jsonl:7: cannot read audio; step 2 is saved: mend the data" in r.stderr, \
         r.stderr[-3000:]
     assert "UserError: process 0: another process stopped in step 3 (" in r.stderr      # (not gloo's trace)
-    assert open(tmp_path / "half" / "latest").read().strip() == "ckpt-2"
+    assert read(tmp_path / "half" / "latest").strip() == "ckpt-2"
     rngs = torch.load(tmp_path / "half" / "ckpt-2" / "train_state.pt", weights_only=False)["rng"]
     assert rngs[0] is None and rngs[1] is not None
     r = run("half", "resume")
@@ -2091,7 +2101,7 @@ def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path, monkeypatch):
     assert saved and all(k.split(".")[0] in ("convs", "bottleneck", "norm") for k in saved)
     after = load_file(os.path.join(tiny["llm"], "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    valid = [json.loads(x) for x in open(out / "metrics.jsonl") if '"valid"' in x]
+    valid = [json.loads(x) for x in read(out / "metrics.jsonl").splitlines() if '"valid"' in x]
     assert valid and {"loss_speech", "loss_text", "repeat_wer", "content_acc"} <= set(valid[-1])
     # inference from the run directory
     blsp.main(["--ckpt", str(out), "--infer", data.read_manifest(tiny["valid"])[0]["audio"],
@@ -2243,7 +2253,7 @@ def test_bench_tiny_runs(tmp_path):
     for line in ("faster than the 30 s recipe", "activation checkpointing of the LLM:", "BLSP-KD, kd:",
                  "BLSP-KD, kd-select:"):
         assert line in r.stdout
-    found = json.load(open(tmp_path / "rows.json"))["rows"]
+    found = json.loads(read(tmp_path / "rows.json"))["rows"]
     want = {"blsp": 0, "blsp-30s": 0, "kd": 0, "kd-full": 0, "ssr1": 1, "slm": 0}      # the syncs column
     assert {v: found[v]["host_syncs"] for v in want} == want
     prof = found["blsp"]["profile"]                                                 # --profile
@@ -2838,8 +2848,8 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
                    "--continuation-tokens", "6", "--warmup", "2"]
     s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
     blsp_kd.main(common_args + ["--out", s1, "--steps", "24", "--lr", "3e-3"])
-    assert json.load(open(os.path.join(s1, "config.json")))["input_kl"] is True   # on with --llm
-    rows = [json.loads(l) for l in open(os.path.join(s1, "metrics.jsonl"))]
+    assert json.loads(read(os.path.join(s1, "config.json")))["input_kl"] is True   # on with --llm
+    rows = [json.loads(l) for l in read(os.path.join(s1, "metrics.jsonl")).splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r and r.get("split") != "valid"]
     assert len(losses) == 24 and sum(losses[-4:]) < sum(losses[:4])
     valid_row = [r for r in rows if r.get("split") == "valid"][-1]
@@ -2853,7 +2863,7 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     stage2 = [x for k, v in flags.items() if k not in ("--llm", "--encoder", "--pre-layers", "--post-layers",
                                                        "--heads", "--continuation-tokens") for x in (k, v)]
     blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1, "--unfreeze-encoder"])
-    cfg = json.load(open(os.path.join(s2, "config.json")))
+    cfg = json.loads(read(os.path.join(s2, "config.json")))
     assert (cfg["continuation_tokens"], cfg["prompt"], cfg["heads"]) == (6, "auto", 2)   # from --init
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     from safetensors.torch import load_file
@@ -2862,7 +2872,7 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     assert any(k.startswith("encoder.") for k in state)
     opt = torch.load(os.path.join(common.find_checkpoint(s2), "train_state.pt"), weights_only=False)["optimizer"]
     assert [g["lr_scale"] for g in opt["param_groups"]] == pytest.approx([1, 1, 0.1, 0.1])   # encoder: lr / 10
-    first_row = json.loads(open(os.path.join(s2, "metrics.jsonl")).readline())
+    first_row = json.loads(read(os.path.join(s2, "metrics.jsonl")).splitlines()[0])
     assert first_row["loss"] < losses[0]                        # starts from the stage-1 CFormer
     assert len(ran_once) >= 6 and all(ran_once)                # teacher, student (Partial LoRA), eval
 
@@ -2902,7 +2912,7 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad")          # refused before generating into it
     blsp_kd.main(common_args + ["--out", str(tmp_path / "still"), "--steps", "1", "--lr", "0"])
-    assert json.load(open(tmp_path / "still" / "config.json"))["lr"] == 0      # not the stage's default
+    assert json.loads(read(tmp_path / "still" / "config.json"))["lr"] == 0      # not the stage's default
 
 
 # ============================================================================================
