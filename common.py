@@ -1296,16 +1296,23 @@ def trainable_state(module):
 
 
 def rng_state():
+    """This process's RNG states; CUDA's of its own GPU only (the current device: common.setup sets
+    it), so that a run resumes on a machine that shows another number of GPUs."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                cuda=torch.cuda.get_rng_state() if cuda else None)
 
 
 def set_rng_state(rng, device):
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
-    if rng["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = rng["cuda"]
+    if isinstance(state, (list, tuple)):        # (a checkpoint of before: every visible GPU's)
+        k = device.index or 0
+        state = state[k] if k < len(state) else None
+    if state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
 
 
 def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
@@ -1344,14 +1351,19 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
 
 @contextlib.contextmanager
 def run_lock(out):
-    """An exclusive lock on the run directory (its file `.lock`), where the system has one."""
+    """An exclusive lock on the run directory (its file `.lock`), where the system and the file
+    system have one (none: the checkpoint is written all the same)."""
     try:
         import fcntl
     except ImportError:                                 # (not on Windows: no lock)
         yield
         return
     with open(os.path.join(out, ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:         # (a file system without locks: Lustre mounted without flock)
+            yield
+            return
         try:
             yield
         finally:
@@ -1584,7 +1596,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             raise UserError(f"--resume {resume_dir or args.resume}: {change}")
         ck = find_checkpoint(args.resume, meta)
         load_trainable(module, ck)
-        st = torch.load(os.path.join(ck, "train_state.pt"), weights_only=False)
+        # (on the CPU: saved from cuda:0, it would load there in every process, and fail on a
+        # machine without a GPU; load_state_dict moves each tensor to its parameter's device)
+        st = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False)
         try:
             opt.load_state_dict(st["optimizer"])
         except ValueError as e:     # (the model fingerprint matched: an older grouping)
@@ -1596,6 +1610,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     opt.state[p]["step"] = opt.state[p]["step"].to(p.device, torch.float32)
         step, epoch, batch_pos = st["step"], st["epoch"], st["batch_pos"]
         rngs = [st["rng"]] if isinstance(st["rng"], dict) else st["rng"]
+        del st                                          # (the optimizer holds its own copy now)
         if rngs[rank % len(rngs)] is not None:
             set_rng_state(rngs[rank % len(rngs)], device)               # its own
         else:                   # saved by another process alone (bad data met under torchrun)
@@ -1652,7 +1667,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     # throughput counters: validation is left out of the rates, waiting for data is not (data_wait)
     last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0, data_s=0.0, valid_s=0.0)
     peak_fl = peak_flops(device) if device.type == "cuda" else None      # (MFU on CUDA only)
-    peak = 0.0
+    peak = 0.0          # (CUDA) the peak of the training steps: not loading, generating, validating
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     start = None   # (epoch, batch position, RNG) at the start of the current step
 
@@ -1687,12 +1704,17 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     # the step the run's directory holds already (a run resumed in its own directory: its checkpoint)
     saved_at = step if args.resume and os.path.samefile(args.resume, out) else None
 
+    updating, deferred = False, []
+
     def on_signal(signum, frame):           # a cluster's preemption or `kill`: stop as on Ctrl-C
-        if world == 1:
+        if world == 1 and updating:         # (mid-update: raised once the step is whole)
+            deferred.append(signum)
+        elif world == 1:
             raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-        flags.name = flags.name or ("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C")
+        else:
+            flags.name = flags.name or ("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C")
     main_thread = threading.current_thread() is threading.main_thread()
-    stops = (signal.SIGTERM, signal.SIGINT) if world > 1 else (signal.SIGTERM,)
+    stops = (signal.SIGTERM, signal.SIGINT)
     old_handlers = {s: signal.signal(s, on_signal) for s in stops} if main_thread else {}
     try:
         while step < args.steps:
@@ -1751,12 +1773,13 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                     raise UserError(f"non-finite loss or gradients (loss {loss_val}, gradient norm "
                                     f"{float(gnorm)}) at step {step}; stopped, the last good "
                                     f"checkpoint in {out} is kept")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            updating = True     # a signal in the update (one step's weights under the step before's
+            opt.step()          # number: the resumed run would update them twice) waits until the
+            opt.zero_grad(set_to_none=True)                         # step is done and logged
             step, start = step + 1, None        # (a stop from here on saves this step's end)
             dt = time.time() - t0 - seen["valid_s"]
             if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                peak = max(peak, torch.cuda.max_memory_allocated(device) / 2 ** 30)
             show = dict(loss=f"{loss_val:.4f}" if loss_val is not None else "-", lr=f"{lr_at(step - 1, args):.2e}",
                         samples_s=f"{seen['samples'] * world / dt:.1f}",
                         tokens_s=f"{seen['tokens'] * world / dt:.0f}")
@@ -1784,10 +1807,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                           + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "")
                           + (f", peak {peak:.1f} GiB" if "peak_mem_gib" in row else "")
                           + f", {(args.steps - step) * dt / (step - step0) / 60:.1f} min to go", flush=True)
+            updating = False
+            if deferred:
+                raise Terminated() if deferred[0] == signal.SIGTERM else KeyboardInterrupt()
             if valid_fn and args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 t_valid, start = time.time(), (epoch, batch_pos, rng_state())   # (a stop in it)
                 last_valid = run_valid(valid_fn, step, log, rank, bar, device)
                 seen["valid_s"] += time.time() - t_valid
+                if device.type == "cuda":       # (a validation's generation is not a step's peak)
+                    torch.cuda.reset_peak_memory_stats(device)
                 start = None
             stop, save_due = flags.poll() if world > 1 else (False, save_due)
             if (args.save_every and step % args.save_every == 0) or (save_due and not stop):
@@ -1878,7 +1906,8 @@ def llm_matrices(llm):
 
 
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
-             ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
+             ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+             ("L4", 121e12))
 
 
 def peak_flops(device):

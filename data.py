@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 
 import numpy as np
@@ -279,8 +280,18 @@ def make_loader(items, batch_size, max_seconds=None, shuffle=True, seed=0, rank=
     loader = torch.utils.data.DataLoader(
         SpeechDataset(items, skip_bad), batch_sampler=sampler, collate_fn=collate,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
-        generator=torch.Generator().manual_seed(seed))   # never draws from the global RNG
+        generator=torch.Generator().manual_seed(seed),   # never draws from the global RNG
+        worker_init_fn=leave_stop_signals_to_the_main_process if workers else None)
     return Loader(loader), sampler
+
+
+def leave_stop_signals_to_the_main_process(worker_id):
+    """A loader worker ignores Ctrl-C and SIGTERM, which reach the whole process group (a
+    cluster's preemption): a worker they killed made the main process raise ("DataLoader worker
+    ... killed by signal") wherever it was, in its checkpoint too. The main process stops the
+    workers when it is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def to_gpu(t, device):

@@ -1407,6 +1407,87 @@ def test_sigterm_saves_the_last_finished_step(tiny, tmp_path):
     assert e.value.code == 143 and read(tmp_path / "run" / "latest").strip() == "ckpt-2"
     assert signal.getsignal(signal.SIGTERM) is before                # the handler is put back
 
+def test_a_signal_during_the_update_saves_the_step_it_finished(tiny, tmp_path, monkeypatch):
+    """SIGTERM while the optimizer updates the weights: raised at once, it left step 3's weights
+    saved as step 2, and the resumed run updated them twice. Now it waits for the step's end."""
+    import signal
+    items, make = data.read_manifest(tiny["train"]), common.make_optimizer
+
+    def run(out, kill_in_update=None, resume=False):
+        torch.manual_seed(0)
+        m = Toy()
+
+        def made(*a, **kw):
+            opt, calls = make(*a, **kw), []
+            real = opt.step
+
+            def step():
+                real()
+                calls.append(1)
+                if len(calls) == kill_in_update:
+                    os.kill(os.getpid(), signal.SIGTERM)     # (its handler runs here, at once)
+                    torch.zeros(1)
+            opt.step = step
+            return opt
+        monkeypatch.setattr(common, "make_optimizer", made)
+        common.train(toy_args(out, resume=str(out) if resume else None), m, toy_step(m), items, cpu(),
+                     method="toy")
+        return m.lin.weight.detach().clone()
+    full = run(tmp_path / "full")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "half", kill_in_update=3)
+    assert e.value.code == 143 and read(tmp_path / "half" / "latest").strip() == "ckpt-3"
+    torch.testing.assert_close(run(tmp_path / "half", resume=True), full)
+    assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-7)
+
+
+def test_loader_workers_leave_a_group_sigterm_to_the_main_process(tiny, tmp_path):
+    """A cluster's preemption signals the whole process group: the loader workers it killed made
+    the main process raise "DataLoader worker ... killed by signal" wherever it was (its
+    checkpoint too). Workers now ignore it; the main process saves and exits 143."""
+    import signal
+    script = tmp_path / "w.py"
+    script.write_text(f"""
+import sys, time, common, data
+sys.path.insert(0, {HERE!r})
+from test_all import Toy, toy_step, toy_args
+args = toy_args(sys.argv[1], batch_size=2, steps=1000, workers=2)
+m = Toy()
+step = toy_step(m)
+common.train(args, m, lambda b: (time.sleep(0.05), step(b))[1], data.read_manifest({tiny['train']!r}),
+             common.setup(args)[0], method="toy")
+""")
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, str(script), str(out)], cwd=HERE, start_new_session=True,
+                         env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):                                # a few logged steps: the workers run
+        if (out / "metrics.jsonl").exists() and len(read(out / "metrics.jsonl").splitlines()) >= 5:
+            break
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143 and "interrupted (SIGTERM)" in stdout, stdout[-1000:] + stderr[-2000:]
+    assert "killed by signal" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert common.find_checkpoint(str(out))
+
+
+def test_cuda_rng_state_is_this_process_gpu_only(monkeypatch):
+    """The CUDA RNG saved and restored is the process's own GPU's: every visible GPU's (a list)
+    failed to resume where fewer GPUs show (IndexError) and was restored by position; such older
+    checkpoints resume with their entry for this GPU."""
+    got = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: got.append((int(s[0]), device)))
+    state = common.rng_state()
+    dev = torch.device("cuda", 1)
+    common.set_rng_state(dict(state, cuda=torch.tensor([7], dtype=torch.uint8)), dev)
+    common.set_rng_state(dict(state, cuda=[torch.tensor([k], dtype=torch.uint8) for k in range(8)]), dev)
+    common.set_rng_state(dict(state, cuda=[torch.tensor([0], dtype=torch.uint8)]), dev)   # (1 GPU then)
+    common.set_rng_state(dict(state, cuda=torch.tensor([7], dtype=torch.uint8)), cpu())
+    assert got == [(7, dev), (1, dev)]
+    assert state["cuda"] is None or not isinstance(state["cuda"], (list, tuple))
+
+
 def test_sigterm_in_a_validation_resumes_exactly(tiny, tmp_path):
     """A preemption while validating (on a real model, minutes of each run) saves the finished
     step with its own data position and RNG (it saved the step before's: the resumed run trained
@@ -1505,6 +1586,19 @@ def test_two_processes_saving_one_step_at_once_leave_it_whole(tmp_path):
     ck = common.find_checkpoint(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [".lock", os.path.basename(ck), "latest"]
     assert torch.load(os.path.join(ck, "train_state.pt"), weights_only=False)["rng"] in ([0], [1])
+
+
+def test_a_file_system_without_locks_still_gets_the_checkpoint(tmp_path, monkeypatch):
+    """flock fails on some cluster file systems (Lustre mounted without flock: ENOSYS): the
+    checkpoint is written all the same, unlocked."""
+    import errno
+    import fcntl
+
+    def no_locks(*a):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    common.save_checkpoint(str(tmp_path), torch.nn.Linear(3, 1), None, 2, 0, 2, dict(method="toy"))
+    assert common.find_checkpoint(str(tmp_path)).endswith("ckpt-2")
 
 
 def test_a_process_saving_while_another_cleans_up_keeps_the_checkpoint_latest_names(tmp_path):
