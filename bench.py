@@ -34,7 +34,8 @@ activations are left out. Each method's step_flops holds its count, which its sc
 
 Variants, measured with the same models in the same run (the official choices reported as ratios):
     blsp          real-length encoder, length-bucketed batches (this project)
-    blsp-30s      the encoder run on clips padded to 30 s, cropped after (the released BLSP code)
+    blsp-30s      the encoder run on clips padded to 30 s, cropped after (the released BLSP code;
+                  --whisper-30s)
     blsp-nobucket real length, but batches drawn at random (no length buckets)
     blsp-ckpt     blsp with activation checkpointing of the frozen LLM (--grad-ckpt)
     blsp-compile  blsp with the adapter compiled (--compile: torch.compile, dynamic shapes; it
@@ -78,6 +79,7 @@ Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936]
 import argparse
 import collections
 import contextlib
+import copy
 import json
 import os
 import random
@@ -218,25 +220,6 @@ def encoder_frames(batch):
     return int(whisper_frames(batch["wave_lens"]).sum())
 
 
-class Padded30:
-    """The encoder as the released BLSP code runs it: every clip padded to 30 s, the frames cropped
-    after to the batch's longest clip; otherwise the SpeechEncoder it wraps."""
-
-    def __init__(self, enc):
-        self.enc = enc
-
-    def __call__(self, wave, wave_lens):
-        w30 = F.pad(wave, (0, 480000 - wave.shape[1]))
-        feats, flens = data.whisper_log_mel(w30, torch.full_like(wave_lens, 480000), self.enc.mel_filters)
-        frames, _ = self.enc.whisper_forward(feats.to(next(self.enc.parameters()).dtype),
-                                             common.to_gpu(flens, wave.device))
-        lens = self.enc.output_lengths(wave_lens)
-        return frames[:, :int(lens.max())], common.to_gpu(lens, wave.device)
-
-    def output_lengths(self, wave_lens):
-        return self.enc.output_lengths(wave_lens)
-
-
 # ----------------------------------------------------------------------------------------------
 # One maker per method: -> (trained module, step(batch) -> (loss, LLM tokens, model FLOPs)); the
 # FLOPs come from each method's own step_flops, the count its training script logs
@@ -245,7 +228,8 @@ def blsp_method(variant, enc, llm, s):
     """blsp.py's step: speech_vectors, behaviour_sample, behaviour_loss."""
     adapter = blsp.Adapter(enc.dim, llm.config.hidden_size)
     embed, flops = llm.get_input_embeddings(), blsp.step_flops(enc, adapter, llm)
-    encoder = Padded30(enc) if variant == "blsp-30s" else enc
+    encoder = copy.copy(enc)                            # (its own flag; the same weights)
+    encoder.pad_30s = variant == "blsp-30s"             # --whisper-30s: the released BLSP code's way
 
     def step(batch):
         vecs = blsp.speech_vectors(encoder, adapter, batch)

@@ -20,9 +20,11 @@ Paper step                                            -> code
   inference: instruction + speech, greedy, 128 tokens -> infer() / common.respond()
 
 Project choices (not in the paper): the encoder runs on the batch's real length, not padded to
-30 s, and the adapter zeroes padding frames before each convolution, so a clip's speech vectors do
-not depend on what else is in its batch; the final LayerNorm's gain starts at the RMS of the LLM's
-token embeddings (not 1), so that speech vectors enter at the scale of text embeddings; an LLM with
+30 s (a short clip's frames then differ from the released code's, whose Whisper also attends to the
+silence padded up to 30 s; --whisper-30s runs it that way), and the adapter zeroes padding frames
+before each convolution, so a clip's speech vectors do not depend on what else is in its batch;
+the final LayerNorm's gain starts at the RMS of the LLM's token embeddings (not 1), so that speech
+vectors enter at the scale of text embeddings; an LLM with
 a chat template gets its chat template around the same pieces (--prompt blsp forces the paper's
 template), and its continuations then end with the token that closes the assistant's turn
 (common.answer_end: <|im_end|>, <|eot_id|>); transcripts are normalised keeping apostrophes and
@@ -157,8 +159,9 @@ def step_flops(encoder, adapter, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); args.prompt takes the run's unless given."""
-    ck, cfg = common.run_config(args.ckpt, "blsp", args, fixed=("encoder_layer", "bottleneck"), free=("prompt",))
-    encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"])
+    ck, cfg = common.run_config(args.ckpt, "blsp", args, fixed=("encoder_layer", "whisper_30s", "bottleneck"),
+                                free=("prompt",))
+    encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"], cfg.get("whisper_30s", False))
     llm, tok = common.load_llm(cfg["llm"], device)
     adapter = Adapter(encoder.dim, llm.config.hidden_size, cfg["bottleneck"]).to(device)
     common.load_trainable(adapter, ck).eval()
@@ -197,7 +200,7 @@ def main(argv=None):
         return infer(args, device)
     args.out = args.out or args.resume or "runs/blsp"          # (--resume DIR continues in DIR)
     common.check_out(args)                # before the continuations are generated into it
-    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args, encoder)
 
@@ -236,7 +239,7 @@ def main(argv=None):
         return res
 
     res = common.train(args, adapter, step_fn, train_items, device, rank, world, valid_fn,
-                       method="blsp", model_fields=("llm", "encoder", "encoder_layer", "bottleneck"))
+                       method="blsp", model_fields=("llm", "encoder", "encoder_layer", "whisper_30s", "bottleneck"))
     if rank == 0:
         show_sample(encoder, adapter, llm, tok, valid_items, args, device)
         print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))

@@ -48,8 +48,8 @@ Project choices (not in the paper, or not as the released code does it):
   96% of each vector's CIF weight lay within its word's frames);
 - CFormer layers: PyTorch's pre-norm GELU layers (Whisper-style), no positional encoding of their
   own (the frames carry it), masked at padding frames before CIF too (the released code runs them
-  unmasked over frames padded to 30 s; the encoder runs at real length here); --grad-ckpt
-  recomputes them in the backward as it does the LLM's layers;
+  unmasked over frames padded to 30 s; the encoder runs at real length here unless --whisper-30s);
+  --grad-ckpt recomputes them in the backward as it does the LLM's layers;
 - an unfrozen encoder trains in fp32 at a tenth of the lr (--encoder-lr); stage 2 takes the
   models, CFormer shape, prompt format and continuation length of its --init run;
 - defaults scaled to the toy setting (paper: 4 + 4 layers, 8 heads, stage 1 lr 1e-4, batch 768,
@@ -107,7 +107,7 @@ class KDArgs(common.Args):
     warmup: int = arg(30, "warm-up steps (paper: 1000)")
 
 
-MODEL_FIELDS = ("llm", "encoder", "encoder_layer", "stage", "pre_layers", "post_layers", "heads",
+MODEL_FIELDS = ("llm", "encoder", "encoder_layer", "whisper_30s", "stage", "pre_layers", "post_layers", "heads",
                 "ffn", "lora_r", "lora_alpha", "unfreeze_encoder")
 
 
@@ -392,9 +392,10 @@ def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
     ck, cfg = common.run_config(args.ckpt, "blsp_kd", args, fixed=MODEL_FIELDS[2:],
                                free=("prompt", "continuation_tokens"))
+    cfg.setdefault("whisper_30s", False)                # (a run from before the flag)
     for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
         setattr(args, k, cfg[k])
-    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device)
     module, cformer, ctx = build(args, device, encoder, llm)
     common.load_trainable(module, ck).eval()
@@ -439,7 +440,7 @@ def main(argv=None):
     common.check_out(args)                # before the continuations are generated into it
     if args.init:   # the stage-1 run fixes the models (their folders may be given anew) and the
                     # CFormer's shape (unset: its own)
-        shape = ("encoder_layer", "pre_layers", "post_layers", "heads", "ffn")
+        shape = ("encoder_layer", "whisper_30s", "pre_layers", "post_layers", "heads", "ffn")
         init_ck, cfg = common.run_config(args.init, "blsp_kd", args, f"--init {args.init}", fixed=shape,
                                          free=("prompt", "continuation_tokens"))
         for k in ("llm", "encoder") + shape:
@@ -447,7 +448,7 @@ def main(argv=None):
         for k in ("prompt", "continuation_tokens"):        # the data it learned from, unless set
             if k in cfg:
                 setattr(args, k, cfg[k])
-    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args, encoder)
     # (built before the continuations: a bad shape stops it first; Partial LoRA with no speech

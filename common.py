@@ -122,6 +122,9 @@ class Args:
                              "default: built-in tiny Whisper-style encoder")
     encoder_layer: int = arg(-1, "which encoder layer's output to use, numbered as HF's hidden_states "
                                  "(0: the input of the first layer; -1: the last, after its final norm)")
+    whisper_30s: bool = arg(False, "Whisper: pad every clip to 30 s and run all its positions, as the "
+                                   "released code does (a short clip's frames then also see the silence "
+                                   "after it; slower); default: each batch at its real length")
     train: str = arg(None, "training manifest (JSON lines); default: the built-in toy corpus")
     valid: str = arg(None, "validation manifest; default: the last 10%% of --train (1 to 50 lines, "
                            "held out from training), or the toy corpus's valid split")
@@ -359,15 +362,16 @@ def count_params(module, trainable_only=False):
 class SpeechEncoder(nn.Module):
     """A frozen HF speech encoder behind one interface: (wave, wave_lens) -> (frames, lens).
 
-    Whisper runs on the batch's real length (never padded to 30 s): its positional table is sliced
-    to the number of frames, and padding frames are masked out of attention, so a clip's frames do
-    not depend on the other clips of the batch. (HF's 30 s path attends to ~28 s of silence frames
-    instead; at 30 s input both paths compute the same thing: see the tests.)
+    Whisper runs on the batch's real length (not padded to 30 s, unless --whisper-30s: whisper_30s):
+    its positional table is sliced to the number of frames, and padding frames are masked out of
+    attention, so a clip's frames do not depend on the other clips of the batch. (HF's 30 s path
+    attends to ~28 s of silence frames instead; at 30 s input both paths compute the same thing:
+    see the tests.)
     """
 
-    def __init__(self, model, kind, mel_filters=None, layer=-1):
+    def __init__(self, model, kind, mel_filters=None, layer=-1, pad_30s=False):
         super().__init__()
-        self.model, self.kind, self.layer = model, kind, layer
+        self.model, self.kind, self.layer, self.pad_30s = model, kind, layer, pad_30s
         if mel_filters is not None:
             self.register_buffer("mel_filters", torch.as_tensor(mel_filters, dtype=torch.float32))
         cfg = model.config
@@ -414,6 +418,8 @@ class SpeechEncoder(nn.Module):
         return self.model._get_feat_extract_output_lengths(n).long()
 
     def encode(self, wave, wave_lens):
+        if self.kind == "whisper" and self.pad_30s:
+            return self.whisper_30s(wave, wave_lens)
         feats, flens = self.features(wave, wave_lens)
         dtype = next(self.model.parameters()).dtype
         if self.kind == "whisper":
@@ -428,6 +434,19 @@ class SpeechEncoder(nn.Module):
             out = m(input_values=feats.to(dtype), attention_mask=mask.long() if use_mask else None, **kw)
         h = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
         return h, lens
+
+    def whisper_30s(self, wave, wave_lens):
+        """--whisper-30s, as the released code runs Whisper (HF's WhisperFeatureExtractor): every clip
+        padded with zeros to the 30 s window, all its positions run (no mask: a short clip's frames
+        also attend to the silence after it), the frames then cropped to the batch's longest clip;
+        each clip's frame count as at real length."""
+        S = 2 * self.model.embed_positions.weight.shape[0] * 160           # 30 s: 480000 samples
+        full = torch.full_like(wave_lens, S)
+        feats, flens = data.whisper_log_mel(F.pad(wave, (0, S - wave.shape[1])), full, self.mel_filters)
+        frames, _ = self.whisper_forward(feats.to(next(self.model.parameters()).dtype),
+                                         to_gpu(flens, wave.device))
+        lens = self.output_lengths(wave_lens)
+        return frames[:, :int(lens.max())], to_gpu(lens, wave.device)
 
     def whisper_forward(self, feats, flens):
         enc = self.model
@@ -467,8 +486,9 @@ def quiet_transformers():
 LOAD = dict(use_kernels=False)
 
 
-def load_encoder(path, device, layer=-1):
-    """HF speech encoder folder (or None: the built-in default) -> frozen SpeechEncoder."""
+def load_encoder(path, device, layer=-1, pad_30s=False):
+    """HF speech encoder folder (or None: the built-in default) -> frozen SpeechEncoder.
+    pad_30s (--whisper-30s): Whisper runs every clip padded to 30 s (SpeechEncoder.whisper_30s)."""
     from transformers import AutoConfig, AutoModel
     quiet_transformers()
     path = path or default_encoder()
@@ -486,7 +506,7 @@ def load_encoder(path, device, layer=-1):
         fe = WhisperFeatureExtractor.from_pretrained(path) if os.path.isfile(
             os.path.join(path, "preprocessor_config.json")) else WhisperFeatureExtractor(
             feature_size=cfg.num_mel_bins)
-        enc = SpeechEncoder(model, "whisper", fe.mel_filters, layer)
+        enc = SpeechEncoder(model, "whisper", fe.mel_filters, layer, pad_30s)
     elif mt in ("wav2vec2-bert",):
         enc = SpeechEncoder(AutoModel.from_pretrained(path, dtype=dtype, **LOAD), "w2v-bert", layer=layer)
     elif mt in ("wav2vec2", "hubert", "wavlm", "data2vec-audio"):
@@ -494,6 +514,8 @@ def load_encoder(path, device, layer=-1):
     else:
         raise UserError(f"--encoder {path}: unsupported model type '{mt}' "
                         "(Whisper, w2v-BERT, wav2vec2, HuBERT, WavLM)")
+    if pad_30s and mt != "whisper":
+        raise UserError(f"--whisper-30s: {path} is a {mt} encoder, not Whisper (it runs at real length)")
     n = cfg.encoder_layers if mt == "whisper" else cfg.num_hidden_layers
     if not -(n + 1) <= layer <= n:
         raise UserError(f"--encoder-layer {layer}: {path} has {n} layers (0: the input of the "

@@ -322,7 +322,7 @@ def evaluate(encoder, adapter, llm, tok, items, args, device, tasks, trained=(),
 def build(args, device):
     if args.width % args.heads:
         raise common.UserError(f"--heads {args.heads} does not divide the adapter's --width {args.width}")
-    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, kind="seq2seq", grad_ckpt=args.grad_ckpt)
     if not llm.config.is_encoder_decoder:
         raise common.UserError(f"--llm {args.llm}: not an encoder-decoder (T5-family) model")
@@ -334,10 +334,12 @@ def build(args, device):
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the models and
     sizes, and the input order, tasks and language unless given here (a zero-shot test)."""
-    ck, cfg = common.run_config(args.ckpt, "slm", args, fixed=("encoder_layer", "stack", "width", "layers",
-                                                              "heads", "ffn"), free=("order", "tasks", "language"))
-    for k in ("llm", "encoder", "encoder_layer", "stack", "width", "layers", "heads", "ffn", "order", "tasks",
-              "language"):
+    ck, cfg = common.run_config(args.ckpt, "slm", args, fixed=("encoder_layer", "whisper_30s", "stack", "width",
+                                                              "layers", "heads", "ffn"),
+                                free=("order", "tasks", "language"))
+    cfg.setdefault("whisper_30s", False)                # (a run from before the flag)
+    for k in ("llm", "encoder", "encoder_layer", "whisper_30s", "stack", "width", "layers", "heads", "ffn", "order",
+              "tasks", "language"):
         setattr(args, k, cfg[k])
     encoder, adapter, llm, tok = build(args, device)
     common.load_trainable(adapter, ck).eval()
@@ -408,8 +410,8 @@ def main(argv=None):
         return res
 
     res = common.train(args, adapter, step_fn, train_items, device, rank, world, valid_fn,
-                       method="slm", model_fields=("llm", "encoder", "encoder_layer", "stack",
-                                                   "width", "layers", "heads", "ffn", "order"))
+                       method="slm", model_fields=("llm", "encoder", "encoder_layer", "whisper_30s",
+                                                   "stack", "width", "layers", "heads", "ffn", "order"))
     if rank == 0:
         show_sample(encoder, adapter, llm, tok, valid_items, args, device, tasks)
         print("final: " + json.dumps(res))

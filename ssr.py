@@ -511,7 +511,7 @@ def run_stages(args, m, device, rank, world):
         common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]
     mode = "oracle" if args.aligner == "oracle" else "forced"           # the training boundaries
-    fields, res = ["llm", "encoder", "encoder_layer", "aligner_layers", "heads"], {}
+    fields, res = ["llm", "encoder", "encoder_layer", "whisper_30s", "aligner_layers", "heads"], {}
 
     def train(stage, module, step_fn, valid_fn, steps, lr):
         return common.train(STAGES.args(args, stage, steps, lr), module, step_fn, train_items, device, rank,
@@ -602,12 +602,13 @@ def infer(args, device):
     STAGES.check_ckpt(args.ckpt, "1")
     last = "2" if STAGES.trained(args.ckpt, "2") else "1"       # its config: the run's arguments
     cfg = common.run_config(STAGES.path(args.ckpt, last), STAGES.method_of(last), args, f"--ckpt {args.ckpt}",
-                            fixed=("encoder_layer", "aligner_layers", "layers", "heads", "blockwise", "finetune"),
+                            fixed=("encoder_layer", "whisper_30s", "aligner_layers", "layers", "heads",
+                                   "blockwise", "finetune"),
                             free=("prompt",))[1]
     run = SSRArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(SSRArgs) if f.name in cfg})
     args.prompt = run.prompt                        # (--eval's alignment_eval reads args)
     llm, tok = common.load_llm(run.llm, device)
-    m = build(run, common.load_encoder(run.encoder, device, run.encoder_layer), llm, tok, device)
+    m = build(run, common.load_encoder(run.encoder, device, run.encoder_layer, run.whisper_30s), llm, tok, device)
     STAGES.load(m.aligner, args.ckpt, "aligner"), STAGES.load(m.connector, args.ckpt, "1")
     if last == "2":
         STAGES.load(stage2_module(run, llm), args.ckpt, "2")
@@ -639,7 +640,7 @@ def main(argv=None):
     if args.ckpt:
         return infer(args, device)
     args.out = args.out or args.resume or "runs/ssr"            # (--resume DIR continues in DIR)
-    encoder = common.load_encoder(args.encoder, device, args.encoder_layer)
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     if not tok.is_fast:
         raise common.UserError("SSR needs a fast tokenizer (its offset mapping)")

@@ -446,6 +446,29 @@ def test_whisper_real_length_equals_hf_at_30s_and_is_batch_invariant(tiny):
     torch.testing.assert_close(batch[0, :63], alone[0], atol=1e-4, rtol=1e-3)
 
 
+def test_whisper_30s_gives_the_released_codes_frames(tiny, tmp_path):
+    """--whisper-30s runs Whisper as the released code does (HF's WhisperFeatureExtractor pads every
+    clip to 30 s, all 1500 positions run): each clip's frames equal HF's, cropped to its own; at
+    real length they differ (they do not attend to the silence after the clip). Only Whisper."""
+    from transformers import WhisperFeatureExtractor
+    torch.manual_seed(0)
+    enc = common.load_encoder(tiny["enc"], cpu(), pad_30s=True)
+    fe = WhisperFeatureExtractor.from_pretrained(tiny["enc"])
+    lens = torch.tensor([16000, 40000])
+    wave = torch.randn(2, 40000) * 0.1 * (torch.arange(40000)[None] < lens[:, None])
+    frames, flens = enc(wave, lens)
+    assert flens.tolist() == [50, 125] and frames.shape[1] == 125 and enc.frames == 175
+    for i in range(2):
+        feats = fe(wave[i, :lens[i]].numpy(), sampling_rate=16000, return_tensors="pt").input_features
+        hf = enc.model(feats).last_hidden_state[0, :flens[i]]
+        torch.testing.assert_close(frames[i, :flens[i]], hf, atol=1e-4, rtol=1e-3)
+    real, _ = common.load_encoder(tiny["enc"], cpu())(wave, lens)
+    assert (real[0, :50] - frames[0, :50]).abs().max() > 1e-2
+    save_tiny_wav2vec2(tmp_path / "w2v", layers=1)
+    with pytest.raises(common.UserError, match="--whisper-30s: .* is a wav2vec2 encoder, not Whisper"):
+        common.load_encoder(str(tmp_path / "w2v"), cpu(), pad_30s=True)
+
+
 def test_trained_encoder_under_grad_ckpt_recomputes_its_layers(tiny, tmp_path):
     """BLSP-KD --unfreeze-encoder --grad-ckpt: the encoder's layers keep their inputs only and run
     again in the backward; the same frames and gradients (Whisper through our own layer loop,
@@ -2269,6 +2292,25 @@ def test_a_torchaudio_built_for_another_torch_is_one_line_before_any_work(tiny, 
     assert err[0].startswith(f"error: torchaudio does not load with torch {torch.__version__} "
                              f"(libtorchaudio.so: undefined symbol") and "requirements.txt" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_blsp_main_whisper_30s_is_kept_by_the_run(tiny, tmp_path, capsys, monkeypatch):
+    """--whisper-30s trains with the released code's 30 s frames; the run keeps it: --ckpt loads
+    the encoder that way, and --resume refuses the other way."""
+    out, made, load = tmp_path / "run", [], common.load_encoder
+    monkeypatch.setattr(common, "load_encoder", lambda *a, **kw: made.append(load(*a, **kw)) or made[-1])
+    run = ["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"], "--valid", tiny["valid"],
+           "--batch-size", "8", "--bottleneck", "16", "--continuation-tokens", "4", "--max-new-tokens", "3",
+           "--steps", "2", "--whisper-30s"]
+    blsp.main(run + ["--out", str(out)])
+    assert json.loads(read(out / "config.json"))["whisper_30s"] is True and made[-1].pad_30s
+    blsp.main(["--ckpt", str(out), "--infer", data.read_manifest(tiny["valid"])[0]["audio"],
+               "--max-new-tokens", "2"])
+    assert made[-1].pad_30s
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        blsp.main(run[:-1] + ["--no-whisper-30s", "--resume", str(out), "--steps", "3"])
+    assert e.value.code == 2 and "the run was trained with --whisper-30s True" in capsys.readouterr().err
 
 
 def test_a_run_whose_models_moved(tiny, tmp_path, capsys, monkeypatch):
