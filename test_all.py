@@ -1600,14 +1600,7 @@ def test_two_processes_saving_one_step_at_once_leave_it_whole(tmp_path):
         safetensors.torch.save_file = lambda *a, **kw: (both_writing.wait(), real(*a, **kw))[1]
         m = torch.nn.Linear(3, 1)
         common.save_checkpoint(str(tmp_path), m, None, 2, 0, 2, dict(method="toy"), rng=[k])
-    procs = [ctx.Process(target=save, args=(k,)) for k in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
-    ck = common.find_checkpoint(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [".lock", os.path.basename(ck), "latest"]
+    ck = forked_saves_leave_one_checkpoint(ctx, [lambda: save(0), lambda: save(1)], tmp_path)
     assert torch.load(os.path.join(ck, "train_state.pt"), weights_only=False)["rng"] in ([0], [1])
 
 
@@ -1644,14 +1637,20 @@ def test_a_process_saving_while_another_cleans_up_keeps_the_checkpoint_latest_na
     def second():
         renamed.wait(30)
         common.save_checkpoint(str(tmp_path), torch.nn.Linear(3, 1), None, 2, 0, 2, dict(method="toy"), rng=[1])
-    procs = [ctx.Process(target=f) for f in (first, second)]
+    forked_saves_leave_one_checkpoint(ctx, [first, second], tmp_path)
+
+
+def forked_saves_leave_one_checkpoint(ctx, targets, run_dir):
+    """Run each target in a forked process; they all succeed and leave one whole checkpoint."""
+    procs = [ctx.Process(target=t) for t in targets]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
-    ck = common.find_checkpoint(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [".lock", os.path.basename(ck), "latest"]
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    ck = common.find_checkpoint(str(run_dir))
+    assert sorted(os.listdir(run_dir)) == [".lock", os.path.basename(ck), "latest"]
+    return ck
 
 
 def test_train_runs_the_trained_parts_in_train_mode(tiny, tmp_path):
