@@ -443,6 +443,7 @@ def main(argv=None):
         shape = ("encoder_layer", "whisper_30s", "pre_layers", "post_layers", "heads", "ffn")
         init_ck, cfg = common.run_config(args.init, "blsp_kd", args, f"--init {args.init}", fixed=shape,
                                          free=("prompt", "continuation_tokens"))
+        cfg.setdefault("whisper_30s", False)            # (a run from before the flag)
         for k in ("llm", "encoder") + shape:
             setattr(args, k, cfg.get(k))
         for k in ("prompt", "continuation_tokens"):        # the data it learned from, unless set

@@ -2997,9 +2997,13 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     flags = dict(zip(common_args[::2], common_args[1::2]))       # the models come from --init
     stage2 = [x for k, v in flags.items() if k not in ("--llm", "--encoder", "--pre-layers", "--post-layers",
                                                        "--heads", "--continuation-tokens") for x in (k, v)]
+    cfg = json.loads(read(os.path.join(s1, "config.json")))
+    del cfg["whisper_30s"]                                      # (a stage-1 run from before the flag)
+    write(os.path.join(s1, "config.json"), json.dumps(cfg))
     blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1, "--unfreeze-encoder"])
     cfg = json.loads(read(os.path.join(s2, "config.json")))
     assert (cfg["continuation_tokens"], cfg["prompt"], cfg["heads"]) == (6, "auto", 2)   # from --init
+    assert cfg["whisper_30s"] is False
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     from safetensors.torch import load_file
     state = load_file(os.path.join(common.find_checkpoint(s2), "trainable.safetensors"))
