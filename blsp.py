@@ -19,24 +19,24 @@ Paper step                                            -> code
   step 2 loss: CE on continuation + EOS only          -> behaviour_loss() (-100 elsewhere)
   inference: instruction + speech, greedy, 128 tokens -> infer() / common.respond()
 
-Project choices (not in the paper): the encoder runs on the batch's real length, not padded to
-30 s (a short clip's frames then differ from the released code's, whose Whisper also attends to the
+Project choices (not in the paper): the encoder runs on the batch's real length, not padded to 30 s
+(a short clip's frames then differ from the released code's, whose Whisper also attends to the
 silence padded up to 30 s; --whisper-30s runs it that way), and the adapter zeroes padding frames
-before each convolution, so a clip's speech vectors do not depend on what else is in its batch;
-the final LayerNorm's gain starts at the RMS of the LLM's token embeddings (not 1), so that speech
-vectors enter at the scale of text embeddings; an LLM with
-a chat template gets its chat template around the same pieces (--prompt blsp forces the paper's
-template), and its continuations then end with the token that closes the assistant's turn
-(common.answer_end: <|im_end|>, <|eot_id|>); transcripts are normalised keeping apostrophes and
-digits ("don't", not "don t"); default hyper-parameters are scaled to the toy setting (the paper:
-lr 5e-5, batch 768, 1000 warm-up steps, 1 epoch, clip 1.0, weight decay 0.05): batch 32, lr
-1.5e-3, 40 warm-up steps, 800 steps (about 1 min on one CPU thread). Measured with the built-in models (valid, content_acc
-from speech / repeat_wer): 0.998 / 0.28 at 800 steps (content_acc is 0.998 at step 400 on a second
-build of the LLM, whose repeat_wer stays at 0.47-0.48 up to step 1700). The repeat figure is the
-paper's weak point, measured: the CE on continuations asks the adapter only for what a continuation
-uses (here the two nouns and the verb, in a code the LLM reads in that context), never for the
-adjectives nor for vectors that read like the words themselves, so "repeat" drops or swaps words;
-BLSP-KD's input KL asks for exactly that.
+before each convolution, so a clip's speech vectors do not depend on what else is in its batch; the
+final LayerNorm's gain starts at the RMS of the LLM's token embeddings (not 1), so that speech
+vectors enter at the scale of text embeddings; an LLM with a chat template gets its chat template
+around the same pieces (--prompt blsp forces the paper's template), and its continuations then end
+with the token that closes the assistant's turn (common.answer_end: <|im_end|>, <|eot_id|>);
+transcripts are normalised keeping apostrophes and digits ("don't", not "don t"); default
+hyper-parameters are scaled to the toy setting (the paper: lr 5e-5, batch 768, 1000 warm-up steps, 1
+epoch, clip 1.0, weight decay 0.05): batch 32, lr 1.5e-3, 40 warm-up steps, 800 steps (about 1 min
+on one CPU thread). Measured with the built-in models (valid, content_acc from speech / repeat_wer):
+0.998 / 0.28 at 800 steps (content_acc is 0.998 at step 400 on a second build of the LLM, whose
+repeat_wer stays at 0.47-0.48 up to step 1700). The repeat figure is the paper's weak point,
+measured: the CE on continuations asks the adapter only for what a continuation uses (here the two
+nouns and the verb, in a code the LLM reads in that context), never for the adjectives nor for
+vectors that read like the words themselves, so "repeat" drops or swaps words; BLSP-KD's input KL
+asks for exactly that.
 """
 import json
 from dataclasses import dataclass
