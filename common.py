@@ -1230,8 +1230,11 @@ def usable_items(items, args, encoder=None, most=None):
     """Missing audio files, clips under 50 ms and clips longer than the encoder takes stop the run
     before it trains (with --skip-bad: dropped, each named), not at the step that meets them. A
     duration the manifest lacks is read from the file's header once, here. most: stop once that
-    many are kept (--max-valid: the lines after it are never read)."""
+    many are kept (--max-valid: the lines after it are never read). The encoder's window goes
+    to the loaders too (args._max_samples): a manifest's duration may understate a clip."""
     limit, keep = encoder.max_samples() if encoder is not None else None, []
+    if encoder is not None:
+        args._max_samples = limit
     for it in items:
         if most is not None and len(keep) >= most:
             break
@@ -1239,7 +1242,8 @@ def usable_items(items, args, encoder=None, most=None):
         if problem:
             problem += f": {it['audio']}"
         else:
-            if "duration" not in it:
+            if not it.get("duration", 0) > 0:       # (missing, or 0: some tools' "unknown")
+                it.pop("duration", None)
                 d = data.duration_of(it)            # (0: unreadable; load_audio says why, later)
                 if d > 0:
                     it["duration"] = d
@@ -1277,7 +1281,7 @@ def eval_items(args, encoder):
 
 def batches(items, args, rank=0, world=1, shuffle=False):
     loader, _ = data.make_loader(items, args.batch_size, args.max_seconds, shuffle, args.seed,
-                                 rank, world, 0, args.skip_bad)
+                                 rank, world, 0, args.skip_bad, max_samples=getattr(args, "_max_samples", None))
     return (b for b in loader if b is not None)
 
 
@@ -1506,8 +1510,10 @@ class Stages:
         """A stage's arguments for train(): its subdirectory, steps, lr, a warm-up of at most a
         fifth of its steps, and --resume where that stage has a checkpoint."""
         resume = self.path(args.resume, stage) if self.trained(args.resume, stage) else None
-        return dataclasses.replace(args, out=self.path(args.out, stage), steps=steps, lr=lr,
-                                   warmup=min(args.warmup, max(1, steps // 5)), resume=resume)
+        new = dataclasses.replace(args, out=self.path(args.out, stage), steps=steps, lr=lr,
+                                  warmup=min(args.warmup, max(1, steps // 5)), resume=resume)
+        new.__dict__.update({k: v for k, v in vars(args).items() if k.startswith("_")})   # (not fields)
+        return new
 
     def load(self, module, run_dir, stage, required=False):
         """The stage's trained parts into module, if that stage has a checkpoint (required: or stop)."""
@@ -1658,7 +1664,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             json.dump({**{k: v for k, v in vars(args).items() if not k.startswith("_")}, "world": world}, f, indent=1)
     loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
                                        args.seed, rank, world, args.workers, args.skip_bad,
-                                       pin_memory=device.type == "cuda")
+                                       pin_memory=device.type == "cuda",
+                                       max_samples=getattr(args, "_max_samples", None))
     if len(sampler.batches()) == 0:
         raise UserError("the training set gives no batch (fewer utterances than processes?)")
     if rank == 0:
@@ -1669,10 +1676,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         nonlocal epoch, batch_pos
         while True:
             sampler.set_epoch(epoch, batch_pos)
+            whole, usable = batch_pos == 0, False
             for b in loader:
                 batch_pos += 1
                 if b is not None:
+                    usable = True
                     yield b
+            if whole and not usable:            # (--skip-bad: it would go round for ever)
+                raise data.DataError(f"epoch {epoch + 1}: every batch was bad audio (--skip-bad left "
+                                     f"out every clip: files gone, or a mount lost?)")
             epoch, batch_pos = epoch + 1, 0
 
     step0 = step

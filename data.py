@@ -101,8 +101,9 @@ def clip_problem(n, max_samples=None):
     return None
 
 
-def load_audio(path, where=None):
-    """Read a file -> mono float32 tensor at 16 kHz. One-line DataError on any problem."""
+def load_audio(path, where=None, max_samples=None):
+    """Read a file -> mono float32 tensor at 16 kHz. One-line DataError on any problem (a clip
+    past max_samples, the encoder's window, too)."""
     import soundfile as sf
     import torchaudio
     name, at = (where, f": {path}") if where else (path, "")
@@ -119,7 +120,7 @@ def load_audio(path, where=None):
         raise DataError(f"{name}: non-finite samples{at}")
     if sr != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sr, SAMPLE_RATE)
-    if (problem := clip_problem(len(wave))):
+    if (problem := clip_problem(len(wave), max_samples)):
         raise DataError(f"{name}: {problem}{at}")
     return wave
 
@@ -139,8 +140,8 @@ class SpeechDataset(torch.utils.data.Dataset):
     process: passed on as {"_error": message}, Loader raises it), or is skipped. A clip whose length
     is far from its manifest `duration` is reported once: batches are made from the durations."""
 
-    def __init__(self, items, skip_bad=False):
-        self.items, self.skip_bad, self.warned = items, skip_bad, False
+    def __init__(self, items, skip_bad=False, max_samples=None):
+        self.items, self.skip_bad, self.max_samples, self.warned = items, skip_bad, max_samples, False
 
     def __len__(self):
         return len(self.items)
@@ -148,7 +149,7 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         try:
-            wave = load_audio(item["audio"], item.get("where"))
+            wave = load_audio(item["audio"], item.get("where"), self.max_samples)
         except DataError as e:
             if self.skip_bad:
                 print(f"skipping bad item: {e}", file=sys.stderr)
@@ -274,11 +275,11 @@ class BucketBatchSampler:
 
 
 def make_loader(items, batch_size, max_seconds=None, shuffle=True, seed=0, rank=0, world=1,
-                workers=0, skip_bad=False, pin_memory=False):
+                workers=0, skip_bad=False, pin_memory=False, max_samples=None):
     sampler = BucketBatchSampler([duration_of(i) for i in items], batch_size, max_seconds,
                                  shuffle, seed, rank, world)
     loader = torch.utils.data.DataLoader(
-        SpeechDataset(items, skip_bad), batch_sampler=sampler, collate_fn=collate,
+        SpeechDataset(items, skip_bad, max_samples), batch_sampler=sampler, collate_fn=collate,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),   # never draws from the global RNG
         worker_init_fn=leave_stop_signals_to_the_main_process if workers else None)

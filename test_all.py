@@ -298,6 +298,55 @@ def test_unusable_audio_stops_the_run_before_it_trains(tmp_path, capsys):
     assert len(common.manifests(args)[1]) == 2
 
 
+def test_a_clip_longer_than_its_manifest_says_is_caught_as_it_is_loaded(tmp_path, capsys):
+    """A manifest's duration may understate a clip (1 s said, 3 s long): usable_items lets it by, so
+    the loaders check each clip against the encoder's window as they load it, named (file:line), or
+    left out with --skip-bad (it stopped deep in the encoder, naming no file, --skip-bad or not). A
+    duration of 0 (some tools' "unknown") is read from the file's header."""
+    import soundfile as sf
+    sf.write(tmp_path / "ok.wav", np.zeros(16000, np.float32), 16000)
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 3, np.float32), 16000)
+    p = tmp_path / "m.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [dict(audio="ok.wav", text="a", duration=1.0),
+                                                         dict(audio="long.wav", text="b", duration=1.0),
+                                                         dict(audio="long.wav", text="c", duration=0)]))
+    window = types.SimpleNamespace(max_samples=lambda: 2 * 16000)        # a 2 s encoder
+    args = common.Args(train=str(p), valid=str(p), skip_bad=True)
+    train, _ = common.manifests(args, window)
+    assert [it["text"] for it in train] == ["a", "b"]                    # c: its header says 3 s
+    assert "m.jsonl:3: a clip of 3.00 s is longer than the encoder's 2 s window" in capsys.readouterr().err
+    assert [b["text"] for b in common.batches(train, args)] == [["a"]]
+    assert "skipping bad item: m.jsonl:2: a clip of 3.00 s is longer" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
+    args.skip_bad = False
+    with pytest.raises(data.DataError, match=r"m.jsonl:2: a clip of 3.00 s is longer than the encoder's 2 s window"):
+        list(common.batches(train, args))
+    a = toy_args(tmp_path / "run", steps=2, batch_size=2)
+    common.usable_items(train, a, window)                               # (the training loop's loader too)
+    m = Toy()
+    with pytest.raises(data.DataError, match=r"m.jsonl:2: a clip of 3.00 s is longer"):
+        common.train(a, m, toy_step(m), train, cpu(), method="toy")
+
+
+def test_an_epoch_of_nothing_but_bad_audio_stops_with_skip_bad(tmp_path):
+    """--skip-bad where every clip fails to load (files gone mid-run, a mount lost): the loop went
+    round the epochs for ever, printing; it stops with one line."""
+    for k in range(4):
+        (tmp_path / f"{k}.wav").write_bytes(b"not audio")
+    p = tmp_path / "m.jsonl"
+    p.write_text("".join(json.dumps(dict(audio=f"{k}.wav", text="a", duration=1.0)) + "\n" for k in range(4)))
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys, common, data
+sys.path.insert(0, {HERE!r})
+from test_all import Toy, toy_step, toy_args
+m = Toy()
+common.guard(lambda argv=None: common.train(toy_args({str(tmp_path / "run")!r}, skip_bad=True, steps=3), m, toy_step(m),
+                                  data.read_manifest({str(p)!r}), common.setup(toy_args("x"))[0], method="toy"))()
+""")
+    r = run_python(script, timeout=60)
+    assert r.returncode == 2 and "epoch 1: every batch was bad audio" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_whisper_encoders_window_is_the_longest_clip_it_takes(tiny):
     enc = common.load_encoder(tiny["enc"], cpu())
     n = enc.max_samples()
