@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 import weakref
 from collections import Counter
@@ -544,9 +545,17 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
     if kind == "causal" and getattr(cfg, "is_encoder_decoder", False):   # (Whisper would load its decoder)
         raise UserError(f"--llm {path}: an encoder-decoder model ({cfg.model_type}); this method needs a "
                         f"decoder-only causal LM (SLM takes a T5-family model)")
+    if kind == "causal" and cfg.get_text_config() is not cfg:     # (Gemma 3 4B+, LLaVA...: the LM inside)
+        raise UserError(f"--llm {path}: a multimodal checkpoint ({cfg.model_type}, its language model "
+                        f"in text_config); give a text-only causal LM")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="sdpa", **LOAD)
+        try:
+            model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="sdpa", **LOAD)
+        except ValueError as e:         # (Gemma 2: its soft-capped attention has no SDPA path)
+            if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e):
+                raise
+            model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="eager", **LOAD)
     except Exception as e:
         raise UserError(f"--llm {path}: cannot load a {kind} LM ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None
@@ -613,6 +622,8 @@ def eos_ids(llm, tok):
 
 SENTINEL = "<<<INPUT>>>"
 BLSP_TEMPLATE = "###[Human]:{content}\n\n\n###[Assistant]:"
+TEMPLATE_DATE = "26 Jul 2024"   # a chat template's date_string (Llama 3.x writes today's date when it
+                                # has none: the prompt changed from day to day); its own fallback
 
 
 def uses_chat_template(tok, fmt):
@@ -629,7 +640,7 @@ def answer_end(llm, tok, fmt="auto"):
     if uses_chat_template(tok, fmt):
         try:
             text = tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant",
-                                            "content": SENTINEL}], tokenize=False)
+                                            "content": SENTINEL}], tokenize=False, date_string=TEMPLATE_DATE)
         except Exception:               # a template that will not render an assistant turn
             text = ""
         if SENTINEL in text:
@@ -650,7 +661,7 @@ def prompt_pieces(tok, instruction, fmt="auto"):
     content = f"{instruction} {SENTINEL}"
     if uses_chat_template(tok, fmt):
         text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                       add_generation_prompt=True)
+                                       add_generation_prompt=True, date_string=TEMPLATE_DATE)
     else:
         text = BLSP_TEMPLATE.format(content=content)
     before, after = text.split(SENTINEL)
@@ -879,12 +890,31 @@ def lora_rows_from(llm, start, T=None):
             c.rows = rows
 
 
+def output_layer(llm):
+    """The LLM's output layer as its forward applies it: the lm_head, then the change of scale some
+    families make to its logits (Granite: / logits_scaling; Cohere: * logit_scale; Falcon-H1:
+    * lm_head_multiplier; Gemma 2 and 3: cap * tanh(logits / cap)). Without it their losses and
+    KLs were taken at another temperature than the model's own."""
+    head, cfg = llm.get_output_embeddings(), llm.config.get_text_config()
+    scale = 1.0 / (getattr(cfg, "logits_scaling", None) or 1.0)
+    scale *= (getattr(cfg, "logit_scale", None) or 1.0) * (getattr(cfg, "lm_head_multiplier", None) or 1.0)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if scale == 1.0 and not cap:
+        return head
+
+    def layer(h):
+        x = head(h) * scale if scale != 1.0 else head(h)
+        return torch.tanh(x / cap) * cap if cap else x
+    layer.out_features = head.out_features
+    return layer
+
+
 def logits_at(llm, hidden, index, chunk=1024):
     """Logits (in fp32) at hidden[index] only (index: bool mask or (b, t) pairs), in chunks of rows so
     that a 150k-token vocabulary never builds the whole (B, T, V) tensor. For inference; a loss
     goes through per_row_loss(), which never keeps more than one chunk of logits."""
     h = hidden[index]
-    head = llm.get_output_embeddings()
+    head = output_layer(llm)
     return torch.cat([head(h[i:i + chunk]).float() for i in range(0, h.shape[0], chunk)]) \
         if h.shape[0] else h.new_zeros(0, head.out_features).float()
 
@@ -897,7 +927,7 @@ def per_row_loss(llm, fn, hiddens, extras=(), chunk_elems=2 ** 24):
     chunk_elems floats each) instead of (rows, V) per tensor, at the cost of a second output-layer
     matmul. (One chunk alone is not checkpointed: its peak would be about the same.)
     hiddens: (K, d) rows (the teacher's may be without grad); extras: (K, ...) targets."""
-    head = llm.get_output_embeddings()
+    head = output_layer(llm)
     step = max(1, chunk_elems // head.out_features)
 
     def rows(*args):
@@ -1162,8 +1192,12 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
 # WER
 
 def normalize(s):
-    """Lower-case, keep letters, digits and apostrophes, collapse spaces."""
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", s.lower()).split())
+    """Lower-case (NFKC, Unicode case folding), keep letters and their marks in any script, digits
+    and apostrophes (’ as '), collapse spaces: "Über das Café!" -> "über das café" (an ASCII-only
+    rule emptied other scripts: two Chinese sentences scored WER 0). Scripts written without
+    spaces (Chinese, Japanese) count a whole sentence as one word."""
+    s = unicodedata.normalize("NFKC", s).casefold().replace("\u2019", "'")
+    return " ".join("".join(c if c == "'" or unicodedata.category(c)[0] in "LMN" else " " for c in s).split())
 
 
 def edit_distance(a, b):

@@ -719,6 +719,16 @@ def test_prompt_pieces_blsp_template(tiny):
     assert tok.decode(b).startswith("<s> ###[Human]:") and tok.decode(a) == "###[Assistant]:"
 
 
+def test_a_chat_template_that_writes_todays_date_gets_a_fixed_one(tiny):
+    """Llama 3.x templates write today's date (strftime_now) when given no date_string: the prompt
+    changed from one day to the next (training, resuming, inference). It is given one."""
+    _, tok = common.load_llm(tiny["llm"], cpu())
+    tok.chat_template = ("{% if date_string is defined %}the{% else %}{{ strftime_now('%d') }}{% endif %} "
+                         "{{ messages[0]['content'] }}")
+    b, _ = common.prompt_pieces(tok, "a", "chat")
+    assert tok.decode(b).endswith("the a")
+
+
 def test_answer_end_is_the_token_that_closes_the_assistant_turn(tiny):
     """Qwen2-Instruct and Llama-3-Instruct list several end tokens; the turn's own (<|im_end|>,
     <|eot_id|>) is not the smallest. A ChatML template here, with eos_ids = [</s>, <|im_end|>]."""
@@ -1161,10 +1171,57 @@ json.dump(texts, open({str(tmp_path)!r} + f"/out{{rank}}.json", "w"))
     assert common.generate_texts(llm, tok, prompts, 4, 2, str(tmp_path / "gen.jsonl")) == one  # read back,
     assert (tmp_path / "gen.jsonl").read_text() == ""                                   # nothing redone
 
+def test_losses_take_the_logits_each_family_makes(tmp_path):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale, Gemma 2
+    soft-caps them: the losses' output layer (common.output_layer) gives the logits of the model's
+    own forward (it applied the bare lm_head: another temperature). Gemma 2, which has no SDPA
+    attention, loads with eager attention (it was refused). A multimodal checkpoint (Gemma 3 4B+)
+    is refused in one line (it failed in generation)."""
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig
+    tok = common.default_tokenizer()
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for cfg in (GraniteConfig(logits_scaling=8.0, **small), CohereConfig(logit_scale=0.0625, **small),
+                Gemma2Config(final_logit_softcapping=0.5, head_dim=16, **small)):
+        from transformers import AutoModelForCausalLM
+        torch.manual_seed(0)
+        folder = tmp_path / cfg.model_type
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        llm, _ = common.load_llm(str(folder), cpu())
+        x = torch.randn(2, 5, 32)
+        with torch.no_grad():
+            ref = llm(inputs_embeds=x).logits
+            hidden = llm.base_model(inputs_embeds=x).last_hidden_state
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        torch.testing.assert_close(common.logits_at(llm, hidden, mask), ref.flatten(0, 1).float(), atol=1e-5, rtol=1e-4)
+        y = torch.randint(0, ref.shape[-1], (10,))
+        ce = common.per_row_loss(llm, lambda l, t: F.cross_entropy(l, t, reduction="none"), [hidden.flatten(0, 1)], [y])
+        torch.testing.assert_close(ce, F.cross_entropy(ref.flatten(0, 1).float(), y, reduction="none"))
+        assert (llm.config._attn_implementation == "eager") == (cfg.model_type == "gemma2")
+    from transformers import Gemma3Config
+    Gemma3Config().save_pretrained(tmp_path / "gemma3")          # (its config only: refused from it)
+    with pytest.raises(common.UserError, match="a multimodal checkpoint \\(gemma3, its language model in text_config\\)"):
+        common.load_llm(str(tmp_path / "gemma3"), cpu())
+
+
 def test_wer():
     assert common.wer(["the cat sat"], ["the cat sat"]) == 0
     assert common.wer(["The cat, sat!"], ["the bat sat down"]) == pytest.approx(2 / 3)
     assert common.normalize("It's  A Test.") == "it's a test"
+
+
+def test_wer_and_bleu_keep_every_script():
+    """normalize kept [a-z0-9'] only: German lost its umlauts ("ber das caf"), Hindi and Chinese
+    vanished, and two different Chinese sentences scored WER 0."""
+    assert common.normalize("Über das Café!") == "über das café"
+    assert common.normalize("Don’t stop, 42!") == "don't stop 42"
+    assert common.normalize("हिन्दी भाषा।") == "हिन्दी भाषा"                    # (vowel signs, virama kept)
+    assert common.wer(["今天 天气 很好"], ["完全 不同"]) == 1.0
+    assert common.wer(["Das Mädchen läuft"], ["das madchen läuft"]) == pytest.approx(1 / 3)
+    assert common.corpus_bleu(["Ein schönes Haus am großen See"], ["ein schönes Haus am großen See"]) == \
+        pytest.approx(100)
 
 
 # ============================================================================================
