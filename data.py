@@ -547,13 +547,15 @@ def tsv_rows(path, clips=None):
     clips = clips or os.path.join(os.path.dirname(os.path.abspath(path)), "clips")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:       # (a BOM: not in the first column's name)
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = sorted({"path", "sentence"} - set(reader.fieldnames or ()))
         if missing:
             raise DataError(f"{path}: no column '{missing[0]}' (a Common Voice or CoVoST 2 TSV has path "
                             f"and sentence)")
         for n, row in enumerate(reader, 2):
+            if not row.get("path"):
+                raise DataError(f"{path}:{n}: its 'path' is empty")
             if (row.get("sentence") or "").strip():
                 extra = {"translation": row["translation"]} if (row.get("translation") or "").strip() else {}
                 yield os.path.join(clips, row["path"]), row["sentence"].strip(), f"{path}:{n}", extra

@@ -223,13 +223,17 @@ def test_manifests_written_from_librispeech_common_voice_and_covost(tmp_path, ca
     assert [(it["text"], it["duration"]) for it in data.read_manifest(str(cv / "m.jsonl"))] == \
         [('He said "yes".', 0.1), ("No.", 0.1)]
     assert len(data.load_audio(str(cv / "clips" / "a.mp3"))) == 1600                      # (48 kHz MP3)
-    (tmp_path / "covost.tsv").write_text("path\tsentence\ttranslation\tclient_id\na.mp3\tHello.\tHallo.\tx\n")
+    (tmp_path / "covost.tsv").write_text("\ufeffpath\tsentence\ttranslation\tclient_id\na.mp3\tHello.\tHallo.\tx\n")
     data.main(["tsv", str(tmp_path / "covost.tsv"), "--clips", str(cv / "clips"), "--out", str(tmp_path / "st.jsonl")])
     (it,) = data.read_manifest(str(tmp_path / "st.jsonl"))
     assert (it["text"], it["translation"], it["audio"]) == ("Hello.", "Hallo.", str(cv / "clips" / "a.mp3"))
     with pytest.raises(SystemExit):
         data.main(["librispeech", str(cv), "--out", str(tmp_path / "x.jsonl")])
     assert "no *.trans.txt below it" in capsys.readouterr().err
+    (tmp_path / "short.tsv").write_text("path\tsentence\na.mp3\tHello.\n\tHi.\n")     # (an empty path)
+    with pytest.raises(SystemExit):
+        data.main(["tsv", str(tmp_path / "short.tsv"), "--clips", str(cv / "clips"), "--out", str(tmp_path / "y.jsonl")])
+    assert "short.tsv:3: its .path. is empty" in capsys.readouterr().err
 
 
 def test_skip_bad_items(tmp_path, tiny):
