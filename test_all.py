@@ -233,7 +233,7 @@ def test_manifests_written_from_librispeech_common_voice_and_covost(tmp_path, ca
     (tmp_path / "short.tsv").write_text("path\tsentence\na.mp3\tHello.\n\tHi.\n")     # (an empty path)
     with pytest.raises(SystemExit):
         data.main(["tsv", str(tmp_path / "short.tsv"), "--clips", str(cv / "clips"), "--out", str(tmp_path / "y.jsonl")])
-    assert "short.tsv:3: its .path. is empty" in capsys.readouterr().err
+    assert "short.tsv:3: its 'path' is empty" in capsys.readouterr().err
 
 
 def test_skip_bad_items(tmp_path, tiny):
