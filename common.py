@@ -1675,6 +1675,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         del st                                          # (the optimizer holds its own copy now)
         if rngs[rank % len(rngs)] is not None:
             set_rng_state(rngs[rank % len(rngs)], device)               # its own
+            if len(rngs) == world and "position" in rngs[rank]:        # and its own data position
+                epoch, batch_pos = rngs[rank]["position"]
         else:                   # saved by another process alone (bad data met under torchrun)
             seed_all(args.seed + rank + world * step)
         if rank == 0:
@@ -1758,7 +1760,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         nonlocal saved_at, last_save
         check_finite()
         e, b, r = at or (epoch, batch_pos, rng_state())
-        if world > 1 and alone:
+        r = dict(r, position=(e, b))            # each process's own data position: with --skip-bad
+        if world > 1 and alone:                 # they drift apart (a batch of bad clips is passed)
             r = [r if k == rank else None for k in range(world)]
         elif world > 1:                         # every process's RNG, to resume each exactly
             rngs = [None] * world

@@ -2113,6 +2113,44 @@ if rank == 0:
     torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"),
                                torch.load(tmp_path / "full" / "weight.pt"))
 
+def test_torchrun_resume_with_skip_bad_takes_each_process_own_data_position(tiny, tmp_path):
+    """--skip-bad under torchrun: a process passes a batch of nothing but bad clips and draws the
+    next, so the processes' data positions drift apart. Each process's own is saved and resumed
+    (all resumed at rank 0's, and the others saw other batches than the uninterrupted run)."""
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    items = data.read_manifest(tiny["train"])
+    for it in items[:16]:                       # (the same short duration: batched together)
+        it.update(audio=str(tmp_path / "bad.wav"), duration=0.5)
+    p = tmp_path / "m.jsonl"
+    p.write_text("".join(json.dumps({k: v for k, v in it.items() if k != "where"}) + "\n" for it in items))
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import os, signal, sys, torch, common, data
+sys.path.insert(0, {HERE!r})
+from test_all import Toy, toy_step, toy_args
+out, mode = sys.argv[1], sys.argv[2]
+args = toy_args(out, batch_size=2, steps=6, skip_bad=True, resume=out if mode == "resume" else None)
+device, rank, world = common.setup(args)
+m = Toy(); m.drop.p = 0.0
+step, calls = toy_step(m), []
+def stopped_in_step_3(batch):
+    calls.append(1)
+    if mode == "stop" and len(calls) == 3 and rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return step(batch)
+common.train(args, m, stopped_in_step_3, data.read_manifest({str(p)!r}), device, rank, world, method="toy")
+""")
+    run = lambda out, mode: run_python(script, tmp_path / out, mode, torchrun=True)
+    assert run("full", "full").returncode == 0
+    r = run("half", "stop")
+    assert r.returncode != 0 and "at step 3" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    rngs = torch.load(tmp_path / "half" / "ckpt-3" / "train_state.pt", weights_only=False)["rng"]
+    assert rngs[0]["position"] != rngs[1]["position"]                  # (they drifted apart here)
+    r = run("half", "resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+
+
 def test_torchrun_bad_data_met_by_one_process_keeps_the_steps_done(tiny, tmp_path):
     """2 gloo processes; rank 1's third batch is bad audio, while rank 0 waits in step 3's
     all_reduce: rank 1 saves step 2 alone (it used to exit with nothing saved since the last
