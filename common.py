@@ -550,12 +550,14 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
                         f"in text_config); give a text-only causal LM")
     try:
         tok = AutoTokenizer.from_pretrained(path)
+        load = lambda attn: cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation=attn,
+                                                **LOAD)
         try:
-            model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="sdpa", **LOAD)
+            model = load("sdpa")
         except ValueError as e:         # (Gemma 2: its soft-capped attention has no SDPA path)
             if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e):
                 raise
-            model = cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation="eager", **LOAD)
+            model = load("eager")
     except Exception as e:
         raise UserError(f"--llm {path}: cannot load a {kind} LM ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None
@@ -903,7 +905,7 @@ def output_layer(llm):
         return head
 
     def layer(h):
-        x = head(h) * scale if scale != 1.0 else head(h)
+        x = head(h) * scale
         return torch.tanh(x / cap) * cap if cap else x
     layer.out_features = head.out_features
     return layer
@@ -1391,12 +1393,7 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     with run_lock(out):
-        try:
-            with open(os.path.join(out, "latest")) as f:
-                named = f.read().strip()
-        except OSError:
-            named = None
-        final = os.path.join(out, f"ckpt-{step}" + (".1" if named == f"ckpt-{step}" else ""))
+        final = os.path.join(out, f"ckpt-{step}" + (".1" if latest_name(out) == f"ckpt-{step}" else ""))
         shutil.rmtree(final, ignore_errors=True)        # (a step saved before, that latest does not name)
         os.replace(tmp, final)
         latest = os.path.join(out, f"latest.tmp{os.getpid()}")
@@ -1430,15 +1427,23 @@ def run_lock(out):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def latest_name(run_dir):
+    """The checkpoint folder a run directory's file `latest` names, or None (no such file)."""
+    try:
+        with open(os.path.join(run_dir, "latest")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def find_checkpoint(run_dir, meta=None):
     """run directory -> its latest checkpoint folder; checks it belongs to this method/config."""
     if not run_dir or not os.path.isdir(run_dir):
         raise UserError(f"no such run directory: {run_dir}")
-    latest = os.path.join(run_dir, "latest")
-    if not os.path.isfile(latest):
+    name = latest_name(run_dir)
+    if name is None:
         raise UserError(f"{run_dir}: no checkpoint in this directory")
-    with open(latest) as f:
-        ck = os.path.join(run_dir, f.read().strip())
+    ck = os.path.join(run_dir, name)
     if not os.path.isfile(os.path.join(ck, "meta.json")):
         raise UserError(f"{run_dir}: `latest` names {ck!r}, which holds no checkpoint")
     with open(os.path.join(ck, "meta.json")) as f:
@@ -1514,10 +1519,8 @@ def check_out(args, resume_dir=None):
     """A run never starts afresh over another: --out holding a checkpoint needs --resume. (Called
     by train, and early by the scripts that generate data into --out first.) resume_dir: what
     --resume takes, when not --out (SSR: the run's directory, above its stages')."""
-    latest, resume_dir = os.path.join(args.out, "latest"), resume_dir or args.out
-    if not args.resume and os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
+    name, resume_dir = latest_name(args.out), resume_dir or args.out
+    if not args.resume and name is not None:
         raise UserError(f"--out {resume_dir} holds a run already (its latest checkpoint: "
                         f"{name}): --resume {resume_dir} continues it; to start "
                         f"again, remove it or give another --out")
