@@ -613,12 +613,16 @@ def checkpointing(llm):
             m.training = mode
 
 
-def eos_ids(llm, tok):
-    """Every token that ends an answer (the tokenizer's EOS and the generation config's)."""
+def eos_ids(llm, tok, fmt=None):
+    """Every token that ends an answer: the tokenizer's EOS and the generation config's; with fmt
+    (the prompt format) also answer_end's (a base checkpoint that ships a chat template: its EOS
+    is <|endoftext|>, its template closes a turn with <|im_end|>)."""
     ids = {tok.eos_token_id}
     gen = getattr(llm, "generation_config", None)
     e = getattr(gen, "eos_token_id", None)
     ids |= set(e if isinstance(e, (list, tuple)) else [e])
+    if fmt is not None:
+        ids.add(answer_end(llm, tok, fmt))
     return sorted(i for i in ids if i is not None)
 
 
@@ -637,7 +641,8 @@ def uses_chat_template(tok, fmt):
 def answer_end(llm, tok, fmt="auto"):
     """The token that ends an answer, the target after a continuation: with a chat template the
     end token that closes the assistant's turn (<|im_end|>, <|eot_id|>, </s>: not always the
-    smallest of eos_ids), else the tokenizer's EOS."""
+    smallest of eos_ids; of a base checkpoint, not among them: the closing's first special
+    token), else the tokenizer's EOS."""
     ends = eos_ids(llm, tok)
     if uses_chat_template(tok, fmt):
         try:
@@ -647,9 +652,9 @@ def answer_end(llm, tok, fmt="auto"):
             text = ""
         if SENTINEL in text:
             closing = tok(text.split(SENTINEL, 1)[1], add_special_tokens=False).input_ids
-            for i in closing:
-                if i in ends:
-                    return i
+            special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+            for i in [i for i in closing if i in ends] + [i for i in closing if i in special]:
+                return i
     return tok.eos_token_id if tok.eos_token_id is not None else ends[0]
 
 
@@ -1088,23 +1093,24 @@ def respond(llm, tok, inputs, instruction, fmt="auto", max_new_tokens=64, lora=N
     """Answer `instruction` about each input (speech(vectors) or text(ids) segment) -> strings."""
     b, a = prompt_pieces(tok, instruction, fmt)
     sp = splice(llm.get_input_embeddings(), [[text(b), x, text(a)] for x in inputs], pad_left=True)
-    outs = generate(llm, sp, eos_ids(llm, tok), max_new_tokens, lora=lora)
+    outs = generate(llm, sp, eos_ids(llm, tok, fmt), max_new_tokens, lora=lora)
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
 def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None, desc="generate",
-                   with_ended=False):
+                   with_ended=False, eos=None):
     """Greedy text generation for many prompts (token-id lists), batched with left padding.
     With `cache` (a JSON-lines path), results are appended as they come and reused: an
     interrupted run continues where it stopped. Under torchrun the processes share the work:
     each writes the prompts i with i % world == rank to its own file (cache.rankR, so no two
     append to one file), then all read every file. with_ended: -> (texts, ended), ended[i] True
-    when answer i stopped at an end token before the limit (None: cached without the flag)."""
+    when answer i stopped at an end token before the limit (None: cached without the flag).
+    eos: the ids that end an answer (default eos_ids)."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() and cache else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     done = read_texts(cache)
     todo = [i for i in range(len(prompts)) if i not in done and i % world == rank]
-    embed, eos = llm.get_input_embeddings(), eos_ids(llm, tok)
+    embed, eos = llm.get_input_embeddings(), eos or eos_ids(llm, tok)
     path, cut = (cache if world == 1 else f"{cache}.rank{rank}") if cache else None, False
     if path and os.path.isfile(path) and os.path.getsize(path):
         with open(path, "rb") as g:             # a last line cut by an interruption: end it
@@ -1182,12 +1188,13 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
     and texts."""
     before, after = prompt_pieces(tok, instruction, args.prompt)
     prompts = [before + input_ids(tok, t) + after for t in texts]
-    key = hashlib.sha1(json.dumps([model_stamp(llm), args.prompt, max_new_tokens, instruction, texts])
-                       .encode()).hexdigest()[:10]
+    eos = eos_ids(llm, tok, args.prompt)     # (in the key where the turn's end is not the model's own)
+    key = hashlib.sha1(json.dumps([model_stamp(llm), args.prompt, max_new_tokens, instruction, texts]
+                                  + ([eos] if eos != eos_ids(llm, tok) else [])).encode()).hexdigest()[:10]
     os.makedirs(out_dir, exist_ok=True)
     return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size,
                           os.path.join(out_dir, f"answers-{tag}-{key}.jsonl"), f"answers ({tag})",
-                          with_ended)
+                          with_ended, eos)
 
 
 # ============================================================================================
@@ -2008,7 +2015,8 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
       that only the input can tell (the toy corpus's `content` spans), from speech / from text;
     - repeat_wer: zero-shot "repeat" instruction answered from speech (greedy), WER vs transcript.
     speech_fn(batch) -> list of (L_i, d_llm) speech vectors (the method's adapter)."""
-    embed, eos, end = llm.get_input_embeddings(), eos_ids(llm, tok), answer_end(llm, tok, args.prompt)
+    embed, end = llm.get_input_embeddings(), answer_end(llm, tok, args.prompt)
+    eos = eos_ids(llm, tok, args.prompt)
     cb, ca = prompt_pieces(tok, continue_instruction, args.prompt)
     rb, ra = prompt_pieces(tok, repeat_instruction, args.prompt)
     sums = dict(loss_speech=0.0, loss_text=0.0, n=0, hit=0, hit_text=0, content=0)

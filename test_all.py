@@ -747,6 +747,29 @@ def test_answer_end_is_the_token_that_closes_the_assistant_turn(tiny):
     assert common.answer_end(llm, tok) == im_end
     assert common.answer_end(llm, tok, "blsp") == tok.eos_token_id
 
+def test_a_base_checkpoint_with_a_chat_template_ends_answers_at_the_turn_end(tiny, tmp_path, monkeypatch):
+    """A base checkpoint that ships a chat template (Qwen2.5 base): its EOS is <|endoftext|>, its
+    template closes a turn with <|im_end|>, which no end id lists. Continuations end with
+    <|im_end|>, and generation (the cached continuations, respond) stops there."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    llm.resize_token_embeddings(len(tok))
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    llm.generation_config.eos_token_id = tok.eos_token_id
+    assert im_end not in common.eos_ids(llm, tok)
+    assert common.answer_end(llm, tok) == im_end
+    assert common.eos_ids(llm, tok, "auto") == sorted([tok.eos_token_id, im_end])
+    assert common.eos_ids(llm, tok, "blsp") == [tok.eos_token_id]
+    stops = []
+    monkeypatch.setattr(common, "generate", lambda llm, sp, eos, *a, **k: stops.append(eos) or [[]] * len(sp.spans))
+    common.respond(llm, tok, [common.text([5, 6])], "repeat", "auto")
+    args = types.SimpleNamespace(prompt="auto", gen_batch_size=2)
+    common.cached_answers(llm, tok, "go on", ["a b"], args, 3, str(tmp_path), "train")
+    assert stops == [[tok.eos_token_id, im_end]] * 2
+
+
 def test_lm_loss_equals_direct_cross_entropy(tiny):
     """lm_loss on a right-padded splice (targets laid out on the host, no attention mask) = -log p
     of each target from the LLM run on each sample alone."""
