@@ -259,7 +259,8 @@ def kd_positions(sp_t, sp_s):
 def kl(teacher_logits, student_logits, T):
     """KL(p_t || p_s) per row, both distributions at temperature T (no T^2 factor)."""
     lt, ls = (teacher_logits / T).log_softmax(-1), (student_logits / T).log_softmax(-1)
-    return (lt.exp() * (lt - ls)).sum(-1)
+    p = lt.exp()
+    return torch.where(p > 0, p * (lt - ls), 0.0).sum(-1)      # sum_v p_t (log p_t - log p_s); 0 log 0 = 0
 
 
 def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):

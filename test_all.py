@@ -2875,6 +2875,19 @@ def test_blsp_kd_kd_losses_equal_direct_computation():
     assert min(rkl) >= 0 and got["input_kl"] > 1e-4                # non-trivial: can fail
 
 
+def test_blsp_kd_kl_with_a_masked_teacher_logit_is_finite():
+    """A teacher logit of -inf (a vocabulary entry masked out) has p_t = 0 and adds 0 log 0 = 0,
+    not NaN; the rest as the formula sum_v p_t (log p_t - log p_s)."""
+    t, s = torch.randn(3, 10), torch.randn(3, 10)
+    t[:, 7] = -math.inf
+    got = blsp_kd.kl(t, s, 2.0)
+    assert torch.isfinite(got).all()
+    keep = torch.arange(10) != 7                   # the slow way: the sum without the masked entry
+    lt, ls = torch.log_softmax(t / 2, -1)[:, keep], torch.log_softmax(s / 2, -1)[:, keep]
+    ref = (lt.exp() * (lt - ls)).sum(-1)
+    torch.testing.assert_close(got, ref)
+
+
 class FrameEncoder(nn.Module):
     """A stand-in speech encoder: clip i gives wave_lens[i] frames of width d (random)."""
     def __init__(self, d):
