@@ -1599,7 +1599,7 @@ def data_order(args, items, world):
     """What fixes the order of the training batches (an exact resume needs the same)."""
     paths = hashlib.sha1("\n".join(str(it.get("audio")) for it in items).encode()).hexdigest()[:12]
     return dict(utterances=len(items), manifest=paths, batch_size=args.batch_size,
-                max_seconds=args.max_seconds, seed=args.seed, processes=world)
+                max_seconds=args.max_seconds, seed=args.seed, processes=world, grad_accum=args.grad_accum)
 
 
 def model_fingerprint(args, fields):
@@ -1695,7 +1695,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 "start afresh" if None in rngs else ""))
             with open(os.path.join(ck, "meta.json")) as f:
                 was = json.load(f).get("data", meta["data"])
-            changed = [f"{k} {was.get(k)} -> {v}" for k, v in meta["data"].items() if was.get(k) != v]
+            changed = [f"{k} {was[k]} -> {v}" for k, v in meta["data"].items() if k in was and was[k] != v]
             if changed:
                 print(f"warning: resumed with another data order ({', '.join(changed)}): the "
                       f"batches from here differ from those the interrupted run would have seen",
@@ -1711,9 +1711,10 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
                                        args.seed, rank, world, args.workers, args.skip_bad,
                                        pin_memory=device.type == "cuda",
-                                       max_samples=getattr(args, "_max_samples", None))
+                                       max_samples=getattr(args, "_max_samples", None),
+                                       step=world * args.grad_accum)
     if len(sampler.batches()) == 0:
-        raise UserError("the training set gives no batch (fewer utterances than processes?)")
+        raise UserError("the training set gives no step (fewer batches than processes x --grad-accum)")
     if rank == 0:
         print(f"{method}: {count_params(module, True) / 1e6:.2f}M trainable parameters, "
               f"{len(train_items)} training utterances, padding {sampler.padding_fraction():.1%}")

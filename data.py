@@ -216,28 +216,40 @@ def collate(rows):
 class BucketBatchSampler:
     """Batches of similar duration: less padding, fewer wasted FLOPs.
 
-    Items are shuffled, cut into pools of `pool` batches, each pool is sorted by duration and cut
-    into batches, then the batches are shuffled. A batch holds at most `batch_size` items and at
-    most `max_seconds` of padded audio. Deterministic per (seed, epoch); rank r of w takes batches
-    r, r+w, ... (every rank gets the same count). `start` skips batches already seen (resume).
+    Items are shuffled, cut into pools of `pool` steps, each pool is sorted by duration and cut
+    into batches, then the batches are shuffled in groups of `step` neighbours, the batches of
+    one optimizer step (w processes x gradient accumulation; default w): rank r of w takes
+    batches r, r + w, ... of each group. So a step's batches have similar lengths and no process
+    waits long for another's; and w processes see what one process sees with w times the
+    accumulation. Every rank gets as many batches (the last ones, fewer than a group, are left
+    out); one process, one batch a step: the batches are shuffled alone. A batch holds at most
+    `batch_size` items and at most `max_seconds` of padded audio. Deterministic per (seed,
+    epoch), laid out once per epoch. `start` skips batches already seen (resume).
     """
 
     def __init__(self, durations, batch_size, max_seconds=None, shuffle=True, seed=0, rank=0,
-                 world=1, pool=50):
+                 world=1, pool=50, step=None):
         self.durations = list(durations)
         self.batch_size, self.max_seconds = batch_size, max_seconds
         self.shuffle, self.seed, self.rank, self.world, self.pool = shuffle, seed, rank, world, pool
-        self.epoch, self.start = 0, 0
+        self.step = step or world
+        assert self.step % world == 0, "a step's batches: a multiple of the processes"
+        self.epoch, self.start, self.cached = 0, 0, (None, None)
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
 
     def batches(self):
+        if self.cached[0] != self.epoch:            # (millions of items: seconds to lay out)
+            self.cached = (self.epoch, self.lay_out())
+        return self.cached[1]
+
+    def lay_out(self):
         order = list(range(len(self.durations)))
         rng = random.Random(self.seed * 1000003 + self.epoch)
         if self.shuffle:
             rng.shuffle(order)
-        chunk = self.batch_size * self.pool
+        chunk = self.batch_size * self.pool * self.step
         out = []
         for c in range(0, len(order), chunk):
             pool = sorted(order[c:c + chunk], key=lambda i: self.durations[i])
@@ -253,10 +265,11 @@ class BucketBatchSampler:
                 longest = longest2
             if batch:
                 out.append(batch)
+        k = self.step                  # (fewer batches than a step's: none for any process)
+        groups = [out[g:g + k] for g in range(0, len(out) // k * k, k)]    # neighbours in a pool
         if self.shuffle:
-            rng.shuffle(out)
-        n = len(out) // self.world * self.world        # (fewer than the processes: none for any)
-        return out[:n][self.rank::self.world]
+            rng.shuffle(groups)
+        return [b for g in groups for b in g[self.rank::self.world]]
 
     def __iter__(self):
         return iter(self.batches()[self.start:])
@@ -275,9 +288,9 @@ class BucketBatchSampler:
 
 
 def make_loader(items, batch_size, max_seconds=None, shuffle=True, seed=0, rank=0, world=1,
-                workers=0, skip_bad=False, pin_memory=False, max_samples=None):
+                workers=0, skip_bad=False, pin_memory=False, max_samples=None, step=None):
     sampler = BucketBatchSampler([duration_of(i) for i in items], batch_size, max_seconds,
-                                 shuffle, seed, rank, world)
+                                 shuffle, seed, rank, world, step=step)
     loader = torch.utils.data.DataLoader(
         SpeechDataset(items, skip_bad, max_samples), batch_sampler=sampler, collate_fn=collate,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
