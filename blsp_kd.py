@@ -195,12 +195,13 @@ def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
 # ----------------------------------------------------------------------------------------------
 # Continuations by the frozen LLM (the teacher's responses)
 
-def continuation_data(llm, tok, items, args, out_dir, tag):
-    """Greedy continuation of each transcript; cached in out_dir, resumable. Adds to each item
-    transcript_ids (N = their count) and response_ids (continuation [+ EOS])."""
+def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dir=None):
+    """Greedy continuation of each transcript; cached in out_dir (stage 2: copied from the --init
+    run's), resumable. Adds to each item transcript_ids (N = their count) and response_ids
+    (continuation [+ EOS])."""
     transcripts = [common.normalize(it["text"]) for it in items]      # as BLSP's step 1
     conts, ended = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
-                                         args.continuation_tokens, out_dir, tag, with_ended=True)
+                                         args.continuation_tokens, out_dir, tag, True, reuse_dir)
     eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn
     for it, t, c, e in zip(items, transcripts, conts, ended):
         ids = common.target_ids(tok, c)
@@ -461,8 +462,8 @@ def main(argv=None):
         common.load_trainable(module, init_ck)
 
     # the LLM's own continuations of the transcripts are the teacher's responses
-    continuation_data(llm, tok, train_items, args, args.out, "train")
-    continuation_data(llm, tok, valid_items, args, args.out, "valid")
+    continuation_data(llm, tok, train_items, args, args.out, "train", args.init)
+    continuation_data(llm, tok, valid_items, args, args.out, "valid", args.init)
     for it in valid_items:
         it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)

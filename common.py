@@ -1181,20 +1181,54 @@ def model_stamp(llm):
         [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
 
 
-def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag, with_ended=False):
+def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag, with_ended=False,
+                   reuse_dir=None):
     """The frozen LLM's greedy answer to `instruction` about each text (e.g. BLSP's and
     BLSP-KD's continuation writing), cached in out_dir/answers-TAG-KEY.jsonl, resumable; the key
     covers the LLM (its folder, weight files and dtype), prompt format, length limit, instruction
-    and texts."""
+    and texts. reuse_dir: a run whose cache of the same key is copied in first (BLSP-KD's stage 2
+    from its --init run: the same continuations, not generated again). A prompt is tokenized
+    only if it is generated (a resumed run's cache holds them all)."""
     before, after = prompt_pieces(tok, instruction, args.prompt)
-    prompts = [before + input_ids(tok, t) + after for t in texts]
+    prompts = Lazy(len(texts), lambda i: before + input_ids(tok, texts[i]) + after)
     eos = eos_ids(llm, tok, args.prompt)     # (in the key where the turn's end is not the model's own)
     key = hashlib.sha1(json.dumps([model_stamp(llm), args.prompt, max_new_tokens, instruction, texts]
                                   + ([eos] if eos != eos_ids(llm, tok) else [])).encode()).hexdigest()[:10]
     os.makedirs(out_dir, exist_ok=True)
-    return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size,
-                          os.path.join(out_dir, f"answers-{tag}-{key}.jsonl"), f"answers ({tag})",
+    cache = os.path.join(out_dir, f"answers-{tag}-{key}.jsonl")
+    if reuse_dir and os.path.abspath(reuse_dir) != os.path.abspath(out_dir):
+        copy_answers(os.path.join(reuse_dir, os.path.basename(cache)), cache)
+    return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size, cache, f"answers ({tag})",
                           with_ended, eos)
+
+
+def copy_answers(src, dst):
+    """An answer cache (its per-process parts merged) copied to dst where dst has none; process 0
+    writes it (atomically), the others wait for it."""
+    distributed = torch.distributed.is_initialized()
+    if (not distributed or torch.distributed.get_rank() == 0) and not read_texts(dst):
+        done = read_texts(src)
+        if done:
+            with open(dst + ".tmp", "w") as f:
+                f.writelines(json.dumps({"i": i, "text": t, "ended": e}) + "\n" for i, (t, e) in sorted(done.items()))
+            os.replace(dst + ".tmp", dst)
+    if distributed:
+        torch.distributed.barrier()
+
+
+class Lazy:
+    """A read-only list whose item i is made (and kept) when first read."""
+
+    def __init__(self, n, make):
+        self.n, self.make, self.made = n, make, {}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i not in self.made:
+            self.made[i] = self.make(i)
+        return self.made[i]
 
 
 # ============================================================================================

@@ -1154,7 +1154,7 @@ def test_generate_runs_no_forward_past_the_limit(tiny, monkeypatch):
     assert len(common.generate(llm, sp, [10 ** 6], 4)[0]) == 4 and len(calls) == 4
 
 
-def test_cached_answers_key_changes_with_the_weights_and_dtype(tiny, tmp_path):
+def test_cached_answers_key_changes_with_the_weights_and_dtype(tiny, tmp_path, monkeypatch):
     """The continuations cached in a run directory are not reused for other weights at the same
     path (a rebuilt model) or another precision: greedy answers differ."""
     import blsp
@@ -1166,8 +1166,10 @@ def test_cached_answers_key_changes_with_the_weights_and_dtype(tiny, tmp_path):
     ask = lambda m: common.cached_answers(m, tok, "continue", ["the cat"], args, 2, out, "t")
     ask(llm)
     first = os.listdir(out)
+    tokenized, input_ids = [], common.input_ids
+    monkeypatch.setattr(common, "input_ids", lambda *a: tokenized.append(a) or input_ids(*a))
     ask(llm)
-    assert os.listdir(out) == first                           # the same: reused
+    assert os.listdir(out) == first and not tokenized         # the same: reused, no prompt tokenized
     ask(llm.to(torch.bfloat16))
     assert len(os.listdir(out)) == 2
     os.utime(glob.glob(os.path.join(path, "*.safetensors"))[0], (1, 1))     # new weights, same path
@@ -3201,7 +3203,12 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     cfg = json.loads(read(os.path.join(s1, "config.json")))
     del cfg["whisper_30s"]                                      # (a stage-1 run from before the flag)
     write(os.path.join(s1, "config.json"), json.dumps(cfg))
+    capsys.readouterr()
     blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1, "--unfreeze-encoder"])
+    assert "to generate" not in capsys.readouterr().out         # stage 1's continuations, copied
+    for tag in ("train", "valid"):
+        (a,), (b,) = (glob.glob(os.path.join(d, f"answers-{tag}-*.jsonl")) for d in (s1, s2))
+        assert os.path.basename(a) == os.path.basename(b) and common.read_texts(a) == common.read_texts(b)
     cfg = json.loads(read(os.path.join(s2, "config.json")))
     assert (cfg["continuation_tokens"], cfg["prompt"], cfg["heads"]) == (6, "auto", 2)   # from --init
     assert cfg["whisper_30s"] is False
