@@ -2048,6 +2048,19 @@ def test_lr_schedule():
     assert common.lr_at(60, a) == pytest.approx(0.55)
 
 
+def test_all_reduce_sum_in_buckets(monkeypatch):
+    """The gradients are summed over the processes in all_reduces of at most bucket_elems
+    (neighbours concatenated), a larger tensor alone and in place: never one flat copy of all.
+    A stand-in all_reduce doubles its tensor (2 processes holding the same)."""
+    sent = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: sent.append(t) or t.mul_(2))
+    ts = [torch.randn(n) for n in (3, 4, 20, 2, 2, 5)] + [torch.randn(2, 3)]
+    want = [2 * t for t in ts]
+    common.all_reduce_sum(ts, bucket_elems=8)
+    assert all(torch.equal(t, w) for t, w in zip(ts, want))
+    assert [t.numel() for t in sent] == [7, 20, 4, 5, 6] and sent[1] is ts[2]
+
+
 def test_torchrun_two_processes_match_one(tiny, tmp_path):
     """2 gloo processes x batch 4 == 1 process x batch 4 x 2 accumulation steps: the same
     utterances per optimizer step (rank r takes batches r, r+2, ...), so the same losses."""
