@@ -211,7 +211,7 @@ def main(argv=None):
     for it in continuation_data(llm, tok, todo, args, args.out, "valid"):
         it["continuation"] = it["continuation_llm"]
     for it in train_items:
-        it["continuation_ids"] = common.target_ids(tok, it["continuation_llm"])
+        it["continuation_ids"] = data.compact(common.target_ids(tok, it["continuation_llm"]))
 
     # step 2: behaviour alignment; only the adapter trains
     embed, eos = llm.get_input_embeddings(), common.answer_end(llm, tok, args.prompt)

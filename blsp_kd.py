@@ -205,9 +205,9 @@ def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dir=None):
     eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn
     for it, t, c, e in zip(items, transcripts, conts, ended):
         ids = common.target_ids(tok, c)
-        it["transcript_ids"] = common.input_ids(tok, t)
+        it["transcript_ids"] = data.compact(common.input_ids(tok, t))
         ended = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without it)
-        it["response_ids"] = ids + ([eos] if ended else [])  # [+ end] if generation ended naturally
+        it["response_ids"] = data.compact(ids + ([eos] if ended else []))  # [+ end] if generation ended
     return items
 
 
@@ -502,7 +502,7 @@ def show_sample(encoder, cformer, llm, tok, ctx, items, args, device):
                                             lora=ctx)[0]
         print(f"transcript:              {item['text']}")
         print(f"speech vectors:          {int(n[0])} (transcript tokens: {len(item['transcript_ids'])})")
-        print(f"continuation from text:  {ask(text(item['transcript_ids']), CONTINUE_INSTRUCTION)}")
+        print(f"continuation from text:  {ask(text(batch['transcript_ids'][0]), CONTINUE_INSTRUCTION)}")
         print(f"continuation from speech:{ask(speech(vecs[0]), CONTINUE_INSTRUCTION)}")
         print(f"repeat from speech:      {ask(speech(vecs[0]), data.REPEAT_INSTRUCTIONS[0])}")
 

@@ -13,6 +13,7 @@
   the words only the input sentence can tell.
 - Manifests from LibriSpeech, Common Voice and CoVoST 2: `python data.py librispeech|tsv ... --out FILE`.
 """
+import array
 import glob
 import json
 import math
@@ -192,8 +193,15 @@ class Loader:
         return len(self.loader)
 
 
+def compact(ids):
+    """Token ids as a manifest item keeps them: one array of 4-byte ints, not a list of int
+    objects (a ninth of the memory: millions of items; and loader workers, reading an item,
+    copied each int's page to count a reference). collate hands them on as lists."""
+    return array.array("i", ids)
+
+
 def collate(rows):
-    """Pad waveforms at the end; keep every other field as a list."""
+    """Pad waveforms at the end; keep every other field as a list (compact ids: lists again)."""
     bad = next((r for r in rows if r is not None and "_error" in r), None)
     if bad:
         return bad
@@ -205,7 +213,7 @@ def collate(rows):
     for i, r in enumerate(rows):
         wave[i, :lens[i]] = r["wave"]
     keys = dict.fromkeys(k for r in rows for k in r if k != "wave")   # fields missing in a row: None
-    batch = {k: [r.get(k) for r in rows] for k in keys}
+    batch = {k: [v.tolist() if isinstance(v, array.array) else v for v in (r.get(k) for r in rows)] for k in keys}
     batch.update(wave=wave, wave_lens=lens)
     return batch
 
