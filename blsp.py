@@ -241,22 +241,10 @@ def main(argv=None):
     res = common.train(args, adapter, step_fn, train_items, device, rank, world, valid_fn,
                        method="blsp", model_fields=("llm", "encoder", "encoder_layer", "whisper_30s", "bottleneck"))
     if rank == 0:
-        show_sample(encoder, adapter, llm, tok, valid_items, args, device)
+        adapter.eval()
+        common.show_sample(llm, tok, valid_items, args, device, lambda b: speech_vectors(encoder, adapter, b),
+                           CONTINUE_INSTRUCTION)
         print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))
-
-
-def show_sample(encoder, adapter, llm, tok, items, args, device):
-    """The continuation from a held-out spoken sentence beside the one from its transcript."""
-    item, wave = data.first_loadable(items)
-    batch = common.to_device(data.collate([dict(item, wave=wave)]), device)
-    adapter.eval()
-    with torch.no_grad(), common.autocast(device):
-        v = speech_vectors(encoder, adapter, batch)[0]
-        ask = lambda x, ins: common.respond(llm, tok, [x], ins, args.prompt, args.max_new_tokens)[0]
-        print(f"transcript:              {item['text']}")
-        print(f"continuation from text:  {ask(text(common.input_ids(tok, item['text'])), CONTINUE_INSTRUCTION)}")
-        print(f"continuation from speech:{ask(speech(v), CONTINUE_INSTRUCTION)}")
-        print(f"repeat from speech:      {ask(speech(v), data.REPEAT_INSTRUCTIONS[0])}")
 
 
 if __name__ == "__main__":

@@ -23,46 +23,35 @@ Paper step / equation                                  -> code
   response KL(p_t || p_s), T = 2, continuation         -> kd_losses()["response_kl"], kl()
   input KL: speech vector i vs transcript token i      -> kd_losses()["input_kl"] (on by default;
                                                             --no-input-kl)
-  Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.LoRALinear (common.add_lora(
-                                                            masked=True)); m = the speech rows:
-                                                            lora_mode() in llm_pass(), and
-                                                            common.generate(lora=ctx) at inference
-  stage 1 CFormer only; stage 2 + PLoRA, lower lr      -> build() (PLoRA, --unfreeze-encoder),
-                                                            main() (--stage, --init, STAGE_LR)
+  Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.add_lora(masked=True); m = the
+                                                            speech rows: llm_pass(), common.generate
+  stage 1 CFormer only; stage 2 + PLoRA, lower lr      -> build(), main() (--stage, --init, STAGE_LR)
 
-Project choices (not in the paper, or not as the released code does it):
-- transcripts lower-cased without punctuation, keeping apostrophes and digits (as BLSP's continuation data),
-  for the continuation prompt, the teacher and N alike;
-- the pieces around the input come from the LLM's chat template (common.prompt_pieces) with no
-  system turn of our own (the template's default, if it has one; the paper's Qwen: "You are a
-  helpful assistant."), BLSP's template when it has none; one end token (common.answer_end: it
-  closes the assistant's turn) ends a continuation that generation ended before the limit;
-- the response KL's rows predict the response tokens: the last prompt position up to the one
-  that predicts the end token (the released code: the response tokens' own positions, one on);
-- each loss term is a mean over its positions in the micro-batch; loss_sum = (sum of the term
-  means) x k, n_units = k, the response-token count (common.train divides by the sum of k): one
-  micro-batch optimises exactly the sum of the means; with several (--grad-accum, processes)
-  each micro-batch's means weigh by its k;
-- no rescaling of the speech vectors: the LLM learns to read them (an earlier toy LLM gave
-  vectors of RMS 4.1 against 0.13 for its token embeddings, cosine 0.05 to their own word's, yet
-  96% of each vector's CIF weight lay within its word's frames);
-- CFormer layers: PyTorch's pre-norm GELU layers (Whisper-style), no positional encoding of their
-  own (the frames carry it), masked at padding frames before CIF too (the released code runs them
-  unmasked over frames padded to 30 s; the encoder runs at real length here unless --whisper-30s);
-  --grad-ckpt recomputes them in the backward as it does the LLM's layers;
-- an unfrozen encoder trains in fp32 at a tenth of the lr (--encoder-lr); stage 2 takes the
-  models, CFormer shape, prompt format and continuation length of its --init run;
-- defaults scaled to the toy setting (paper: 4 + 4 layers, 8 heads, stage 1 lr 1e-4, batch 768,
-  1000 warm-up steps, 1 epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3, 30 warm-up steps,
-  1600 steps (about 2 min on one CPU thread);
-- the input KL is on by default (METHODS.md: the paper's use of it is not confirmed): it is what
-  makes a zero-shot instruction work from speech. Built-in models, 1600 steps (content_acc from
-  speech / repeat_wer on valid): with it 0.998 / 0.007; --no-input-kl 0.997 / 0.16. On an older
-  toy LLM trained with no loss on its input, it distilled untrained distributions and hurt
-  (content_acc 0.10 vs 0.32 at 700 steps): the input KL is only as good as the teacher's
-  next-token distributions at the transcript positions.
+Project choices ([choice] in METHODS.md, or where the released code differs):
+- transcripts normalised as BLSP's continuation data (lower case, no punctuation; apostrophes and
+  digits kept) for the continuation prompt, the teacher and N alike;
+- the prompt pieces come from the LLM's chat template, with no system turn of our own
+  (common.prompt_pieces; BLSP's template when it has none); a continuation that generation ended
+  before the limit ends with the token closing the assistant's turn (common.answer_end);
+- the response KL's rows predict the response tokens: the last prompt position up to the one that
+  predicts the end token (the released code: the response tokens' own positions, one on);
+- each term is a mean over its positions in the micro-batch; a micro-batch returns (sum of the
+  means) x k, k its response tokens, and common.train divides by the sum of k: one micro-batch
+  optimises exactly the sum of the means, several (--grad-accum, processes) weigh by k;
+- no rescaling of the speech vectors (an earlier toy LLM read vectors of RMS 4.1 against 0.13 for
+  its embeddings, cosine 0.05 to their word's, yet 96% of each one's CIF weight lay in its word);
+- CFormer layers: torch's pre-norm GELU layers (Whisper-style), no positional encoding of their
+  own, masked at padding (the released code: unmasked, over frames padded to 30 s, which
+  --whisper-30s reproduces for the encoder); --grad-ckpt recomputes them in the backward;
+- an unfrozen encoder trains in fp32 at lr / 10 (--encoder-lr); stage 2 takes the models, CFormer
+  shape, prompt format and continuation length of its --init run;
+- toy-scaled defaults (paper: 4 + 4 layers, 8 heads, lr 1e-4, batch 768, 1000 warm-up steps, 1
+  epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3, 30 warm-up steps, 1600 steps (~2 min, 1 CPU);
+- input KL on by default (the paper's use is unconfirmed): it makes zero-shot instructions work
+  from speech (built-in models, 1600 steps, content_acc / repeat_wer: 0.998 / 0.007; --no-input-kl
+  0.997 / 0.16), but is only as good as the teacher's distributions at the transcript positions
+  (a toy LLM trained with no loss on its input: content_acc 0.10 vs 0.32 at 700 steps).
 """
-import contextlib
 import copy
 import json
 from dataclasses import dataclass
@@ -120,9 +109,8 @@ def rescale(alpha, n):
 
 
 def cif_weights(alpha, n, K=None):
-    """alpha' (B, T) summing to n (B,) -> W (B, K, T), K = max n, zero for k >= n.
-    Token k collects the part of frame t's weight inside [k, k+1) of the running sum (fire
-    threshold 1); the last
+    """alpha' (B, T) summing to n (B,) -> W (B, K, T), K = max n, zero for k >= n. Token k collects
+    the part of frame t's weight inside [k, k+1) of the running sum (fire threshold 1); the last
     token (k = n-1) collects everything from n-1 on (the tail). (K: max n, when the host knows it.)"""
     c = alpha.cumsum(1)                                               # c_t
     c_prev = F.pad(c[:, :-1], (1, 0))                                 # c_{t-1}, c_{-1} = 0
@@ -134,12 +122,6 @@ def cif_weights(alpha, n, K=None):
     return w * (k < n.to(alpha.dtype)[:, None, None])
 
 
-def encoder_layers(n, d, heads, ffn, dropout):
-    return nn.ModuleList([nn.TransformerEncoderLayer(d, heads, ffn, dropout, activation="gelu",
-                                                     batch_first=True, norm_first=True)
-                          for _ in range(n)])
-
-
 class CFormer(nn.Module):
     """Encoder frames (B, T, D) -> exactly N speech vectors per utterance (B, max N, d_llm).
     checkpoint (--grad-ckpt): each layer keeps its input only and runs again in the backward."""
@@ -149,10 +131,11 @@ class CFormer(nn.Module):
         super().__init__()
         if d_enc % heads:
             raise common.UserError(f"--heads {heads} does not divide the encoder width {d_enc}")
-        ffn = ffn or 4 * d_enc
-        self.pre = encoder_layers(pre_layers, d_enc, heads, ffn, dropout)
+        layer = lambda: nn.TransformerEncoderLayer(d_enc, heads, ffn or 4 * d_enc, dropout, activation="gelu",
+                                                   batch_first=True, norm_first=True)   # pre-norm
+        self.pre = nn.ModuleList(layer() for _ in range(pre_layers))
         self.proj = nn.Linear(d_enc - 1, d_enc)
-        self.post = encoder_layers(post_layers, d_enc, heads, ffn, dropout)
+        self.post = nn.ModuleList(layer() for _ in range(post_layers))
         self.out = nn.Linear(d_enc, d_llm)
         self.checkpoint = checkpoint
 
@@ -206,8 +189,8 @@ def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dir=None):
     for it, t, c, e in zip(items, transcripts, conts, ended):
         ids = common.target_ids(tok, c)
         it["transcript_ids"] = data.compact(common.input_ids(tok, t))
-        ended = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without it)
-        it["response_ids"] = data.compact(ids + ([eos] if ended else []))  # [+ end] if generation ended
+        natural = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without it)
+        it["response_ids"] = data.compact(ids + ([eos] if natural else []))  # [+ end]: generation ended
     return items
 
 
@@ -220,41 +203,24 @@ def kd_pair(before, after, transcript_ids, vectors, response_ids):
     return teacher, teacher[:1] + [speech(vectors)] + teacher[2:]
 
 
-@contextlib.contextmanager
-def lora_mode(ctx, enabled, rows=None):
-    """Teacher: LoRA off (exactly the frozen LLM); student: LoRA on the speech positions only."""
+def llm_pass(llm, sp, ctx, student):
+    """Final hidden states. Partial LoRA: the teacher runs with LoRA off (exactly the frozen LLM),
+    the student with the LoRA update at its speech positions only (m = 1 there)."""
     if ctx is None:
-        yield
-        return
-    ctx.enabled, ctx.rows = enabled, rows
+        return common.hidden_states(llm, sp)
+    ctx.enabled, ctx.rows = student, (sp.speech_rows if student else None)
     try:
-        yield
+        return common.hidden_states(llm, sp)
     finally:
         ctx.enabled, ctx.rows = True, None
 
 
-def llm_pass(llm, sp, ctx, student):
-    with lora_mode(ctx, student, sp.speech_rows if student else None):
-        return common.hidden_states(llm, sp)
-
-
-def response_positions(sp):
-    return sp.targets[0]                                              # t predicts labels[t + 1]
-
-
-def input_positions(sp, seg=1):
-    """Flat rows b*T+t of segment seg (1: the transcript in the teacher, the speech in the
-    student: kd_pair)."""
-    T = sp.attention_mask.shape[1]
-    rows = [b * T + t for b, spans in enumerate(sp.spans) for t in range(*spans[seg])]
-    return common.to_gpu(torch.tensor(rows, dtype=torch.long), sp.attention_mask.device)
-
-
 def kd_positions(sp_t, sp_s):
-    """Where the losses look, in the teacher's and the student's batch: {term: (rows_t, rows_s)},
-    flat positions b*T+t, laid out on the host (splice knows them)."""
-    return dict(response=(response_positions(sp_t), response_positions(sp_s)),
-                input=(input_positions(sp_t), input_positions(sp_s)))
+    """Where the losses look, flat rows b*T+t of each pass: {term: (teacher's, student's)}.
+    response: the rows that predict a response token (t predicts labels[t + 1]); input: segment 1
+    of kd_pair, the transcript in the teacher and the speech in the student."""
+    return dict(response=(sp_t.targets[0], sp_s.targets[0]),
+                input=(common.segment_rows(sp_t, 1), common.segment_rows(sp_s, 1)))
 
 
 def kl(teacher_logits, student_logits, T):
@@ -271,15 +237,12 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
     time (common.per_row_loss): a 150k vocabulary never holds (rows, V) fp32 tensors."""
     embed = llm.get_input_embeddings()
     sp_t, sp_s = common.splice(embed, teacher), common.splice(embed, student)
-    at = kd_positions(sp_t, sp_s)
     with torch.no_grad():
-        h_t = llm_pass(llm, sp_t, ctx, student=False)
-    h_s = llm_pass(llm, sp_s, ctx, student=True)
-    h_t, h_s = h_t.flatten(0, 1), h_s.flatten(0, 1)
-    rows = {term: (h_t[rows_t], h_s[rows_s]) for term, (rows_t, rows_s) in at.items()}   # row i: one token
-
-    def kl_T(t, s):
-        return kl(t, s, args.temperature)
+        h_t = llm_pass(llm, sp_t, ctx, student=False).flatten(0, 1)      # (B*T, d)
+    h_s = llm_pass(llm, sp_s, ctx, student=True).flatten(0, 1)
+    at = kd_positions(sp_t, sp_s)
+    rows = {term: (h_t[r_t], h_s[r_s]) for term, (r_t, r_s) in at.items()}   # row i: one token
+    kl_T = lambda t, s: kl(t, s, args.temperature)
     out = {}
     if args.length_loss and total is not None:
         n = n.to(total)
@@ -296,13 +259,10 @@ def kd_losses(llm, ctx, teacher, student, args, total=None, n=None):
 
 
 def step_flops(encoder, cformer, module, llm, train_encoder=False):
-    """-> flops(frames, vectors, T_t, T_s, rows, rows_ce=0): a step's model FLOPs (common.matrices):
-    the encoder (2N frozen, 6N with --unfreeze-encoder), the trained CFormer (6N: its pre-CIF
-    layers per frame, the rest per speech vector), the teacher pass forward only (2N), the student
-    pass forward and input gradients (4N; 6N for its LoRA), the output layer at the KL rows in
-    both passes (2N + 4N) and at --response-ce's rows in the student pass. T_t, T_s: the positions
-    each pass ran (a shared prefix once; in the student pass its 2N forward counted as 4N, and
-    LoRA counted at every position where it runs at the speech rows only: slight overcounts)."""
+    """-> flops(frames, vectors, T_t, T_s, rows, rows_ce=0), a step's model FLOPs (common.matrices):
+    encoder 2N (6N unfrozen); CFormer 6N (pre-CIF layers per frame, the rest per vector); teacher
+    2N and student 4N (LoRA 6N) at the T_t, T_s positions each ran; output layer 2N + 4N at the KL
+    rows, 4N at --response-ce's. (Slight overcounts: a shared prefix, LoRA at every position.)"""
     n_enc, n_pre = common.matrices(encoder), common.matrices(cformer.pre)
     n_vec = sum(common.matrices(m) for m in (cformer.proj, cformer.post, cformer.out))
     n_lora = common.matrices(module["lora"], trained=True) if "lora" in module else 0
@@ -323,7 +283,7 @@ def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops):
     teachers, students = zip(*pairs)
     losses, k, (t_t, t_s) = kd_losses(llm, ctx, teachers, students, args, total, n)
     loss = sum(losses.values())
-    tokens = sum(len(seg) for pair in pairs for s in pair for seg in s)
+    tokens = sum(len(seg) for teacher, student in pairs for seg in teacher + student)   # both passes
     rows = k * args.response_kl + sum(N) * args.input_kl              # the KL terms' rows
     logs = {name: v.detach() for name, v in losses.items()}           # (no sync here)
     return loss * k, k, dict(tokens=tokens, flops=flops(encoder.frames, sum(N), t_t, t_s, rows,
@@ -382,9 +342,7 @@ def build(args, device, encoder, llm):
         ctx, parts["lora"] = common.add_lora(llm, args.lora_r, args.lora_alpha, args.lora_dropout,
                                              masked=True)
         if args.unfreeze_encoder:
-            parts["encoder"] = encoder.float()
-            for p in encoder.model.parameters():
-                p.requires_grad_(True)
+            parts["encoder"] = common.unfreeze(encoder)
             if args.grad_ckpt:                            # its layers recomputed, as the LLM's
                 common.enable_checkpointing(encoder.model)
     return nn.ModuleDict(parts), cformer, ctx
@@ -392,11 +350,8 @@ def build(args, device, encoder, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
-    ck, cfg = common.run_config(args.ckpt, "blsp_kd", args, fixed=MODEL_FIELDS[2:],
-                               free=("prompt", "continuation_tokens"))
-    cfg.setdefault("whisper_30s", False)                # (a run from before the flag)
-    for k in MODEL_FIELDS + ("prompt", "continuation_tokens"):
-        setattr(args, k, cfg[k])
+    ck = common.take_run_config(args, args.ckpt, "blsp_kd", MODEL_FIELDS + ("prompt", "continuation_tokens"),
+                                fixed=MODEL_FIELDS[2:], free=("prompt", "continuation_tokens"))
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device)
     module, cformer, ctx = build(args, device, encoder, llm)
@@ -440,17 +395,12 @@ def main(argv=None):
     args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
     args.out = args.out or args.resume or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
     common.check_out(args)                # before the continuations are generated into it
-    if args.init:   # the stage-1 run fixes the models (their folders may be given anew) and the
-                    # CFormer's shape (unset: its own)
+    if args.init:   # the stage-1 run fixes the models (their folders may be given anew), the
+                    # CFormer's shape, and the data it learned from (prompt, continuations) unless set
         shape = ("encoder_layer", "whisper_30s", "pre_layers", "post_layers", "heads", "ffn")
-        init_ck, cfg = common.run_config(args.init, "blsp_kd", args, f"--init {args.init}", fixed=shape,
-                                         free=("prompt", "continuation_tokens"))
-        cfg.setdefault("whisper_30s", False)            # (a run from before the flag)
-        for k in ("llm", "encoder") + shape:
-            setattr(args, k, cfg.get(k))
-        for k in ("prompt", "continuation_tokens"):        # the data it learned from, unless set
-            if k in cfg:
-                setattr(args, k, cfg[k])
+        free = ("prompt", "continuation_tokens")
+        init_ck = common.take_run_config(args, args.init, "blsp_kd", ("llm", "encoder") + shape + free,
+                                         f"--init {args.init}", fixed=shape, free=free)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args, encoder)
@@ -488,23 +438,9 @@ def main(argv=None):
                        method="blsp_kd", model_fields=MODEL_FIELDS, lr_scale=scaled)
     if rank == 0:
         module.eval()
-        show_sample(encoder, cformer, llm, tok, ctx, valid_items, args, device)
+        common.show_sample(llm, tok, valid_items, args, device, lambda b: speech_vectors(encoder, cformer, b)[0],
+                           CONTINUE_INSTRUCTION, lora=ctx)
         print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))
-
-
-def show_sample(encoder, cformer, llm, tok, ctx, items, args, device):
-    """The continuation from a held-out spoken sentence beside the one from its transcript."""
-    item, wave = data.first_loadable(items)
-    batch = common.to_device(data.collate([dict(item, wave=wave)]), device)
-    with torch.no_grad(), common.autocast(device):
-        vecs, n, _ = speech_vectors(encoder, cformer, batch)
-        ask = lambda x, ins: common.respond(llm, tok, [x], ins, args.prompt, args.max_new_tokens,
-                                            lora=ctx)[0]
-        print(f"transcript:              {item['text']}")
-        print(f"speech vectors:          {int(n[0])} (transcript tokens: {len(item['transcript_ids'])})")
-        print(f"continuation from text:  {ask(text(batch['transcript_ids'][0]), CONTINUE_INSTRUCTION)}")
-        print(f"continuation from speech:{ask(speech(vecs[0]), CONTINUE_INSTRUCTION)}")
-        print(f"repeat from speech:      {ask(speech(vecs[0]), data.REPEAT_INSTRUCTIONS[0])}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,16 @@ class UserError(Exception):
     """A one-line error for the user (bad path, bad argument, bad resume directory...)."""
 
 
+_WARNED = set()
+
+
+def warn_once(key, msg):
+    """Print msg on stderr the first time `key` comes (e.g. one line per skipped utterance)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(msg, file=sys.stderr)
+
+
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -374,8 +384,43 @@ def compile_adapter(module, args):
     return module
 
 
+def unfreeze(module):
+    """The reverse of freeze(), for a pretrained model that trains: fp32 (bf16 weights lose small
+    updates) and every parameter trainable."""
+    for p in module.float().parameters():
+        p.requires_grad_(True)
+    return module
+
+
 def count_params(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class MaskedBlock(nn.Module):
+    """A pre-norm transformer layer (SDPA attention, GELU MLP, no positional encoding) with an
+    explicit (B, T, T) boolean mask (True: may attend); dropout on the residual branches and the
+    attention weights. rows (B, K): compute only these frames' outputs (queries and residual at
+    those rows, keys and values from all frames): the same outputs as running every frame and
+    selecting them. (SSR's aligner and connector; they read .out and .mlp by name.)"""
+
+    def __init__(self, d, heads, dropout=0.0):
+        super().__init__()
+        self.heads, self.p = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask, rows=None):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if rows is not None:
+            at = (torch.arange(B, device=x.device)[:, None], rows)
+            x, mask, q = x[at], mask[at], q.transpose(1, 2)[at].transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                           dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, -1, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 # ============================================================================================
@@ -817,6 +862,13 @@ def splice(embed, samples, pad_left=False):
                    to_gpu(labels, dev), to_gpu(smask, dev),
                    to_gpu(torch.tensor(speech_rows, dtype=torch.long), dev), spans, targets, sum(lens),
                    pad_left, 0 if pad_left else shared_prefix(samples))
+
+
+def segment_rows(sp, k):
+    """Flat positions b*T+t of segment k of every sample of a Spliced batch (on its device)."""
+    T = sp.attention_mask.shape[1]
+    rows = [b * T + t for b, spans in enumerate(sp.spans) for t in range(*spans[k])]
+    return to_gpu(torch.tensor(rows, dtype=torch.long), sp.attention_mask.device)
 
 
 def shared_prefix(samples):
@@ -1562,6 +1614,16 @@ def run_config(run_dir, method, args=None, flag=None, fixed=(), free=()):
     return ck, cfg
 
 
+def take_run_config(args, run_dir, method, fields, flag=None, fixed=(), free=()):
+    """run_config(), then args takes the run's value of each of `fields` (its dataclass default where
+    the run's config.json predates the field) -> the run's latest checkpoint. (--ckpt, --init)"""
+    ck, cfg = run_config(run_dir, method, args, flag, fixed, free)
+    default = {f.name: f.default for f in dataclasses.fields(args)}
+    for k in fields:
+        setattr(args, k, cfg.get(k, default[k]))
+    return ck
+
+
 def load_trainable(module, ckpt_dir):
     from safetensors.torch import load_file
     state = load_file(os.path.join(ckpt_dir, "trainable.safetensors"))
@@ -2130,6 +2192,23 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
     res["repeat_wer"] = wer(refs, hyps)
     res["repeat_example"] = f"{refs[0]!r} -> {hyps[0]!r}"
     return res
+
+
+@torch.no_grad()
+def show_sample(llm, tok, items, args, device, speech_fn, continue_instruction, lora=None):
+    """The first loadable clip of items: the LLM's continuation of its transcript (normalised, as
+    the training continuations' source) beside its continuation of the speech, and the zero-shot
+    repeat from the speech. speech_fn(batch) -> list of (L_i, d_llm) speech vectors."""
+    item, wave = data.first_loadable(items)
+    batch = to_device(data.collate([dict(item, wave=wave)]), device)
+    with autocast(device):
+        v, ids = speech_fn(batch)[0], input_ids(tok, normalize(item["text"]))
+        ask = lambda x, ins: respond(llm, tok, [x], ins, args.prompt, args.max_new_tokens, lora=lora)[0]
+        print(f"transcript:               {item['text']}")
+        print(f"speech vectors:           {len(v)} (transcript tokens: {len(ids)})")
+        print(f"continuation from text:   {ask(text(ids), continue_instruction)}")
+        print(f"continuation from speech: {ask(speech(v), continue_instruction)}")
+        print(f"repeat from speech:       {ask(speech(v), data.REPEAT_INSTRUCTIONS[0])}")
 
 
 # ============================================================================================

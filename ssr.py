@@ -22,29 +22,25 @@ Paper step                                              -> code
                                                             --finetune full)
 
 Project choices ([choice] in METHODS.md, or where it is silent):
-- aligner: pre-norm transformer layers (starting as the identity) + Linear over common.CTC_CHARS
-  on the frozen frames; the Linear starts from the encoder folder's ctc_head.safetensors if any
-  (read as a head over the last layer: not with another --encoder-layer);
-- a CTC character lasts until the next emitted label (space included) starts: the blanks after it
-  are its own (common.ctc_runs). Word-final characters then end where the exact boundaries say (toy: within 1 frame),
-  which a bare CTC spike does not. --aligner oracle: the last 20 ms frame a character overlaps.
-  Spaces and punctuation are never a token's aligned character;
-- connector layers: pre-norm, SDPA, GELU MLP, no positional encoding, no final norm; dropout on
-  the residual branches and on the attention weights (prototype: dropout 0.1, where unsaid). Blockwise
-  mask by default (a frame of segment k sees from the previous boundary frame, inclusive, up to
-  itself; --no-blockwise: causal): on the toy it learns far faster;
-- stage 2 (paper-like next-token prediction): BOS + SSR vectors + EOS, speech position i labelled
-  with transcript token i, i.e. the LLM's own text objective with embeddings swapped for SSR
-  vectors (--text-mix: the transcript's ids instead). BOS only where the tokenizer starts a text
-  with it (Llama; not SmolLM2 or Qwen, whose first token is then not predicted), the tokenizer's
-  EOS. Only the LLM trains in stage 2, in fp32 with --finetune full;
-- AdamW betas (0.9, 0.95), weight decay 0.1 (on matrices only), cosine decay to 0.2 x lr
-  (common.lr_at) (prototype); steps, lr, warm-up and a 2-layer connector (prototype: 4 Llama-style
-  layers) scaled to the toy setting (prototype: lr 1e-4, 2000 warm-up steps, bf16); batches of
-  --batch-size clips bucketed by audio length (prototype: at most 512 text tokens); the encoder's
-  last layer unless --encoder-layer (prototype: layer 6 of 12);
-- not measured: the paper's MMLU, StoryCloze and Speech-MMLU; forgetting is watched through the
-  text loss on transcripts (ntp_eval) and common.alignment_eval.
+- aligner: pre-norm layers (starting as the identity) + Linear over common.CTC_CHARS on the frozen
+  frames; the Linear starts from the encoder folder's ctc_head.safetensors if any (last layer only);
+- a CTC character lasts until the next emitted label starts (its trailing blanks are its own:
+  common.ctc_runs), so word-final characters end where the exact boundaries say (toy: within one
+  frame); --aligner oracle: the last 20 ms frame a character overlaps. Spaces and punctuation are
+  never a token's aligned character;
+- connector layers (common.MaskedBlock): pre-norm, SDPA, GELU MLP, no positional encoding, no final
+  norm, dropout 0.1 on the residual branches and attention weights; blockwise mask by default
+  (--no-blockwise: causal): on the toy it learns far faster;
+- stage 2: BOS + SSR vectors + EOS, speech position i labelled with transcript token i (--text-mix:
+  the transcript's ids instead); BOS only where the tokenizer starts a text with it (Llama; not
+  SmolLM2 or Qwen, whose first token is then not predicted). Only the LLM trains (fp32 with
+  --finetune full);
+- AdamW betas (0.9, 0.95), weight decay 0.1 (matrices only), cosine decay to 0.2 x lr as the
+  prototype; toy-scaled steps, lr, warm-up, 2 connector layers, batches of --batch-size clips and
+  the encoder's last layer (prototype: lr 1e-4, 2000 warm-up steps, 4 Llama-style layers, at most
+  512 text tokens a batch, layer 6 of 12, bf16);
+- not measured: MMLU, StoryCloze, Speech-MMLU; forgetting shows in llm_eval's text loss and in
+  common.alignment_eval.
 """
 import dataclasses
 import json
@@ -94,30 +90,7 @@ class SSRArgs(common.Args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Transformer layers with an explicit (B, T, T) mask (True: may attend)
-
-class Block(nn.Module):
-    def __init__(self, d, heads, dropout=0.0):
-        super().__init__()
-        self.heads, self.p = heads, dropout
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, mask, rows=None):
-        """rows (B, K): compute only these frames' outputs (keys and values from all frames)."""
-        B, T, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        if rows is not None:
-            at = (torch.arange(B, device=x.device)[:, None], rows)
-            # queries (and the residual x) at these rows only; keys and values over all frames
-            x, mask, q = x[at], mask[at], q.transpose(1, 2)[at].transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
-                                           dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, -1, d)))
-        return x + self.drop(self.mlp(self.ln2(x)))
-
+# Connector masks (B, T, T) (True: may attend)
 
 def causal_mask(T, device="cpu"):
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
@@ -143,10 +116,11 @@ class Aligner(nn.Module):
 
     def __init__(self, d_enc, layers, heads, head_state=None):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(d_enc, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(common.MaskedBlock(d_enc, heads) for _ in range(layers))
         for blk in self.blocks:                                  # identity at start: x + 0
             for lin in (blk.out, blk.mlp[-1]):
-                nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
         self.head = nn.Linear(d_enc, len(common.CTC_CHARS))
         self.pretrained = head_state is not None
         if head_state is not None:
@@ -171,11 +145,11 @@ def aligner_loss(logp, lens, texts):
     others' loss is zeroed). lens: frame counts on the host (CUDA's CTC reads the lengths on the
     host: from the GPU, a sync)."""
     tgts = [common.ctc_labels(t)[1] for t in texts]
-    loss = F.ctc_loss(logp.transpose(0, 1), common.to_gpu(torch.tensor([c for t in tgts for c in t], dtype=torch.long),
-                                                         logp.device),
-                      lens, torch.tensor([len(t) for t in tgts]), blank=BLANK, reduction="sum",
-                      zero_infinity=True)
-    return loss, sum(len(t) for t, T in zip(tgts, lens.tolist()) if fits(T, t))
+    flat = common.to_gpu(torch.tensor([c for t in tgts for c in t], dtype=torch.long), logp.device)
+    loss = F.ctc_loss(logp.transpose(0, 1), flat, lens, torch.tensor([len(t) for t in tgts]),
+                      blank=BLANK, reduction="sum", zero_infinity=True)
+    n_chars = sum(len(t) for t, T in zip(tgts, lens.tolist()) if fits(T, t))
+    return loss, n_chars
 
 
 def char_frames(logp, txt):
@@ -196,7 +170,8 @@ def aligner_cer(m, items, args, device):
         _, lens, logp = encode(m, common.to_device(b, device))
         for i, (t, T) in enumerate(zip(b["text"], lens.tolist())):
             ref = "".join(common.CTC_CHARS[k] for k in common.ctc_labels(t)[1])
-            err, n = err + common.edit_distance(ref, common.ctc_greedy(logp[i, :T])[0]), n + len(ref)
+            err += common.edit_distance(ref, common.ctc_greedy(logp[i, :T])[0])
+            n += len(ref)
     return err / max(n, 1)
 
 
@@ -249,7 +224,7 @@ class Connector(nn.Module):
     def __init__(self, d_enc, d_llm, layers, heads, dropout, blockwise=True, checkpoint=False):
         super().__init__()
         self.proj = nn.Linear(d_enc, d_llm, bias=False)
-        self.blocks = nn.ModuleList(Block(d_llm, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(common.MaskedBlock(d_llm, heads, dropout) for _ in range(layers))
         self.blockwise, self.checkpoint = blockwise, checkpoint
 
     def forward(self, frames, boundaries):
@@ -270,8 +245,7 @@ class Connector(nn.Module):
 
 @dataclass
 class Models:
-    """What SSR's steps read: the frozen speech encoder, the aligner, the connector, the LLM and
-    its (fast) tokenizer."""
+    """What SSR's steps read (tok: the LLM's fast tokenizer)."""
     encoder: nn.Module
     aligner: Aligner
     connector: Connector
@@ -290,9 +264,6 @@ def encode(m, batch):
     return batch["ssr_frames"]
 
 
-SKIPPED = set()
-
-
 def ssr_vectors(m, batch, mode):
     """wave -> frozen encoder -> boundaries (oracle | forced | greedy) -> connector.
     -> (vectors, token ids, boundaries, kept indices): an example whose tokens cannot fit in its
@@ -301,21 +272,22 @@ def ssr_vectors(m, batch, mode):
     ids, bnds, keep = [], [], []
     for i, T in enumerate(lens.tolist()):
         txt = batch["text"][i] if "text" in batch else None
-        if mode == "greedy":
-            txt, fr = common.ctc_greedy(logp[i, :T])
+        where = batch.get("where", [None] * len(lens))[i]             # (manifest line)
+        if mode == "greedy":                                    # no transcript: CTC's own
+            txt, char_end = common.ctc_greedy(logp[i, :T])
+        elif mode == "forced":
+            char_end = char_frames(logp[i, :T], txt)
         else:
-            fr = char_frames(logp[i, :T], txt) if mode == "forced" else oracle_frames(
-                batch["chars"][i], txt, m.encoder.frame_seconds, batch.get("where", ["chars"] * len(lens))[i])
-        ids_i, offsets = tokens_of(m.tok, txt)
-        b = token_boundaries(offsets, fr, T) if fr is not None else None
+            char_end = oracle_frames(batch["chars"][i], txt, m.encoder.frame_seconds, where or "chars")
+        token_ids, offsets = tokens_of(m.tok, txt)
+        b = token_boundaries(offsets, char_end, T) if char_end is not None else None
         if b is None:
-            where = batch.get("where", [txt] * len(lens))[i]
-            if where not in SKIPPED:
-                SKIPPED.add(where)
-                print(f"ssr: skipped {where}: {len(ids_i)} tokens do not fit in {T} "
-                      f"frames ({mode} boundaries)", file=sys.stderr)
+            common.warn_once(where or txt, f"ssr: skipped {where or txt}: {len(token_ids)} tokens do not "
+                                           f"fit in {T} frames ({mode} boundaries)")
             continue
-        ids.append(ids_i), bnds.append(b), keep.append(i)
+        ids.append(token_ids)
+        bnds.append(b)
+        keep.append(i)
     if len(keep) < len(frames):
         frames = frames[common.to_gpu(torch.tensor(keep, dtype=torch.long), frames.device)]
     return (m.connector(frames, bnds) if keep else []), ids, bnds, keep
@@ -381,62 +353,65 @@ def stage2_loss(m, batch, mode, bos, eos, text_only=False):
 
 
 @torch.no_grad()
-def distill_eval(m, items, args, device, modes):
-    """Per boundary source (mode): cosine, MSE (per token: sum_d (z - e)^2, the loss's first term)
-    and nearest-token accuracy against the transcript's tokens (on the `matched` utterances: as
-    many tokens), zero-shot WER of the nearest-token readout; bnd_err_forced: mean |forced -
-    oracle| token boundary, in frames."""
+def distill_eval(m, items, args, device):
+    """Per boundary source (oracle, if every item has `chars`; forced; greedy), on the utterances
+    that got one vector per transcript token (`matched`): cosine, MSE (sum_d (z - e)^2 per token)
+    and nearest-token accuracy; the readout's zero-shot WER; bnd_err_forced: mean |forced - oracle|
+    token boundary, in frames."""
+    modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]
     was = m.connector.training
     E = m.llm.get_input_embeddings().weight.float()             # the embedding table
-    s, out = defaultdict(float), defaultdict(list)              # sums; texts (ref, hyp)
+    s = {md: defaultdict(float) for md in modes + ["bnd"]}      # sums per mode
+    refs, hyps = defaultdict(list), defaultdict(list)           # readout texts per mode
     m.connector.eval()
     for batch in common.batches(items, args):
         batch, got = common.to_device(batch, device), {}
-        for mode in modes:
-            vecs, _, bnds, keep = ssr_vectors(m, batch, mode)
-            got[mode] = dict(zip(keep, bnds))
+        for md in modes:
+            vecs, _, bnds, keep = ssr_vectors(m, batch, md)
+            got[md] = dict(zip(keep, bnds))
             for z, i in zip(vecs, keep):
-                ref, pred, z = common.input_ids(m.tok, batch["text"][i]), readout(z, E), z.float()
-                out["ref_" + mode].append(batch["text"][i])
-                out["hyp_" + mode].append(m.tok.decode(pred.tolist(), skip_special_tokens=True))
-                s["utts_" + mode] += 1
-                if len(ref) == len(z):                  # greedy may decode another token count
-                    e = E[torch.tensor(ref, device=E.device)]
-                    s["cos_" + mode] += float(F.cosine_similarity(z, e, dim=-1).sum())
-                    s["mse_" + mode] += float(((z - e) ** 2).sum())
-                    s["acc_" + mode] += float((pred.cpu() == torch.tensor(ref)).sum())
-                    s["tok_" + mode], s["match_" + mode] = s["tok_" + mode] + len(ref), s["match_" + mode] + 1
-        for i, b in got["forced"].items():
+                ref = common.input_ids(m.tok, batch["text"][i])
+                pred, z = readout(z, E), z.float()
+                refs[md].append(batch["text"][i])
+                hyps[md].append(m.tok.decode(pred.tolist(), skip_special_tokens=True))
+                s[md]["utts"] += 1
+                if len(ref) != len(z):                  # greedy may decode another token count
+                    continue
+                e = E[torch.tensor(ref, device=E.device)]
+                s[md]["cos"] += float(F.cosine_similarity(z, e, dim=-1).sum())
+                s[md]["mse"] += float(((z - e) ** 2).sum())
+                s[md]["acc"] += float((pred.cpu() == torch.tensor(ref)).sum())
+                s[md]["tok"] += len(ref)
+                s[md]["match"] += 1
+        for i, b in got["forced"].items():              # against oracle, where as many tokens
             o = got.get("oracle", {}).get(i, [])
             if len(o) == len(b):
-                s["bnd_err"], s["bnd_n"] = s["bnd_err"] + sum(abs(x - y) for x, y in zip(b, o)), s["bnd_n"] + len(b)
-    res = {f"{k}_{md}": s[f"{k}_{md}"] / s["tok_" + md] if s["tok_" + md] else None     # (None: no
-           for md in modes for k in ("cos", "mse", "acc")}                              # utterance matched)
-    res.update({f"wer_{md}": common.wer(out["ref_" + md], out["hyp_" + md]) for md in modes})
-    res.update({f"matched_{md}": s["match_" + md] / max(s["utts_" + md], 1) for md in modes})
-    if s["bnd_n"]:
-        res["bnd_err_forced"] = s["bnd_err"] / s["bnd_n"]
+                s["bnd"]["err"] += sum(abs(x - y) for x, y in zip(b, o))
+                s["bnd"]["n"] += len(b)
     m.connector.train(was)
+    res = {f"{k}_{md}": s[md][k] / s[md]["tok"] if s[md]["tok"] else None     # (None: no utterance
+           for md in modes for k in ("cos", "mse", "acc")}                    # matched)
+    res.update({f"wer_{md}": common.wer(refs[md], hyps[md]) for md in modes})
+    res.update({f"matched_{md}": s[md]["match"] / max(s[md]["utts"], 1) for md in modes})
+    if s["bnd"]["n"]:
+        res["bnd_err_forced"] = s["bnd"]["err"] / s["bnd"]["n"]
     return res
 
 
 @torch.no_grad()
-def ntp_eval(m, items, args, device, bos, eos):
-    """Stage 2's loss per transcript token on valid, from the SSR vectors (forced CTC boundaries)
-    and from the transcript's ids: the LLM's text ability, where forgetting shows."""
-    s = dict(speech=0.0, text=0.0, n_speech=0, n_text=0)
+def llm_eval(m, items, args, device, instruction=None):
+    """After stage 2: its loss per transcript token from the SSR vectors (forced boundaries) and
+    from the transcript's ids (the LLM's text ability: where forgetting shows); common.alignment_eval
+    (content_acc; repeat_wer with `instruction`, or the default repeat instruction)."""
+    bos, eos = text_ends(m)
+    s = defaultdict(float)
     for batch in common.batches(items, args):
         batch = common.to_device(batch, device)
         for k in ("speech", "text"):
             loss, n, _ = stage2_loss(m, batch, "forced", bos, eos, text_only=k == "text")
-            s[k], s["n_" + k] = s[k] + float(loss), s["n_" + k] + n
-    return dict(speech_loss=s["speech"] / max(s["n_speech"], 1), text_loss=s["text"] / max(s["n_text"], 1))
-
-
-def llm_eval(m, items, args, device, instruction=None):
-    """After stage 2: ntp_eval, and common.alignment_eval (content_acc with the continuation
-    instruction, repeat_wer with `instruction`, or the default repeat instruction)."""
-    r = ntp_eval(m, items, args, device, *text_ends(m))
+            s[k] += float(loss)
+            s["n_" + k] += n
+    r = {f"{k}_loss": s[k] / max(s["n_" + k], 1) for k in ("speech", "text")}
     r.update(common.alignment_eval(m.llm, m.tok, items, args, device, lambda b: every_vector(m, b),
                                    CONTINUE_INSTRUCTION, *([instruction] if instruction else [])))
     r.pop("repeat_example")
@@ -450,12 +425,10 @@ def text_ends(m):
 
 
 def step_flops(m, stage, full=False):
-    """-> flops(frames, vectors=0, tokens=0, rows=0): model FLOPs of a stage's step (common.matrices:
-    2N a frozen forward, 4N frozen layers passing gradients back, 6N trained). The connector runs
-    at every frame but its last layer's output and MLP, which run at the SSR vectors only.
-    aligner: encoder 2N, aligner 6N; "1": encoder and aligner 2N, connector 6N; "2" (once its
-    trained parts exist): encoder, aligner, connector 2N (no frames for a text batch), the LLM 4N
-    with 6N for its LoRA (6N for all of it with full), its output layer at the rows."""
+    """-> flops(frames, vectors=0, tokens=0, rows=0), a stage's step (common.matrices: 2N frozen,
+    4N frozen passing gradients back, 6N trained): the part a stage trains 6N, the rest 2N; in
+    stage 2 the LLM 4N (LoRA 6N) at the tokens, its output layer at the rows. The connector's
+    last output projection and MLP run at the SSR vectors only."""
     n_enc, n_al = common.matrices(m.encoder), common.matrices(m.aligner)
     last = m.connector.blocks[-1] if len(m.connector.blocks) else None
     n_vec = common.matrices(last.out) + common.matrices(last.mlp) if last else 0
@@ -465,7 +438,8 @@ def step_flops(m, stage, full=False):
     if stage == "1":
         return lambda frames, vectors=0, tokens=0, rows=0: (2 * (n_enc + n_al) + 6 * n_conn) * frames \
             + 6 * n_vec * vectors
-    (n_llm, n_head), k = common.llm_matrices(m.llm), (6 if full else 4)
+    n_llm, n_head = common.llm_matrices(m.llm)
+    k = 6 if full else 4                                                 # LLM: trained | frozen
     n_lora = 0 if full else common.matrices(m.llm, trained=True)         # LoRA's A and B
     return lambda frames, vectors=0, tokens=0, rows=0: 2 * (n_enc + n_al + n_conn) * frames \
         + 2 * n_vec * vectors + (k * (n_llm - n_lora) + 6 * n_lora) * tokens + k * n_head * rows
@@ -491,11 +465,7 @@ def build(args, encoder, llm, tok, device):
 
 
 def stage2_module(args, llm):
-    if args.finetune == "full":             # trained parts in fp32 (bf16 weights lose small updates)
-        for p in llm.float().parameters():
-            p.requires_grad_(True)
-        return llm
-    return common.add_lora(llm, masked=False)[1]
+    return common.unfreeze(llm) if args.finetune == "full" else common.add_lora(llm, masked=False)[1]
 
 
 def run_stages(args, m, device, rank, world):
@@ -509,7 +479,6 @@ def run_stages(args, m, device, rank, world):
     STAGES.check(args, stages)
     for blk in m.connector.blocks:            # --compile: the layers; masks and rows are built
         common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
-    modes = (["oracle"] if all("chars" in it for it in valid_items) else []) + ["forced", "greedy"]
     mode = "oracle" if args.aligner == "oracle" else "forced"           # the training boundaries
     fields, res = ["llm", "encoder", "encoder_layer", "whisper_30s", "aligner_layers", "heads"], {}
 
@@ -548,10 +517,10 @@ def run_stages(args, m, device, rank, world):
             loss, n = stage1_loss(m, batch, mode, args.cos_weight)
             return loss, n, dict(flops=flops(m.encoder.frames, n)) if n else {}
 
-        res = train("1", m.connector, stage1_step, lambda step: distill_eval(m, valid_items, args, device, modes),
+        res = train("1", m.connector, stage1_step, lambda step: distill_eval(m, valid_items, args, device),
                     args.steps, args.lr)
         if rank == 0:
-            report(res, modes)
+            report(res)
     else:
         STAGES.load(m.connector, args.out, "1", required=True)
     common.freeze(m.connector)
@@ -584,12 +553,12 @@ def run_stages(args, m, device, rank, world):
     return res
 
 
-def report(res, modes):
+def report(res):
     """The table of distill_eval: per boundary source, on the utterances that got one vector per
     token (matched; '-': none did)."""
     names = dict(oracle="oracle", forced="forced (CTC + transcript)", greedy="CTC (no transcript)")
     print(f"{'boundaries':26s} {'cosine':>7s} {'mse':>8s} {'token_acc':>9s} {'readout_wer':>11s} {'matched':>7s}")
-    for m in modes:
+    for m in (md for md in names if f"wer_{md}" in res):
         cells = [("-" if res[f"{k}_{m}"] is None else f"{res[f'{k}_{m}']:.4f}").rjust(w)
                  for k, w in (("cos", 7), ("mse", 8), ("acc", 9))]
         print(f"{names[m]:26s} {' '.join(cells)} {res[f'wer_{m}']:11.4f} {res[f'matched_{m}']:7.1%}")
@@ -601,18 +570,17 @@ def report(res, modes):
 def infer(args, device):
     STAGES.check_ckpt(args.ckpt, "1")
     last = "2" if STAGES.trained(args.ckpt, "2") else "1"       # its config: the run's arguments
-    cfg = common.run_config(STAGES.path(args.ckpt, last), STAGES.method_of(last), args, f"--ckpt {args.ckpt}",
-                            fixed=("encoder_layer", "whisper_30s", "aligner_layers", "layers", "heads",
-                                   "blockwise", "finetune"),
-                            free=("prompt",))[1]
-    run = SSRArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(SSRArgs) if f.name in cfg})
-    args.prompt = run.prompt                        # (--eval's alignment_eval reads args)
-    llm, tok = common.load_llm(run.llm, device)
-    m = build(run, common.load_encoder(run.encoder, device, run.encoder_layer, run.whisper_30s), llm, tok, device)
-    STAGES.load(m.aligner, args.ckpt, "aligner"), STAGES.load(m.connector, args.ckpt, "1")
+    shape = ("encoder_layer", "whisper_30s", "aligner_layers", "layers", "heads", "blockwise", "finetune")
+    common.take_run_config(args, STAGES.path(args.ckpt, last), STAGES.method_of(last), ("llm", "encoder", "prompt")
+                           + shape, f"--ckpt {args.ckpt}", fixed=shape, free=("prompt",))
+    llm, tok = common.load_llm(args.llm, device)
+    m = build(args, common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s), llm, tok, device)
+    STAGES.load(m.aligner, args.ckpt, "aligner")
+    STAGES.load(m.connector, args.ckpt, "1")
     if last == "2":
-        STAGES.load(stage2_module(run, llm), args.ckpt, "2")
-    common.freeze(m.aligner), common.freeze(m.connector), common.freeze(llm)
+        STAGES.load(stage2_module(args, llm), args.ckpt, "2")
+    for part in (m.aligner, m.connector, llm):
+        common.freeze(part)
     if args.infer:
         batch = common.infer_batch(args, m.encoder, device)
         with torch.no_grad(), common.autocast(device):
@@ -625,9 +593,8 @@ def infer(args, device):
                                  args.prompt, args.max_new_tokens)[0])
     if args.eval:
         items = common.eval_items(args, m.encoder)
-        modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]
-        res = distill_eval(m, items, args, device, modes)
-        report(res, modes)
+        res = distill_eval(m, items, args, device)
+        report(res)
         if last == "2":                         # the fine-tuned LLM reading the SSR vectors
             res.update(llm_eval(m, items, args, device, args.instruction))
         print(json.dumps(res, indent=1))
