@@ -924,7 +924,7 @@ def test_shared_prefix_runs_once_under_partial_lora():
         assert common.prefix_runs_once(llm, sp) == shared
         h = common.hidden_states(llm, sp)
         assert ctx.rows is sp.speech_rows                  # given back as it was
-        ctx.rows = None                                    # as BLSP-KD's lora_mode leaves it
+        ctx.rows = None                                    # as BLSP-KD's llm_pass leaves it
         loss, _ = common.lm_loss(llm, h, sp)
         out.append((h[sp.attention_mask.bool()], torch.autograd.grad(loss, vecs + lora),
                     sp.llm_tokens))
@@ -3592,7 +3592,7 @@ def test_ssr_text_mix_is_the_share_of_transcript_batches(ssr_tiny, tmp_path, mon
     trained, loss = [], ssr.stage2_loss
 
     def spy(*a, **k):
-        if torch.is_grad_enabled():                     # (ntp_eval's passes run without gradient)
+        if torch.is_grad_enabled():                     # (llm_eval's passes run without gradient)
             trained.append(a[5] if len(a) > 5 else k.get("text_only", False))
         return loss(*a, **k)
     monkeypatch.setattr(ssr, "stage2_loss", spy)
