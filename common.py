@@ -1377,8 +1377,10 @@ def manifests(args, encoder=None):
 
 
 def usable_items(items, args, encoder=None, most=None):
-    """Missing audio files, clips under 50 ms and clips longer than the encoder takes stop the run
-    before it trains (with --skip-bad: dropped, each named), not at the step that meets them. A
+    """Missing audio files, clips under 50 ms and clips longer than the encoder takes (or than
+    --max-seconds: a batch of its own, past the memory that flag was set for; wav2vec2 and HuBERT
+    take any length) stop the run before it trains (with --skip-bad: dropped, each named), not at
+    the step that meets them. A
     duration the manifest lacks is read from the file's header once, here. most: stop once that
     many are kept (--max-valid: the lines after it are never read). The encoder's window goes
     to the loaders too (args._max_samples): a manifest's duration may understate a clip."""
@@ -1399,6 +1401,9 @@ def usable_items(items, args, encoder=None, most=None):
                     it["duration"] = d
             n = round(it.get("duration", 0) * data.SAMPLE_RATE)
             problem = data.clip_problem(n, limit) if n > 0 else None
+            if problem is None and args.max_seconds and it.get("duration", 0) > args.max_seconds:
+                problem = (f"a clip of {it['duration']:.2f} s is longer than --max-seconds {args.max_seconds:g} "
+                           f"(the padded audio a batch may hold)")      # (it would make a batch alone)
         if problem is None:
             keep.append(it)
         elif not args.skip_bad:

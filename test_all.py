@@ -290,6 +290,10 @@ def test_unusable_audio_stops_the_run_before_it_trains(tmp_path, capsys):
     assert "m.jsonl:3: a directory, not an audio file" in err
     assert "m.jsonl:4: a clip of 3.00 s is longer than the encoder's 2 s window" in err
     assert [it["text"] for it in common.manifests(args)[0]] == ["a", "d"]     # (no encoder: no window)
+    q = tmp_path / "q.jsonl"                 # --max-seconds: no clip a batch alone past it
+    q.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[3]]))
+    with pytest.raises(data.DataError, match=r"q.jsonl:2: a clip of 3.00 s is longer than --max-seconds 2.5"):
+        common.manifests(common.Args(train=str(q), valid=str(q), max_seconds=2.5))
     assert train[0]["duration"] == 1.0                                      # read from the header, once
     with pytest.raises(data.DataError, match="too short"):
         data.load_audio(str(tmp_path / "tiny.wav"))
