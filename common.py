@@ -1184,7 +1184,7 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     done = read_texts(cache)
     todo = [i for i in range(len(prompts)) if i not in done and i % world == rank]
     embed, eos = llm.get_input_embeddings(), eos or eos_ids(llm, tok)
-    path, cut = (cache if world == 1 else f"{cache}.rank{rank}") if cache else None, False
+    path, cut = (cache if world == 1 else f"{cache}.rank{rank}") if cache and todo else None, False
     if path and os.path.isfile(path) and os.path.getsize(path):
         with open(path, "rb") as g:             # a last line cut by an interruption: end it
             g.seek(-1, os.SEEK_END)
