@@ -1836,7 +1836,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                                        max_samples=getattr(args, "_max_samples", None),
                                        step=world * args.grad_accum)
     if len(sampler.batches()) == 0:
-        raise UserError("the training set gives no step (fewer batches than processes x --grad-accum)")
+        raise UserError("the training set gives no batch (fewer utterances than processes?)")
     if rank == 0:
         print(f"{method}: {count_params(module, True) / 1e6:.2f}M trainable parameters, "
               f"{len(train_items)} training utterances, padding {sampler.padding_fraction():.1%}")

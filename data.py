@@ -229,8 +229,8 @@ class BucketBatchSampler:
     one optimizer step (w processes x gradient accumulation; default w): rank r of w takes
     batches r, r + w, ... of each group. So a step's batches have similar lengths and no process
     waits long for another's; and w processes see what one process sees with w times the
-    accumulation. Every rank gets as many batches (the last ones, fewer than a group, are left
-    out); one process, one batch a step: the batches are shuffled alone. A batch holds at most
+    accumulation. Every rank gets as many batches (the last few, fewer than w, are left out); one
+    process, one batch a step: the batches are shuffled alone. A batch holds at most
     `batch_size` items and at most `max_seconds` of padded audio. Deterministic per (seed,
     epoch), laid out once per epoch. `start` skips batches already seen (resume).
     """
@@ -273,11 +273,12 @@ class BucketBatchSampler:
                 longest = longest2
             if batch:
                 out.append(batch)
-        k = self.step                  # (fewer batches than a step's: none for any process)
-        groups = [out[g:g + k] for g in range(0, len(out) // k * k, k)]    # neighbours in a pool
-        if self.shuffle:
+        k, w = self.step, self.world
+        n = len(out) // w * w          # as many for every process (fewer than w: none for any)
+        groups = [out[g:min(g + k, n)] for g in range(0, n, k)]     # a step's neighbours (the last:
+        if self.shuffle:                                            # maybe fewer)
             rng.shuffle(groups)
-        return [b for g in groups for b in g[self.rank::self.world]]
+        return [b for g in groups for b in g[self.rank::w]]
 
     def __iter__(self):
         return iter(self.batches()[self.start:])

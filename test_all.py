@@ -438,6 +438,11 @@ def test_bucket_sampler_deterministic_sharded_low_padding():
             assert sum(len(x) < bs for x in b) <= math.ceil(n / (bs * 50)) and max(map(len, b)) == bs
     two = [data.BucketBatchSampler(durs, 16, seed=3, rank=r, world=2).batches() for r in (0, 1)]
     assert len({i for r in two for x in r for i in x}) == 3000      # 188 batches, each on one process
+    # steps of 4 batches (--grad-accum): one process keeps every batch (a short last step), two
+    # processes as many each; 3 batches still make a run of steps of 4
+    assert sum(map(len, data.BucketBatchSampler(durs[:1001], 16, seed=1, step=4).batches())) == 1001
+    assert [len(data.BucketBatchSampler(durs[:1001], 16, rank=r, world=2, step=4).batches()) for r in (0, 1)] == [31, 31]
+    assert len(data.BucketBatchSampler(durs[:40], 16, step=4).batches()) == 3
 
 
 def test_bucket_sampler_gives_the_processes_of_a_step_similar_lengths():
