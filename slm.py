@@ -334,13 +334,9 @@ def build(args, device):
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the models and
     sizes, and the input order, tasks and language unless given here (a zero-shot test)."""
-    ck, cfg = common.run_config(args.ckpt, "slm", args, fixed=("encoder_layer", "whisper_30s", "stack", "width",
-                                                              "layers", "heads", "ffn"),
-                                free=("order", "tasks", "language"))
-    cfg.setdefault("whisper_30s", False)                # (a run from before the flag)
-    for k in ("llm", "encoder", "encoder_layer", "whisper_30s", "stack", "width", "layers", "heads", "ffn", "order",
-              "tasks", "language"):
-        setattr(args, k, cfg[k])
+    shape = ("encoder_layer", "whisper_30s", "stack", "width", "layers", "heads", "ffn")
+    free = ("order", "tasks", "language")
+    ck = common.take_run_config(args, args.ckpt, "slm", ("llm", "encoder") + shape + free, fixed=shape, free=free)
     encoder, adapter, llm, tok = build(args, device)
     common.load_trainable(adapter, ck).eval()
     return encoder, adapter, llm, tok
