@@ -318,7 +318,7 @@ def all_reduce_sum(tensors, bucket_elems=2 ** 24):
         buckets[-1].append(t)
         size += t.numel()
     for b in buckets:
-        if len(b) == 1:
+        if len(b) == 1 and b[0].is_contiguous():      # (NCCL takes contiguous tensors only)
             torch.distributed.all_reduce(b[0])
             continue
         flat = torch.cat([t.flatten() for t in b])
@@ -1818,6 +1818,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             with open(os.path.join(ck, "meta.json")) as f:
                 was = json.load(f).get("data", meta["data"])
             changed = [f"{k} {was[k]} -> {v}" for k, v in meta["data"].items() if k in was and was[k] != v]
+            if "grad_accum" not in was and (world > 1 or args.grad_accum > 1):
+                changed.append("batch layout of an older version (a step's batches now neighbours)")
             if changed:
                 print(f"warning: resumed with another data order ({', '.join(changed)}): the "
                       f"batches from here differ from those the interrupted run would have seen",

@@ -274,11 +274,12 @@ class BucketBatchSampler:
             if batch:
                 out.append(batch)
         k, w = self.step, self.world
-        n = len(out) // w * w          # as many for every process (fewer than w: none for any)
-        groups = [out[g:min(g + k, n)] for g in range(0, n, k)]     # a step's neighbours (the last:
-        if self.shuffle:                                            # maybe fewer)
+        full = len(out) // k * k
+        groups = [out[g:g + k] for g in range(0, full, k)]          # a step's neighbours
+        if self.shuffle:
             rng.shuffle(groups)
-        return [b for g in groups for b in g[self.rank::w]]
+        groups.append(out[full:len(out) // w * w])      # a short last step, last (as many batches
+        return [b for g in groups for b in g[self.rank::w]]     # for every process; fewer than w: none)
 
     def __iter__(self):
         return iter(self.batches()[self.start:])

@@ -443,6 +443,11 @@ def test_bucket_sampler_deterministic_sharded_low_padding():
     assert sum(map(len, data.BucketBatchSampler(durs[:1001], 16, seed=1, step=4).batches())) == 1001
     assert [len(data.BucketBatchSampler(durs[:1001], 16, rank=r, world=2, step=4).batches()) for r in (0, 1)] == [31, 31]
     assert len(data.BucketBatchSampler(durs[:40], 16, step=4).batches()) == 3
+    for n, a in ((1001, 1), (1001, 2), (1024, 2)):   # 2 processes = 1 with twice the accumulation,
+        one = data.BucketBatchSampler(durs[:n], 16, seed=2, step=2 * a).batches()    # step by step
+        two = [data.BucketBatchSampler(durs[:n], 16, seed=2, rank=r, world=2, step=2 * a).batches() for r in (0, 1)]
+        steps = lambda bs, k: [sorted(map(tuple, bs[i:i + k])) for i in range(0, len(bs) - k + 1, k)]
+        assert [sorted(x + y) for x, y in zip(steps(two[0], a), steps(two[1], a))] == steps(one, 2 * a)[:len(two[0]) // a]
 
 
 def test_bucket_sampler_gives_the_processes_of_a_step_similar_lengths():
@@ -1869,6 +1874,22 @@ def test_resume_errors(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: resumed with another data order" in err and "batch_size 4 -> 2" in err, err
     assert f"utterances {len(items)} -> {len(items) - 1}" in err and "seed" not in err
+    # a checkpoint from before the layout of a step's batches (no grad_accum in its order): said
+    # where that layout changed (--grad-accum 2), not where it did not (one process, one batch)
+    ck = common.find_checkpoint(str(tmp_path / "a"))
+    meta = json.loads(read(os.path.join(ck, "meta.json")))
+    del meta["data"]["grad_accum"]
+    write(os.path.join(ck, "meta.json"), json.dumps(meta))
+    common.train(toy_args(tmp_path / "a", steps=4, batch_size=2, resume=str(tmp_path / "a")), m, toy_step(m),
+                 items[:-1], cpu(), method="toy")
+    assert "warning" not in capsys.readouterr().err
+    ck = common.find_checkpoint(str(tmp_path / "a"))
+    meta = json.loads(read(os.path.join(ck, "meta.json")))
+    del meta["data"]["grad_accum"]
+    write(os.path.join(ck, "meta.json"), json.dumps(meta))
+    common.train(toy_args(tmp_path / "a", steps=5, batch_size=2, grad_accum=2, resume=str(tmp_path / "a")), m,
+                 toy_step(m), items[:-1], cpu(), method="toy")
+    assert "batch layout of an older version" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_naming_the_step(tiny, tmp_path):
@@ -2064,11 +2085,12 @@ def test_all_reduce_sum_in_buckets(monkeypatch):
     A stand-in all_reduce doubles its tensor (2 processes holding the same)."""
     sent = []
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: sent.append(t) or t.mul_(2))
-    ts = [torch.randn(n) for n in (3, 4, 20, 2, 2, 5)] + [torch.randn(2, 3)]
+    ts = [torch.randn(n) for n in (3, 4, 20, 2, 2, 5)] + [torch.randn(2, 3), torch.randn(3, 4).T]
     want = [2 * t for t in ts]
     common.all_reduce_sum(ts, bucket_elems=8)
     assert all(torch.equal(t, w) for t, w in zip(ts, want))
-    assert [t.numel() for t in sent] == [7, 20, 4, 5, 6] and sent[1] is ts[2]
+    assert [t.numel() for t in sent] == [7, 20, 4, 5, 6, 12] and sent[1] is ts[2]
+    assert sent[-1] is not ts[-1] and sent[-1].is_contiguous()     # (NCCL: contiguous tensors only)
 
 
 def test_torchrun_two_processes_match_one(tiny, tmp_path):
