@@ -1380,30 +1380,52 @@ def usable_items(items, args, encoder=None, most=None):
     """Missing audio files, clips under 50 ms and clips longer than the encoder takes (or than
     --max-seconds: a batch of its own, past the memory that flag was set for; wav2vec2 and HuBERT
     take any length) stop the run before it trains (with --skip-bad: dropped, each named), not at
-    the step that meets them. A
-    duration the manifest lacks is read from the file's header once, here. most: stop once that
-    many are kept (--max-valid: the lines after it are never read). The encoder's window goes
-    to the loaders too (args._max_samples): a manifest's duration may understate a clip."""
-    limit, keep = encoder.max_samples() if encoder is not None else None, []
+    the step that meets them. A duration the manifest lacks is read from the file's header once,
+    here. Under torchrun the processes share the checks of a whole manifest (each file is looked
+    at once, not once per process: millions of lines on a network file system). most: stop once
+    that many are kept (--max-valid: the lines after it are never read). The encoder's window
+    goes to the loaders too (args._max_samples): a manifest's duration may understate a clip."""
+    limit = encoder.max_samples() if encoder is not None else None
     if encoder is not None:
         args._max_samples = limit
-    for it in items:
+
+    def check(it):          # -> what is wrong with the item, or None; a missing duration: read
+        if (problem := data.missing_audio(it["audio"])):
+            return f"{problem}: {it['audio']}"
+        if not it.get("duration", 0) > 0:       # (missing, or 0: some tools' "unknown")
+            it.pop("duration", None)
+            d = data.duration_of(it)            # (0: unreadable; load_audio says why, later)
+            if d > 0:
+                it["duration"] = d
+        n = round(it.get("duration", 0) * data.SAMPLE_RATE)
+        problem = data.clip_problem(n, limit) if n > 0 else None
+        if problem is None and args.max_seconds and it.get("duration", 0) > args.max_seconds:
+            problem = (f"a clip of {it['duration']:.2f} s is longer than --max-seconds {args.max_seconds:g} "
+                       f"(the padded audio a batch may hold)")      # (it would make a batch alone)
+        return problem
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if most is None and world > 1:            # process r checks lines r, r + world, ...; all learn
+        rank, found = torch.distributed.get_rank(), {}      # every problem and duration read
+        for i in range(rank, len(items), world):
+            had, problem = items[i].get("duration"), check(items[i])
+            if problem or items[i].get("duration") != had:
+                found[i] = (problem, items[i].get("duration"))
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, found)
+        found = {i: f for part in parts for i, f in part.items()}
+        for i, (_, d) in found.items():
+            if d is not None:
+                items[i]["duration"] = d
+        shared = {i: p for i, (p, _) in found.items() if p}
+        problem_of = lambda i, it: shared.get(i)
+    else:
+        problem_of = lambda i, it: check(it)
+    keep = []
+    for i, it in enumerate(items):
         if most is not None and len(keep) >= most:
             break
-        problem = data.missing_audio(it["audio"])
-        if problem:
-            problem += f": {it['audio']}"
-        else:
-            if not it.get("duration", 0) > 0:       # (missing, or 0: some tools' "unknown")
-                it.pop("duration", None)
-                d = data.duration_of(it)            # (0: unreadable; load_audio says why, later)
-                if d > 0:
-                    it["duration"] = d
-            n = round(it.get("duration", 0) * data.SAMPLE_RATE)
-            problem = data.clip_problem(n, limit) if n > 0 else None
-            if problem is None and args.max_seconds and it.get("duration", 0) > args.max_seconds:
-                problem = (f"a clip of {it['duration']:.2f} s is longer than --max-seconds {args.max_seconds:g} "
-                           f"(the padded audio a batch may hold)")      # (it would make a batch alone)
+        problem = problem_of(i, it)
         if problem is None:
             keep.append(it)
         elif not args.skip_bad:

@@ -307,6 +307,36 @@ def test_unusable_audio_stops_the_run_before_it_trains(tmp_path, capsys):
     assert len(common.manifests(args)[1]) == 2
 
 
+def test_torchrun_processes_share_the_manifest_checks(tmp_path):
+    """Under torchrun each audio file of the training manifest is checked by one process, not by
+    every one (millions of lines on a network file system), and all keep the same items: a missing
+    file dropped (--skip-bad), a duration the manifest lacks read from the header and shared."""
+    import soundfile as sf
+    for k in range(8):
+        sf.write(tmp_path / f"{k}.wav", np.zeros(8000 + 1000 * k, np.float32), 16000)
+    rows = [dict(audio=f"{k}.wav", text="a", **({} if k == 3 else {"duration": 0.5 + k / 16})) for k in range(8)]
+    rows[5]["audio"] = "gone.wav"
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = tmp_path / "check.py"
+    script.write_text(f"""
+import json, sys, common, data
+device, rank, world = common.setup(common.Args(device="cpu"))
+looked, missing_audio = [], data.missing_audio
+data.missing_audio = lambda path: looked.append(path) or missing_audio(path)
+items = data.read_manifest({str(tmp_path / "m.jsonl")!r})
+kept = common.usable_items(items, common.Args(skip_bad=True))
+json.dump(dict(kept=[(it["where"], it["duration"]) for it in kept], looked=len(looked)),
+          open({str(tmp_path)!r} + f"/out{{rank}}.json", "w"))
+""")
+    r = run_python(script, torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = [json.loads((tmp_path / f"out{rank}.json").read_text()) for rank in (0, 1)]
+    assert out[0]["kept"] == out[1]["kept"] and len(out[0]["kept"]) == 7
+    assert dict(out[0]["kept"])[f"{tmp_path / 'm.jsonl'}:4"] == 0.6875           # from the header
+    assert [o["looked"] for o in out] == [4, 4]                                  # (8 each before)
+    assert r.stderr.count("gone.wav") == 1                                       # said once
+
+
 def test_a_clip_longer_than_its_manifest_says_is_caught_as_it_is_loaded(tmp_path, capsys):
     """A manifest's duration may understate a clip (1 s said, 3 s long): usable_items lets it by, so
     the loaders check each clip against the encoder's window as they load it, named (file:line), or
