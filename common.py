@@ -1259,9 +1259,10 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
     """The frozen LLM's greedy answer to `instruction` about each text (e.g. BLSP's and
     BLSP-KD's continuation writing), cached in out_dir/answers-TAG-KEY.jsonl, resumable; the key
     covers the LLM (its folder, weight files and dtype), prompt format, length limit, instruction
-    and texts. reuse_dir: a run whose cache of the same key is copied in first (BLSP-KD's stage 2
-    from its --init run: the same continuations, not generated again). A prompt is tokenized
-    only if it is generated (a resumed run's cache holds them all)."""
+    and texts. A cache of the same key under another tag (--eval of the validation manifest) or in
+    reuse_dir (BLSP-KD's stage 2: its --init run) holds the same answers: it is copied in first,
+    not generated again. A prompt is tokenized only if it is generated (a resumed run's cache
+    holds them all)."""
     before, after = prompt_pieces(tok, instruction, args.prompt)
     prompts = Lazy(len(texts), lambda i: before + input_ids(tok, texts[i]) + after)
     eos = eos_ids(llm, tok, args.prompt)     # (in the key where the turn's end is not the model's own)
@@ -1269,8 +1270,10 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
                                   + ([eos] if eos != eos_ids(llm, tok) else [])).encode()).hexdigest()[:10]
     os.makedirs(out_dir, exist_ok=True)
     cache = os.path.join(out_dir, f"answers-{tag}-{key}.jsonl")
-    if reuse_dir and os.path.abspath(reuse_dir) != os.path.abspath(out_dir):
-        copy_answers(os.path.join(reuse_dir, os.path.basename(cache)), cache)
+    for d in dict.fromkeys(os.path.abspath(x) for x in [out_dir] + ([reuse_dir] if reuse_dir else [])):
+        for same in sorted(glob.glob(os.path.join(glob.escape(d), f"answers-*-{key}.jsonl"))):
+            if os.path.abspath(same) != os.path.abspath(cache):     # (valid's answers for --eval of
+                copy_answers(same, cache)                           # the same manifest, stage 1's)
     return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size, cache, f"answers ({tag})",
                           with_ended, eos)
 

@@ -3319,6 +3319,7 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     blsp_kd.main(["--ckpt", s2, "--eval", valid, "--device", "cpu", "--max-new-tokens", "4",
                   "--infer", str(tmp_path / "valid" / "0.wav")])
     out = capsys.readouterr().out
+    assert "to generate" not in out                         # --eval of the valid manifest: its answers
     res = json.loads(out[out.index("{"):])
     assert {"content_acc", "repeat_wer", "count_err", "response_kl", "input_kl"} <= set(res)
 
