@@ -1244,21 +1244,44 @@ def read_texts(cache):
     return done
 
 
-def model_stamp(llm):
-    """What tells one set of weights from another for a cache key: the model's folder, its weight
-    files' names, sizes and modification times, and the dtype it runs in."""
+def model_stamp(llm, older=False):
+    """What tells one set of weights from another for a cache key, wherever they lie (a copy on a
+    node's own disk is the same model): the dtype it runs in, each weight file's name and size, and
+    a hash of samples of its bytes (safetensors: its header and the first 4 KB of every tensor,
+    which any fine-tune or merge changes; .bin: 64 pieces of 64 KB). older: the stamp of earlier
+    versions, the folder and the files' times in place of the samples (their caches are still
+    read)."""
     path = getattr(llm, "name_or_path", "") or ""
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")) +
                    glob.glob(os.path.join(glob.escape(path), "*.bin"))) if os.path.isdir(path) else []
-    return [path, str(next(llm.parameters()).dtype)] + \
-        [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+    dtype = str(next(llm.parameters()).dtype)
+    if older:
+        return [path, dtype] + [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+
+    def sample(f):
+        h, size = hashlib.sha1(), os.path.getsize(f)
+        with open(f, "rb") as g:
+            if f.endswith(".safetensors"):
+                n = int.from_bytes(g.read(8), "little")
+                header = g.read(n)
+                h.update(header)
+                spans = sorted(t["data_offsets"] for k, t in json.loads(header).items() if k != "__metadata__")
+                for a, b in spans:
+                    g.seek(8 + n + a)
+                    h.update(g.read(min(4096, b - a)))
+            else:
+                for k in range(64):
+                    g.seek(size * k // 64)
+                    h.update(g.read(65536))
+        return h.hexdigest()[:16]
+    return [dtype] + [[os.path.basename(f), os.path.getsize(f), sample(f)] for f in files]
 
 
 def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag, with_ended=False,
                    reuse_dir=None):
     """The frozen LLM's greedy answer to `instruction` about each text (e.g. BLSP's and
     BLSP-KD's continuation writing), cached in out_dir/answers-TAG-KEY.jsonl, resumable; the key
-    covers the LLM (its folder, weight files and dtype), prompt format, length limit, instruction
+    covers the LLM (model_stamp: its weights and dtype), prompt format, length limit, instruction
     and texts. A cache of the same key under another tag (--eval of the validation manifest) or in
     reuse_dir (BLSP-KD's stage 2: its --init run) holds the same answers: it is copied in first,
     not generated again. A prompt is tokenized only if it is generated (a resumed run's cache
@@ -1266,14 +1289,16 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
     before, after = prompt_pieces(tok, instruction, args.prompt)
     prompts = Lazy(len(texts), lambda i: before + input_ids(tok, texts[i]) + after)
     eos = eos_ids(llm, tok, args.prompt)     # (in the key where the turn's end is not the model's own)
-    key = hashlib.sha1(json.dumps([model_stamp(llm), args.prompt, max_new_tokens, instruction, texts]
-                                  + ([eos] if eos != eos_ids(llm, tok) else [])).encode()).hexdigest()[:10]
+    key_of = lambda stamp: hashlib.sha1(json.dumps([stamp, args.prompt, max_new_tokens, instruction, texts]
+                                        + ([eos] if eos != eos_ids(llm, tok) else [])).encode()).hexdigest()[:10]
+    key = key_of(model_stamp(llm))
     os.makedirs(out_dir, exist_ok=True)
     cache = os.path.join(out_dir, f"answers-{tag}-{key}.jsonl")
     for d in dict.fromkeys(os.path.abspath(x) for x in [out_dir] + ([reuse_dir] if reuse_dir else [])):
-        for same in sorted(glob.glob(os.path.join(glob.escape(d), f"answers-*-{key}.jsonl"))):
-            if os.path.abspath(same) != os.path.abspath(cache):     # (valid's answers for --eval of
-                copy_answers(same, cache)                           # the same manifest, stage 1's)
+        for k in (key, key_of(model_stamp(llm, older=True))):          # (an earlier version's key)
+            for same in sorted(glob.glob(os.path.join(glob.escape(d), f"answers-*-{k}.jsonl"))):
+                if os.path.abspath(same) != os.path.abspath(cache):     # (valid's answers for --eval
+                    copy_answers(same, cache)                           # of its manifest, stage 1's)
     return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size, cache, f"answers ({tag})",
                           with_ended, eos)
 

@@ -1201,7 +1201,9 @@ def test_generate_runs_no_forward_past_the_limit(tiny, monkeypatch):
 
 def test_cached_answers_key_changes_with_the_weights_and_dtype(tiny, tmp_path, monkeypatch):
     """The continuations cached in a run directory are not reused for other weights at the same
-    path (a rebuilt model) or another precision: greedy answers differ."""
+    path (a rebuilt model) or another precision: greedy answers differ. The same weights in
+    another folder (a node's own disk) or with new file times are the same model: reused. A cache
+    named by an earlier version's key (the folder and file times) is still read."""
     import blsp
     import shutil
     path, out = str(tmp_path / "llm"), str(tmp_path / "run")
@@ -1215,11 +1217,33 @@ def test_cached_answers_key_changes_with_the_weights_and_dtype(tiny, tmp_path, m
     monkeypatch.setattr(common, "input_ids", lambda *a: tokenized.append(a) or input_ids(*a))
     ask(llm)
     assert os.listdir(out) == first and not tokenized         # the same: reused, no prompt tokenized
+    monkeypatch.undo()
     ask(llm.to(torch.bfloat16))
     assert len(os.listdir(out)) == 2
-    os.utime(glob.glob(os.path.join(path, "*.safetensors"))[0], (1, 1))     # new weights, same path
+    os.utime(glob.glob(os.path.join(path, "*.safetensors"))[0], (1, 1))     # new file times only
+    shutil.copytree(path, tmp_path / "copy")                               # and a copy elsewhere
     ask(llm.float())
-    assert len(os.listdir(out)) == 3
+    ask(common.load_llm(str(tmp_path / "copy"), cpu())[0])
+    assert len(os.listdir(out)) == 2
+    before = set(os.listdir(out))
+    rebuilt = common.load_llm(path, cpu())[0]                              # new weights, same path
+    with torch.no_grad():
+        for p in rebuilt.parameters():
+            p.add_(0.01)
+    rebuilt.save_pretrained(path)
+    ask(common.load_llm(path, cpu())[0])
+    (new_key,) = set(os.listdir(out)) - before
+    for f in os.listdir(out):                               # a cache under an earlier version's key
+        os.remove(os.path.join(out, f))
+    stamp = common.model_stamp
+    monkeypatch.setattr(common, "model_stamp", lambda m, older=False: stamp(m, older=True))
+    ask(common.load_llm(path, cpu())[0])
+    monkeypatch.undo()
+    (old_key,) = os.listdir(out)
+    generated = []
+    monkeypatch.setattr(common, "generate", lambda *a, **k: generated.append(1) or [[5]])
+    ask(common.load_llm(path, cpu())[0])
+    assert not generated and set(os.listdir(out)) == {old_key, new_key}    # read, copied to the new key
 
 
 def test_generate_texts_records_whether_an_answer_ended(tiny, tmp_path, monkeypatch):
