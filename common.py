@@ -1296,9 +1296,10 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
     cache = os.path.join(out_dir, f"answers-{tag}-{key}.jsonl")
     for d in dict.fromkeys(os.path.abspath(x) for x in [out_dir] + ([reuse_dir] if reuse_dir else [])):
         for k in (key, key_of(model_stamp(llm, older=True))):          # (an earlier version's key)
-            for same in sorted(glob.glob(os.path.join(glob.escape(d), f"answers-*-{k}.jsonl"))):
-                if os.path.abspath(same) != os.path.abspath(cache):     # (valid's answers for --eval
-                    copy_answers(same, cache)                           # of its manifest, stage 1's)
+            found = glob.glob(os.path.join(glob.escape(d), f"answers-*-{k}.jsonl*"))   # (or its parts:
+            for same in sorted({re.sub(r"\.rank\d+$", "", f) for f in found}):        # .rankR)
+                if same.endswith(".jsonl") and os.path.abspath(same) != os.path.abspath(cache):
+                    copy_answers(same, cache)       # (valid's answers for --eval of its manifest, stage 1's)
     return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size, cache, f"answers ({tag})",
                           with_ended, eos)
 
