@@ -29,8 +29,8 @@ Project choices ([choice] in METHODS.md, or where it is silent):
   frame); --aligner oracle: the last 20 ms frame a character overlaps. Spaces and punctuation are
   never a token's aligned character;
 - connector layers (common.MaskedBlock): pre-norm, SDPA, GELU MLP, no positional encoding, no final
-  norm, dropout 0.1 (the prototype's) on the residual branches and attention weights; blockwise mask by default
-  (--no-blockwise: causal): on the toy it learns far faster;
+  norm, dropout 0.1 (the prototype's) on the residual branches and attention weights; blockwise
+  mask by default (--no-blockwise: causal): on the toy it learns far faster;
 - stage 2: BOS + SSR vectors + EOS, speech position i labelled with transcript token i (--text-mix:
   the transcript's ids instead); BOS only where the tokenizer starts a text with it (Llama; not
   SmolLM2 or Qwen, whose first token is then not predicted). Only the LLM trains (fp32 with
