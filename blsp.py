@@ -158,14 +158,15 @@ def step_flops(encoder, adapter, llm):
 # Inference and evaluation of a trained adapter
 
 def load_run(args, device):
-    """--ckpt run directory -> (encoder, adapter, llm, tok); args.prompt takes the run's unless given."""
-    ck, cfg = common.run_config(args.ckpt, "blsp", args, fixed=("encoder_layer", "whisper_30s", "bottleneck"),
+    """--ckpt run directory -> (encoder, adapter, llm, tok); args takes the run's config (its
+    prompt format unless given)."""
+    shape = ("encoder_layer", "whisper_30s", "bottleneck")
+    ck = common.take_run_config(args, args.ckpt, "blsp", ("llm", "encoder", "prompt") + shape, fixed=shape,
                                 free=("prompt",))
-    encoder = common.load_encoder(cfg["encoder"], device, cfg["encoder_layer"], cfg.get("whisper_30s", False))
-    llm, tok = common.load_llm(cfg["llm"], device)
-    adapter = Adapter(encoder.dim, llm.config.hidden_size, cfg["bottleneck"]).to(device)
+    encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
+    llm, tok = common.load_llm(args.llm, device)
+    adapter = Adapter(encoder.dim, llm.config.hidden_size, args.bottleneck).to(device)
     common.load_trainable(adapter, ck).eval()
-    args.prompt = cfg["prompt"]
     return encoder, adapter, llm, tok
 
 

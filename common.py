@@ -1294,8 +1294,9 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
     key = key_of(model_stamp(llm))
     os.makedirs(out_dir, exist_ok=True)
     cache = os.path.join(out_dir, f"answers-{tag}-{key}.jsonl")
+    keys = (key, key_of(model_stamp(llm, older=True)))                  # (and an earlier version's)
     for d in dict.fromkeys(os.path.abspath(x) for x in [out_dir] + ([reuse_dir] if reuse_dir else [])):
-        for k in (key, key_of(model_stamp(llm, older=True))):          # (an earlier version's key)
+        for k in keys:
             found = glob.glob(os.path.join(glob.escape(d), f"answers-*-{k}.jsonl*"))   # (or its parts:
             for same in sorted({re.sub(r"\.rank\d+$", "", f) for f in found}):        # .rankR)
                 if same.endswith(".jsonl") and os.path.abspath(same) != os.path.abspath(cache):
@@ -1305,10 +1306,11 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
 
 
 def copy_answers(src, dst):
-    """An answer cache (its per-process parts merged) copied to dst where dst has none; process 0
-    writes it (atomically), the others wait for it."""
+    """An answer cache (its per-process parts merged) copied to dst where dst has none (nor parts
+    of one); process 0 writes it (atomically), the others wait for it."""
     distributed = torch.distributed.is_initialized()
-    if (not distributed or torch.distributed.get_rank() == 0) and not read_texts(dst):
+    has = os.path.exists(dst) or glob.glob(glob.escape(dst) + ".rank*")   # (not read: maybe millions of lines)
+    if (not distributed or torch.distributed.get_rank() == 0) and not has:
         done = read_texts(src)
         if done:
             with open(dst + ".tmp", "w") as f:

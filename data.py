@@ -213,7 +213,8 @@ def collate(rows):
     for i, r in enumerate(rows):
         wave[i, :lens[i]] = r["wave"]
     keys = dict.fromkeys(k for r in rows for k in r if k != "wave")   # fields missing in a row: None
-    batch = {k: [v.tolist() if isinstance(v, array.array) else v for v in (r.get(k) for r in rows)] for k in keys}
+    as_list = lambda v: v.tolist() if isinstance(v, array.array) else v
+    batch = {k: [as_list(r.get(k)) for r in rows] for k in keys}
     batch.update(wave=wave, wave_lens=lens)
     return batch
 
