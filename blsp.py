@@ -211,8 +211,9 @@ def main(argv=None):
     todo = [it for it in valid_items if "continuation" not in it]
     for it in continuation_data(llm, tok, todo, args, args.out, "valid"):
         it["continuation"] = it["continuation_llm"]
-    for it in train_items:
-        it["continuation_ids"] = data.compact(common.target_ids(tok, it["continuation_llm"]))
+    continuations = [it["continuation_llm"] for it in train_items]
+    for it, ids in zip(train_items, common.each_ids(tok, continuations)):
+        it["continuation_ids"] = data.compact(ids)
 
     # step 2: behaviour alignment; only the adapter trains
     embed, eos = llm.get_input_embeddings(), common.answer_end(llm, tok, args.prompt)

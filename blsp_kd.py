@@ -186,9 +186,9 @@ def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dir=None):
     conts, ended = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
                                          args.continuation_tokens, out_dir, tag, True, reuse_dir)
     eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn
-    for it, t, c, e in zip(items, transcripts, conts, ended):
-        ids = common.target_ids(tok, c)
-        it["transcript_ids"] = data.compact(common.input_ids(tok, t))
+    for it, t, ids, e in zip(items, common.each_ids(tok, transcripts, as_input=True),
+                             common.each_ids(tok, conts), ended):
+        it["transcript_ids"] = data.compact(t)
         natural = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without it)
         it["response_ids"] = data.compact(ids + ([eos] if natural else []))  # [+ end]: generation ended
     return items

@@ -773,6 +773,16 @@ def target_ids(tok, text, offsets=False):
     return (enc.input_ids, enc.offset_mapping) if offsets else enc.input_ids
 
 
+def each_ids(tok, texts, as_input=False, chunk=1024):
+    """target_ids (as_input: input_ids) of each of many texts, one after another: tokenized `chunk`
+    at a time in one call (a fast tokenizer's threads: 49 against 90 us a line, SmolLM2's, 2 cores),
+    so no list of every text's ids is held at once (millions of lines)."""
+    space = space_before(tok) if as_input else ""
+    for k in range(0, len(texts), chunk):
+        yield from tok([space + t for t in texts[k:k + chunk]], add_special_tokens=False,
+                       return_attention_mask=False).input_ids
+
+
 # ============================================================================================
 # Splicing: segments -> one padded batch of input embeddings
 
@@ -1344,7 +1354,20 @@ def normalize(s):
     rule emptied other scripts: two Chinese sentences scored WER 0). Scripts written without
     spaces (Chinese, Japanese) count a whole sentence as one word."""
     s = unicodedata.normalize("NFKC", s).casefold().replace("\u2019", "'")
-    return " ".join("".join(c if c == "'" or unicodedata.category(c)[0] in "LMN" else " " for c in s).split())
+    return " ".join(s.translate(_KEPT).split())
+
+
+class _Kept(dict):
+    """str.translate's table for normalize: a character's code -> itself where it is kept, else a
+    space; each character's category is looked up once (3 against 21 us a line, by character)."""
+
+    def __missing__(self, code):
+        c = chr(code)
+        self[code] = code if c == "'" or unicodedata.category(c)[0] in "LMN" else ord(" ")
+        return self[code]
+
+
+_KEPT = _Kept()
 
 
 def edit_distance(a, b):

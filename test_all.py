@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+import unicodedata
 import warnings
 
 import numpy as np
@@ -1343,6 +1344,33 @@ def test_wer_and_bleu_keep_every_script():
     assert common.wer(["Das Mädchen läuft"], ["das madchen läuft"]) == pytest.approx(1 / 3)
     assert common.corpus_bleu(["Ein schönes Haus am großen See"], ["ein schönes Haus am großen See"]) == \
         pytest.approx(100)
+
+
+def test_normalize_keeps_letters_marks_digits_and_apostrophes_of_every_character():
+    """normalize's translate table against the rule written per character, over the first 70k
+    code points (Latin, Greek, Cyrillic, Indic, CJK, symbols, punctuation, controls) at once."""
+    every = "".join(chr(c) for c in range(1, 70000) if not 0xD800 <= c < 0xE000)
+    s = unicodedata.normalize("NFKC", every).casefold().replace("\u2019", "'")
+    slow = " ".join("".join(c if c == "'" or unicodedata.category(c)[0] in "LMN" else " " for c in s).split())
+    assert common.normalize(every) == slow and len(slow.split()) > 100
+
+
+def test_each_ids_equals_tokenizing_each_text_alone():
+    """The batched tokenization of many texts (chunk by chunk) gives each text's own ids, as input
+    after an instruction or as a target, for a BPE and for a legacy SentencePiece normalizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    tk.train_from_iterator(["the red fox ran", " a"], trainers.WordLevelTrainer(special_tokens=["<unk>"]))
+    texts = ["the red fox", "", "a fox ran", "the the the red", "fox"] * 3
+    for tok in (ssr_bpe_tokenizer(), PreTrainedTokenizerFast(tokenizer_object=tk)):
+        for chunk in (1, 4, 1024):
+            assert list(common.each_ids(tok, texts, as_input=True, chunk=chunk)) == \
+                [common.input_ids(tok, t) for t in texts]
+            assert list(common.each_ids(tok, texts, chunk=chunk)) == [common.target_ids(tok, t) for t in texts]
+        assert tok.unk_token_id not in common.input_ids(tok, "the red fox")     # (real words)
 
 
 # ============================================================================================
