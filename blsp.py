@@ -65,6 +65,8 @@ class BLSPArgs(common.Args):
     max_new_tokens: int = arg(128, "inference: generation length limit (the paper's code: 128)")
 
 
+MODEL_FIELDS = ("llm", "encoder", "encoder_layer", "whisper_30s", "bottleneck")   # what a run fixes
+
 # ----------------------------------------------------------------------------------------------
 # The adapter: the only trained part
 
@@ -200,11 +202,13 @@ def main(argv=None):
     if args.ckpt:
         return infer(args, device)
     args.out = args.out or args.resume or "runs/blsp"          # (--resume DIR continues in DIR)
-    common.check_out(args)                # before the continuations are generated into it
+    common.check_out(args, method="blsp", model_fields=MODEL_FIELDS)   # before the continuations
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args, encoder)
 
+    if rank == 0 and not args.resume:     # (a stop while they are generated: --resume takes it)
+        common.write_config(args, args.out)
     # step 1: the LLM's own continuations are the targets (train); valid items without a
     # reference continuation get one too, to measure the speech-vs-text gap
     continuation_data(llm, tok, train_items, args, args.out, "train")
@@ -241,7 +245,7 @@ def main(argv=None):
         return res
 
     res = common.train(args, adapter, step_fn, train_items, device, rank, world, valid_fn,
-                       method="blsp", model_fields=("llm", "encoder", "encoder_layer", "whisper_30s", "bottleneck"))
+                       method="blsp", model_fields=MODEL_FIELDS)
     if rank == 0:
         adapter.eval()
         common.show_sample(llm, tok, valid_items, args, device, lambda b: speech_vectors(encoder, adapter, b),

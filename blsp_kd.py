@@ -394,7 +394,7 @@ def main(argv=None):
         raise common.UserError("--encoder-lr is the lr of an unfrozen encoder: add --unfreeze-encoder")
     args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
     args.out = args.out or args.resume or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
-    common.check_out(args)                # before the continuations are generated into it
+    common.check_out(args, method="blsp_kd", model_fields=MODEL_FIELDS)   # before the continuations
     if args.init:   # the stage-1 run fixes the models (their folders may be given anew), the
                     # CFormer's shape, and the data it learned from (prompt, continuations) unless set
         shape = ("encoder_layer", "whisper_30s", "pre_layers", "post_layers", "heads", "ffn")
@@ -411,6 +411,8 @@ def main(argv=None):
     if args.init:
         common.load_trainable(module, init_ck)
 
+    if rank == 0 and not args.resume:     # (a stop while they are generated: --resume takes it)
+        common.write_config(args, args.out)
     # the LLM's own continuations of the transcripts are the teacher's responses
     continuation_data(llm, tok, train_items, args, args.out, "train", args.init)
     continuation_data(llm, tok, valid_items, args, args.out, "valid", args.init)

@@ -54,7 +54,11 @@ to_gpu = data.to_gpu        # a host tensor to the device, without waiting for t
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM during train(): handled like Ctrl-C (checkpoint of the last finished step, exit)."""
+    """SIGTERM during train() or generate_texts(): handled like Ctrl-C (what was done is kept, exit)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class StopFlags:
@@ -189,8 +193,11 @@ def parse_args(cls, argv=None, **defaults):
     """argparse from a dataclass: every field is --flag-name with its help line; choices and
     bounds are checked (a bad value: a one-line error naming the flag)."""
     import argparse
-    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):           # one line, not the whole usage first
+            fail(f"{message} (--help lists the flags)")
+    p = Parser(description=sys.modules["__main__"].__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_meta = {f.name: f.metadata for f in dataclasses.fields(Args)}
     meta = {f.name: {**common_meta.get(f.name, {}), **f.metadata} for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
@@ -224,6 +231,8 @@ def parse_args(cls, argv=None, **defaults):
         raise UserError(f"--betas must be two numbers in [0, 1) such as 0.9,0.999, not {args.betas!r}")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise UserError(f"--device must be cuda, cuda:N or cpu, not {args.device!r}")
+    if args.resume and not args.ckpt:
+        resume_config(args)
     if args.ckpt and not (args.infer or args.eval):
         raise UserError(f"--ckpt {args.ckpt}: add --infer WAV or --eval MANIFEST (what to do with the run)")
     for flag, path in (("--infer", args.infer), ("--eval", args.eval)):
@@ -232,6 +241,62 @@ def parse_args(cls, argv=None, **defaults):
         if path and not os.path.isfile(path):       # (before any model loads)
             raise UserError(f"{flag} {path}: " + ("a directory" if os.path.isdir(path) else "no such file"))
     return args
+
+
+OF_THIS_MACHINE = ("resume", "out", "ckpt", "infer", "eval", "device", "threads", "workers")   # (not the run's)
+
+
+def resume_config(args):
+    """--resume DIR continues the run as it was set up: each flag not given again takes the run's
+    value (DIR/config.json, written when it started), except where it runs (OF_THIS_MACHINE). One
+    given again that differs is said (a larger --steps extends the run; the models and shapes are
+    checked against the checkpoint). A run stopped before its first checkpoint (while the LLM wrote
+    its continuations) starts again in DIR, with its settings and what it cached."""
+    if not os.path.isdir(args.resume):
+        raise UserError(f"--resume {args.resume}: no such run directory")
+    path = os.path.join(args.resume, "config.json")
+    try:
+        with open(path) as f:
+            was = json.load(f)
+    except OSError:
+        return                  # (a run of an earlier version: train() says what it lacks)
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON (a run's config.json)") from None
+    said = os.environ.get("RANK", "0") == "0"
+    changed = []
+    for f in dataclasses.fields(args):
+        k = f.name
+        if k in OF_THIS_MACHINE or k not in was:
+            continue
+        if not given(args, k):
+            setattr(args, k, was[k])
+        elif getattr(args, k) != was[k]:
+            changed.append(f"--{k.replace('_', '-')} {getattr(args, k)} in place of the run's {was[k]}")
+    if changed and said:
+        print(f"--resume {args.resume}: {', '.join(changed)}", file=sys.stderr)
+    if not glob.glob(os.path.join(glob.escape(args.resume), "latest")) and \
+            not glob.glob(os.path.join(glob.escape(args.resume), "*", "latest")):
+        if said:
+            print(f"--resume {args.resume}: no checkpoint yet (stopped before its first): the run starts "
+                  f"again there, with its settings and what it cached")
+        args.out, args.resume = args.out or args.resume, None
+
+
+def make_run_dir(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot make this run directory ({e.strerror})") from None
+
+
+def write_config(args, out, world=None):
+    """The run's arguments, written atomically to out/config.json (made): what --resume and --ckpt
+    read. (Also before the continuations are generated: a run stopped then resumes with them.)"""
+    make_run_dir(out)
+    run = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    with open(os.path.join(out, "config.json.tmp"), "w") as f:
+        json.dump({**run, **({"world": world} if world else {})}, f, indent=1)
+    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
 
 
 # ============================================================================================
@@ -564,7 +629,8 @@ def load_encoder(path, device, layer=-1, pad_30s=False):
     try:
         cfg = AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise UserError(f"--encoder {path}: cannot read its config ({type(e).__name__})") from None
+        raise UserError(f"--encoder {path}: cannot read a model config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
     dtype = frozen_dtype(device)
     mt = cfg.model_type
     if mt == "whisper":
@@ -611,6 +677,9 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
     if kind == "causal" and getattr(cfg, "is_encoder_decoder", False):   # (Whisper would load its decoder)
         raise UserError(f"--llm {path}: an encoder-decoder model ({cfg.model_type}); this method needs a "
                         f"decoder-only causal LM (SLM takes a T5-family model)")
+    if kind == "seq2seq" and not getattr(cfg, "is_encoder_decoder", False):
+        raise UserError(f"--llm {path}: a decoder-only model ({cfg.model_type}); SLM needs an "
+                        f"encoder-decoder LM of the T5 family (mT0, Flan-T5)")
     if kind == "causal" and cfg.get_text_config() is not cfg:     # (Gemma 3 4B+, LLaVA...: the LM inside)
         raise UserError(f"--llm {path}: a multimodal checkpoint ({cfg.model_type}, its language model "
                         f"in text_config); give a text-only causal LM")
@@ -1210,6 +1279,9 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     if say:
         print(f"{desc}: {left} of {len(prompts)} to generate with the frozen LLM ({len(done)} cached "
               f"in {os.path.basename(cache)})", flush=True)
+    term = signal.getsignal(signal.SIGTERM)     # kill (a cluster's preemption): stop as on Ctrl-C
+    if path and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         from tqdm import tqdm
         for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=not todo or not
@@ -1227,9 +1299,18 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
                     f.write(json.dumps({"i": i, "text": done[i][0], "ended": done[i][1]}) + "\n")
             if f:
                 f.flush()
+    except KeyboardInterrupt as e:      # what was written is kept: the same command continues it
+        if not path:
+            raise
+        print(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}) while the frozen LLM "
+              f"wrote its answers: {len(done)} of {len(prompts)} kept in {path}; the same command continues "
+              f"from there", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     finally:
         if f:
             f.close()
+        if path and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, term)
     if world > 1:
         torch.distributed.barrier()                     # every process has written its share
         done = read_texts(cache)
@@ -1437,8 +1518,10 @@ def usable_items(items, args, encoder=None, most=None):
     the step that meets them. A duration the manifest lacks is read from the file's header once,
     here. Under torchrun the processes share the checks of a whole manifest (each file is looked
     at once, not once per process: millions of lines on a network file system). most: stop once
-    that many are kept (--max-valid: the lines after it are never read). The encoder's window
-    goes to the loaders too (args._max_samples): a manifest's duration may understate a clip."""
+    that many are kept (--max-valid: the lines after it are never read); their files' headers are
+    read whatever the manifest says (a clip it understates, or no audio, found now, not when
+    validating after the training). The encoder's window goes to the loaders too
+    (args._max_samples): a training manifest's duration may understate a clip."""
     limit = encoder.max_samples() if encoder is not None else None
     if encoder is not None:
         args._max_samples = limit
@@ -1446,11 +1529,16 @@ def usable_items(items, args, encoder=None, most=None):
     def check(it):          # -> what is wrong with the item, or None; a missing duration: read
         if (problem := data.missing_audio(it["audio"])):
             return f"{problem}: {it['audio']}"
-        if not it.get("duration", 0) > 0:       # (missing, or 0: some tools' "unknown")
-            it.pop("duration", None)
+        if most is not None or not it.get("duration", 0) > 0:     # (missing, or 0: some tools'
+            it.pop("duration", None)                                #  "unknown")
             d = data.duration_of(it)            # (0: unreadable; load_audio says why, later)
             if d > 0:
                 it["duration"] = d
+            elif most is not None:
+                try:
+                    data.load_audio(it["audio"])
+                except data.DataError as e:
+                    return str(e)
         n = round(it.get("duration", 0) * data.SAMPLE_RATE)
         problem = data.clip_problem(n, limit) if n > 0 else None
         if problem is None and args.max_seconds and it.get("duration", 0) > args.max_seconds:
@@ -1511,9 +1599,18 @@ def eval_items(args, encoder):
 
 
 def batches(items, args, rank=0, world=1, shuffle=False):
+    """The batches of an evaluation set (in order); one whose every clip --skip-bad left out stops
+    with a line (an evaluation of nothing would report zeros)."""
     loader, _ = data.make_loader(items, args.batch_size, args.max_seconds, shuffle, args.seed,
                                  rank, world, 0, args.skip_bad, max_samples=getattr(args, "_max_samples", None))
-    return (b for b in loader if b is not None)
+    none = True
+    for b in loader:
+        if b is not None:
+            none = False
+            yield b
+    if none and items:
+        raise data.DataError(f"{items[0].get('where', '?').rsplit(':', 1)[0]}: no clip of the evaluation set could "
+                             f"be read (--skip-bad left out each)")
 
 
 def to_device(batch, device):
@@ -1659,7 +1756,8 @@ def model_change(run_dir, model_args):
     except (OSError, ValueError):
         return None
     diff = [k for k, v in model_args.items() if k in was and was[k] != v]
-    flags = lambda d: ", ".join(f"--{k.replace('_', '-')} {d[k]}" for k in diff)
+    flags = lambda d: ", ".join(f"--{k.replace('_', '-')} {d[k]}" if d[k] is not None else
+                                f"no --{k.replace('_', '-')} (the built-in default)" for k in diff)
     return (f"the run was trained with {flags(was)}, not {flags(model_args)}: a run resumes with its "
             f"models and shapes (give the same flags; a model folder that moved: link it at its old "
             f"path)") if diff else None
@@ -1720,24 +1818,38 @@ def load_trainable(module, ckpt_dir):
     return module
 
 
-def check_out(args, resume_dir=None):
-    """A run never starts afresh over another: --out holding a checkpoint needs --resume. (Called
-    by train, and early by the scripts that generate data into --out first.) resume_dir: what
-    --resume takes, when not --out (SSR: the run's directory, above its stages')."""
+def check_out(args, resume_dir=None, method=None, model_fields=()):
+    """A run never starts afresh over another: --out holding a checkpoint needs --resume; an --out
+    that cannot be made (a file in its path, no right to write) is one line. Called by train, and
+    early, with the method and its model fields, by the scripts that generate data into --out
+    first: a --resume of another method's run or with other models is refused before that work.
+    resume_dir: what --resume takes, when not --out (SSR: the run's directory, above its stages')."""
     name, resume_dir = latest_name(args.out), resume_dir or args.out
     if not args.resume and name is not None:
         raise UserError(f"--out {resume_dir} holds a run already (its latest checkpoint: "
                         f"{name}): --resume {resume_dir} continues it; to start "
                         f"again, remove it or give another --out")
+    there = os.path.abspath(args.out)                   # (not made yet: a refusal leaves no trace)
+    while not os.path.exists(there):
+        there = os.path.dirname(there)
+    if not os.path.isdir(there) or not os.access(there, os.W_OK | os.X_OK):
+        raise UserError(f"--out {args.out}: cannot make this run directory ({there} is "
+                        f"{'not a directory' if not os.path.isdir(there) else 'not writable'})")
+    if args.resume and method:
+        find_checkpoint(args.resume, dict(method=method))
+        change = model_change(args.resume, {k: getattr(args, k) for k in model_fields})
+        if change:
+            raise UserError(f"--resume {args.resume}: {change}")
 
 
 class Stages:
     """A run of several training stages (SSR's), each a train() in its own subdirectory of the
     run's directory: dirs = {stage: subdirectory}; each stage's checkpoints say method "METHOD-
-    subdirectory". --out, --resume and --ckpt name the run's directory. a_run: "an SSR run"."""
+    subdirectory". --out, --resume and --ckpt name the run's directory. a_run: "an SSR run".
+    steps_flags = {stage: the flag of its steps} (messages)."""
 
-    def __init__(self, method, dirs, a_run):
-        self.method, self.dirs, self.a_run = method, dirs, a_run
+    def __init__(self, method, dirs, a_run, steps_flags):
+        self.method, self.dirs, self.a_run, self.steps_flags = method, dirs, a_run, steps_flags
 
     def path(self, run_dir, stage):
         return os.path.join(run_dir or "", self.dirs[stage])
@@ -1755,6 +1867,7 @@ class Stages:
         new = dataclasses.replace(args, out=self.path(args.out, stage), steps=steps, lr=lr,
                                   warmup=min(args.warmup, max(1, steps // 5)), resume=resume)
         new.__dict__.update({k: v for k, v in vars(args).items() if k.startswith("_")})   # (not fields)
+        new._steps_flag = self.steps_flags[stage]
         return new
 
     def load(self, module, run_dir, stage, required=False):
@@ -1767,7 +1880,7 @@ class Stages:
 
     def check(self, args, stages):
         """Before any training: --resume takes the run's directory; a stage trained already in
-        --out is not trained afresh over."""
+        --out is not trained afresh over; --out is made, with the run's config.json."""
         if args.resume and not any(self.trained(args.resume, st) for st in self.dirs):
             raise UserError(f"--resume {args.resume}: no stage checkpoint in it ({', '.join(d + '/' for d in self.dirs.values())}): "
                             f"--resume takes the run's directory")
@@ -1775,6 +1888,7 @@ class Stages:
             if not args.resume and self.trained(args.out, st):
                 raise UserError(f"--out {args.out} holds a trained {self.dirs[st]} already: --resume "
                                 f"{args.out} continues the run; to start again, remove it or give another --out")
+        check_out(args)
 
     def check_ckpt(self, run_dir, needed):
         """--ckpt names the run's directory (not one stage's, not another method's run), where stage
@@ -1836,7 +1950,7 @@ class Logger:
 
 
 def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=None,
-          method="method", model_fields=(), lr_scale=(), resume_dir=None):
+          method="method", model_fields=(), lr_scale=(), resume_dir=None, run_args=None):
     """Train the parameters of `module` that require grad.
 
     step_fn(batch) -> (loss_sum, n, logs): a micro-batch's summed loss over n units (target
@@ -1846,13 +1960,14 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     per micro-batch); optionally "tokens" = LLM tokens processed, "flops" = model FLOPs (ints).
     valid_fn(step) -> dict of validation metrics. Returns the last validation metrics.
     lr_scale: (parameters, factor) pairs that train at factor x the lr (make_optimizer).
-    resume_dir: the directory --resume takes, when not args.out (named in messages).
+    resume_dir: the directory --resume takes, when not args.out (named in messages); run_args: the
+    arguments of the whole run there, of which this is one stage (SSR), its config.json.
     Rates leave validation out; data_wait = the share of the time spent waiting for batches.
     """
     from tqdm import tqdm
     out = args.out
     check_out(args, resume_dir)
-    os.makedirs(out, exist_ok=True)
+    make_run_dir(out)
     meta = dict(method=method, model=model_fingerprint(args, model_fields),
                 data=data_order(args, train_items, world))
     params = [p for p in module.parameters() if p.requires_grad]
@@ -1906,8 +2021,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         for p in params:    # built after a training stage, SSR's LoRA, drew from diverged RNGs)
             torch.distributed.broadcast(p.data, src=0)
     if rank == 0:           # (a refused --resume leaves the run's config as it was)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({**{k: v for k, v in vars(args).items() if not k.startswith("_")}, "world": world}, f, indent=1)
+        write_config(args, out, world)
+        if run_args is not None:
+            write_config(run_args, resume_dir, world)
     loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
                                        args.seed, rank, world, args.workers, args.skip_bad,
                                        pin_memory=device.type == "cuda",
@@ -1936,8 +2052,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
 
     step0 = step
     if args.resume and step >= args.steps and rank == 0:
-        print(f"{args.resume}: at step {step} of --steps {args.steps} already: nothing to train (a larger "
-              f"--steps continues it); validating only")
+        flag = getattr(args, "_steps_flag", "--steps")          # (SSR's stages: their own)
+        print(f"{args.resume}: at step {step} of {flag} {args.steps} already: nothing to train (a larger "
+              f"{flag} continues it); validating only")
     log = Logger(out, rank, step, finished=step >= args.steps)
     it = micro_batches()
     # a terminal gets a progress bar; a log file (a cluster job, a pipe) plain lines instead, at the
@@ -2134,7 +2251,11 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         sys.exit(130 if interrupted == "Ctrl-C" else 143)
     dt = time.time() - t0 - seen["valid_s"]             # training time, without validations
     if valid_fn:
-        last_valid = run_valid(valid_fn, step, log, rank, None, device)
+        try:
+            last_valid = run_valid(valid_fn, step, log, rank, None, device)
+        except data.DataError as e:
+            raise data.DataError(f"{e}; the training's step {step} is saved: mend the validation set (or add "
+                                 f"--skip-bad), then --resume {resume_dir or out} validates it") from None
     if rank == 0:
         mfu = seen["flops"] / dt / peak_fl if peak_fl and seen["flops"] else 0
         print(f"{method}: {step - step0} steps" + (f" (resumed at {step0})" if step0 else "")

@@ -39,6 +39,9 @@ class DataError(ValueError):
 
 def read_manifest(path, required=("audio", "text")):
     """Read a JSON-lines manifest; audio paths become absolute. Errors name file:line."""
+    if path and os.path.isdir(path):
+        raise DataError(f"{path}: a directory, not a manifest (JSON lines: see the README; `python data.py "
+                        f"librispeech DIR` writes one)")
     if not path or not os.path.isfile(path):
         raise DataError(f"manifest not found: {path}")
     root = os.path.dirname(os.path.abspath(path))
@@ -593,7 +596,11 @@ def write_manifest(rows, out, skip_bad=False, threads=8):
     import soundfile as sf
     from concurrent.futures import ThreadPoolExecutor
     rows, base = list(rows), os.path.dirname(os.path.abspath(out))
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base, exist_ok=True)
+        open(out + ".tmp", "w").close()
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write there ({e.strerror})") from None
 
     def duration(row):
         audio, where = row[0], row[2]
@@ -649,7 +656,8 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.out}: {n} utterances, {hours:.2f} h" + (f" ({bad} left out)" if bad else ""))
+    print(f"{args.out}: {n} utterances, " + (f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min")
+          + (f" ({bad} left out)" if bad else ""))
 
 
 if __name__ == "__main__":

@@ -448,7 +448,8 @@ def step_flops(m, stage, full=False):
 # ----------------------------------------------------------------------------------------------
 # The stages, each through common.train in its own subdirectory of --out
 
-STAGES = common.Stages("ssr", {"aligner": "aligner", "1": "stage1", "2": "stage2"}, "an SSR run")
+STAGES = common.Stages("ssr", {"aligner": "aligner", "1": "stage1", "2": "stage2"}, "an SSR run",
+                       {"aligner": "--aligner-steps", "1": "--steps", "2": "--stage2-steps"})
 
 
 def build(args, encoder, llm, tok, device):
@@ -485,7 +486,7 @@ def run_stages(args, m, device, rank, world):
     def train(stage, module, step_fn, valid_fn, steps, lr):
         return common.train(STAGES.args(args, stage, steps, lr), module, step_fn, train_items, device, rank,
                             world, valid_fn, method=STAGES.method_of(stage), model_fields=tuple(fields),
-                            resume_dir=args.out)
+                            resume_dir=args.out, run_args=args)
 
     if "aligner" in stages:
         flops = step_flops(m, "aligner")

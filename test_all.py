@@ -135,9 +135,11 @@ def watch_host_syncs(monkeypatch, steps=2):
 
 def test_no_valid_holds_out_the_last_tenth_of_train(tmp_path, capsys):
     """--train without --valid: validation never sees a clip that trains (the last 10%, 1 to 50)."""
+    import soundfile as sf
     p = tmp_path / "m.jsonl"
-    for i in range(1000):
-        (tmp_path / f"{i}.wav").touch()             # (manifests() checks that the files exist)
+    sf.write(tmp_path / "0.wav", np.zeros(1600, np.float32), 16000)
+    for i in range(1, 1000):                        # (manifests() checks that the files exist, and
+        os.link(tmp_path / "0.wav", tmp_path / f"{i}.wav")      # reads the validation clips' headers)
     for n, k in ((30, 3), (5, 1), (1000, 50)):
         p.write_text("".join(json.dumps(dict(audio=f"{i}.wav", text=f"t {i}")) + "\n" for i in range(n)))
         train, valid = common.manifests(common.Args(train=str(p)))
@@ -200,7 +202,8 @@ def test_manifests_written_from_librispeech_common_voice_and_covost(tmp_path, ca
     out = tmp_path / "manifests" / "dev.jsonl"                 # (its folder is made)
     r = subprocess.run([sys.executable, "data.py", "librispeech", str(tmp_path / "LibriSpeech"), "--out", str(out)],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == f"{out}: 2 utterances, 0.00 h", r.stdout + r.stderr
+    minutes = sum(lens.values()) / 60
+    assert r.returncode == 0 and r.stdout.strip() == f"{out}: 2 utterances, {minutes:.1f} min", r.stdout + r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["audio"] == "../LibriSpeech/dev-clean/84/121123/84-121123-0000.flac"
     items = data.read_manifest(str(out))
@@ -365,6 +368,33 @@ def test_a_clip_longer_than_its_manifest_says_is_caught_as_it_is_loaded(tmp_path
     m = Toy()
     with pytest.raises(data.DataError, match=r"m.jsonl:2: a clip of 3.00 s is longer"):
         common.train(a, m, toy_step(m), train, cpu(), method="toy")
+
+
+def test_a_validation_clip_its_manifest_misstates_is_found_before_training(tmp_path, capsys):
+    """The validation (and --eval) manifest's files are looked at, whatever durations it says (up to
+    --max-valid: few): a clip longer than said and past the encoder's window, or a file that is no
+    audio, is named before training (it stopped the run after training, or with --skip-bad left an
+    empty validation that crashed). An evaluation set --skip-bad empties at load time is one line."""
+    import soundfile as sf
+    sf.write(tmp_path / "ok.wav", np.zeros(16000, np.float32), 16000)
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 3, np.float32), 16000)
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all" * 100)
+    (tmp_path / "t.jsonl").write_text(json.dumps(dict(audio="ok.wav", text="a", duration=1.0)) + "\n")
+    rows = [dict(audio="ok.wav", text="a", duration=1.0), dict(audio="long.wav", text="b", duration=1.0),
+            dict(audio="junk.wav", text="c", duration=1.0)]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    window = types.SimpleNamespace(max_samples=lambda: 2 * 16000)        # a 2 s encoder
+    args = common.Args(train=str(tmp_path / "t.jsonl"), valid=str(tmp_path / "v.jsonl"))
+    with pytest.raises(data.DataError, match=r"v.jsonl:2: a clip of 3.00 s is longer than the encoder's 2 s"):
+        common.manifests(args, window)
+    args.skip_bad = True
+    train, valid = common.manifests(args, window)
+    err = capsys.readouterr().err
+    assert [it["text"] for it in valid] == ["a"] and "v.jsonl:3: " in err and "cannot read audio" in err, err
+    assert len(common.manifests(args, window, )[0]) == 1                  # (training lines: as said)
+    gone = [dict(valid[0], audio=str(tmp_path / "junk.wav"))]            # (unreadable since it was checked)
+    with pytest.raises(data.DataError, match=r"v.jsonl: no clip of the evaluation set could be read"):
+        list(common.batches(gone, args))
 
 
 def test_an_epoch_of_nothing_but_bad_audio_stops_with_skip_bad(tmp_path):
@@ -663,6 +693,11 @@ def test_encoder_and_llm_path_errors(tmp_path):
     WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path / "whisper")
     with pytest.raises(common.UserError, match=r"an encoder-decoder model \(whisper\).*decoder-only"):
         common.load_llm(str(tmp_path / "whisper"), cpu())     # (AutoModelForCausalLM takes its decoder)
+    with pytest.raises(common.UserError, match=r"--encoder .*junk: cannot read a model config \(\w+: .+\)"):
+        common.load_encoder(str(tmp_path / "junk"), cpu())    # (why, as for --llm)
+    tiny_llama(common.default_tokenizer()).save_pretrained(tmp_path / "causal")
+    with pytest.raises(common.UserError, match=r"a decoder-only model \(llama\); SLM needs an encoder-decoder"):
+        common.load_llm(str(tmp_path / "causal"), cpu(), kind="seq2seq")
 
 
 def test_models_load_without_hub_kernels(tiny, tmp_path, monkeypatch):
@@ -1189,6 +1224,41 @@ def test_generate_texts_says_what_it_does_in_a_log_file(tiny, tmp_path, monkeypa
     assert re.fullmatch(r"answers \(train\): 4 generated in \d+ s", out[-1]) and len(out) == 3, out
     common.generate_texts(llm, tok, prompts, 4, 2, str(tmp_path / "gen.jsonl"), desc="answers (train)")
     assert capsys.readouterr().out == ""
+
+
+def test_a_signal_while_generating_keeps_the_answers_and_says_so_in_one_line(tiny, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Ctrl-C or SIGTERM (a cluster's preemption) while the frozen LLM writes a corpus's answers
+    (hours at scale): one line naming what is kept and how to go on, exit 130 / 143, the answers
+    written so far kept, SIGTERM's handler put back; the same call then generates only the rest."""
+    import signal
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    prompts, cache = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [5]], str(tmp_path / "gen.jsonl")
+    full = common.generate_texts(llm, tok, prompts, 4, 2, str(tmp_path / "full.jsonl"))
+    generate, before = common.generate, signal.getsignal(signal.SIGTERM)
+    for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+        if os.path.exists(cache):
+            os.remove(cache)
+        calls = []
+
+        def stopped_in_batch_2(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), sig)
+                time.sleep(1)                               # (the handler runs in the main thread)
+            return generate(*a, **k)
+        monkeypatch.setattr(common, "generate", stopped_in_batch_2)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            common.generate_texts(llm, tok, prompts, 4, 2, cache)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == code and len(err) == 1, err
+        assert err[0] == f"interrupted ({name}) while the frozen LLM wrote its answers: 2 of 4 kept in {cache}; " \
+                         f"the same command continues from there"
+        assert len(common.read_texts(cache)) == 2 and signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(common, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    calls.clear()
+    assert common.generate_texts(llm, tok, prompts, 4, 2, cache) == full and len(calls) == 1
 
 
 def test_generate_runs_no_forward_past_the_limit(tiny, monkeypatch):
@@ -1930,8 +2000,8 @@ def test_resume_errors(tiny, tmp_path, capsys):
         common.train(toy_args(tmp_path / "b", resume=str(tmp_path / "a")), m, toy_step(m), items, cpu(),
                      method="other")
     config = (tmp_path / "a" / "config.json").read_text()
-    with pytest.raises(common.UserError, match=f"^--resume {tmp_path / 'a'}: the run was trained with --llm "
-                       "None, not --llm other: a run resumes"):         # refused, naming the field: the
+    with pytest.raises(common.UserError, match=f"^--resume {tmp_path / 'a'}: the run was trained with "
+                       "no --llm \\(the built-in default\\), not --llm other: a run resumes"):         # refused, naming the field: the
         common.train(toy_args(tmp_path / "a", steps=2, llm="other", resume=str(tmp_path / "a")), m,  # run's
                      toy_step(m), items, cpu(), method="toy", model_fields=("llm",))   # config as it was
     os.rename(tmp_path / "a" / "config.json", tmp_path / "config.json")
@@ -2549,6 +2619,67 @@ def test_blsp_only_adapter_trains_and_main_runs(tiny, tmp_path, monkeypatch):
                "--max-new-tokens", "4"])
 
 
+def test_a_bare_resume_continues_the_run_with_its_own_settings(tiny, tmp_path, monkeypatch, capsys):
+    """`--resume DIR` alone, as README says: each flag not given again is the run's (config.json),
+    not the default (it trained on to the default 800 steps, at another lr, on the toy corpus).
+    Interrupted in training or while the LLM wrote its continuations (no checkpoint yet), the run
+    gives the uninterrupted losses. A flag given again that differs is said; another method's run,
+    or other models, are refused before any continuation is generated into it."""
+    run = ["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"], "--valid", tiny["valid"],
+           "--steps", "5", "--batch-size", "8", "--bottleneck", "16", "--continuation-tokens", "4",
+           "--lr", "3e-3", "--warmup", "2", "--schedule", "cosine", "--log-every", "1", "--max-new-tokens", "2"]
+    blsp.main(run + ["--out", str(tmp_path / "full")])
+    loss, generate = blsp.behaviour_loss, common.generate_texts
+    calls = []
+
+    def interrupted_in_step_3(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*a)
+    monkeypatch.setattr(blsp, "behaviour_loss", interrupted_in_step_3)
+    with pytest.raises(SystemExit) as e:
+        blsp.main(run + ["--out", str(tmp_path / "half")])
+    assert e.value.code == 130 and read(tmp_path / "half" / "latest").strip() == "ckpt-2"
+    monkeypatch.setattr(blsp, "behaviour_loss", loss)
+    capsys.readouterr()
+    blsp.main(["--resume", str(tmp_path / "half")])
+    assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert "in place of" not in capsys.readouterr().err
+    was = json.loads(read(tmp_path / "full" / "config.json"))
+    now = json.loads(read(tmp_path / "half" / "config.json"))
+    assert {k: v for k, v in now.items() if k not in ("out", "resume")} == \
+        {k: v for k, v in was.items() if k not in ("out", "resume")}
+
+    def interrupted_generating(llm, tok, prompts, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common, "generate_texts", interrupted_generating)
+    with pytest.raises(KeyboardInterrupt):
+        blsp.main(run + ["--out", str(tmp_path / "early")])
+    monkeypatch.setattr(common, "generate_texts", generate)
+    capsys.readouterr()
+    blsp.main(["--resume", str(tmp_path / "early")])
+    assert "no checkpoint yet" in capsys.readouterr().out
+    assert losses(tmp_path / "early") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+
+    blsp.main(["--resume", str(tmp_path / "full"), "--steps", "6"])         # extended: said
+    assert "--steps 6 in place of the run's 5" in capsys.readouterr().err
+    assert len(losses(tmp_path / "full")) == 6
+    files = sorted(os.listdir(tmp_path / "full"))
+    for script, flags, says in ((blsp_kd, [], "checkpoint of another method"),
+                                (blsp, ["--bottleneck", "8"], "trained with --bottleneck 16, not --bottleneck 8")):
+        with pytest.raises(SystemExit) as e:
+            script.main(["--resume", str(tmp_path / "full")] + flags)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "full")) == files                   # (nothing generated)
+    with pytest.raises(SystemExit) as e:
+        blsp.main(["--resume", str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "no such run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        blsp.main(run + ["--out", str(tmp_path / "full" / "config.json")])
+    assert e.value.code == 2 and "cannot make this run directory" in capsys.readouterr().err
+
+
 def test_blsp_main_precision_bf16_on_cpu(tiny, tmp_path, monkeypatch):
     """--precision bf16: the frozen encoder and LLM load in bf16, the adapter trains and is saved
     in fp32, and the loss goes down. The adapter's LayerNorm starts at the scale of the LLM's
@@ -2591,6 +2722,10 @@ def test_blsp_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
                        (["--llm", str(tmp_path / "none")], "--llm: not a folder"),
                        (["--encoder", str(tmp_path / "none")], "--encoder: not a folder"),
                        (["--resume", str(tmp_path)], "no checkpoint"),
+                       (["--train", str(tmp_path)], "a directory, not a manifest"),
+                       (["--stpes", "2"], "unrecognized arguments: --stpes 2 (--help lists the flags)"),
+                       (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+                       (["--out", str(tmp_path / "old" / "latest" / "r")], "cannot make this run directory"),
                        (["--out", str(tmp_path / "old")], "--out " + str(tmp_path / "old") + " holds a run")):
         with pytest.raises(SystemExit) as e:
             blsp.main(base + ["--train", tiny["train"]] + extra)
@@ -3843,6 +3978,11 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
         assert len(done) == {"aligner": 1, "1": 2, "2": 3}[stage], (stage, done)
         final = json.loads(capsys.readouterr().out.split("final: ")[-1].splitlines()[0])
         assert {"aligner": "cer", "1": "acc_forced", "2": "text_loss"}[stage] in final
+    ssr.main(["--resume", str(out)])                    # the run's settings: its last command's stage
+    assert f"at step 1 of --stage2-steps 1 already: nothing to train (a larger --stage2-steps " \
+           f"continues it)" in capsys.readouterr().out
+    ssr.main(["--resume", str(out), "--stage", "aligner"])          # (each stage names its own flag)
+    assert "at step 2 of --aligner-steps 2 already" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:                # again: refused, naming the run, not a stage
         ssr.main(base + ["--stage", "1"])
     assert e.value.code == 2 and f"holds a trained stage1 already: --resume {out} " in capsys.readouterr().err
@@ -3855,7 +3995,7 @@ def test_stages_directories_and_their_messages(tmp_path):
     """common.Stages (SSR's run of stages): a stage is trained when its subdirectory has a
     checkpoint; each stage's arguments point into its subdirectory; --ckpt of one stage, of
     another method's run, or of a run without the needed stage is refused with a one-line error."""
-    st = common.Stages("m", {"a": "first", "b": "second"}, "an M run")
+    st = common.Stages("m", {"a": "first", "b": "second"}, "an M run", {"a": "--a-steps", "b": "--steps"})
     run = tmp_path / "run"
 
     def fake_checkpoint(d, method):
@@ -4179,8 +4319,9 @@ def test_slm_main_end_to_end(slm_tiny, capsys, monkeypatch):
 
 def test_slm_bad_input_gives_one_line_error(slm_tiny, tmp_path, capsys):
     m = tmp_path / "m.jsonl"
+    import soundfile as sf
     m.write_text(json.dumps(dict(audio="x.wav", text="the cat")) + "\n")
-    (tmp_path / "x.wav").touch()
+    sf.write(tmp_path / "x.wav", np.zeros(8000, np.float32), 16000)
     with pytest.raises(SystemExit):
         slm.main(["--llm", str(slm_tiny["root"] / "t5"), "--encoder", slm_tiny["enc"], "--train", str(m),
                   "--tasks", "ast", "--device", "cpu", "--out", str(tmp_path / "o")])
