@@ -1575,7 +1575,8 @@ def usable_items(items, args, encoder=None, most=None):
         elif os.environ.get("RANK", "0") == "0":
             print(f"skipping bad item: {it['where']}: {problem}", file=sys.stderr)
     if not keep:
-        raise data.DataError(f"{items[0]['where'].rsplit(':', 1)[0]}: no usable utterance")
+        raise data.DataError(f"{items[0]['where'].rsplit(':', 1)[0]}: no usable utterance"
+                             + (" to validate (or --eval) on" if most is not None else ""))
     return keep
 
 

@@ -392,6 +392,9 @@ def test_a_validation_clip_its_manifest_misstates_is_found_before_training(tmp_p
     err = capsys.readouterr().err
     assert [it["text"] for it in valid] == ["a"] and "v.jsonl:3: " in err and "cannot read audio" in err, err
     assert len(common.manifests(args, window, )[0]) == 1                  # (training lines: as said)
+    (tmp_path / "w.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(data.DataError, match=r"w.jsonl: no usable utterance to validate \(or --eval\) on"):
+        common.manifests(dataclasses.replace(args, valid=str(tmp_path / "w.jsonl")), window)
     gone = [dict(valid[0], audio=str(tmp_path / "junk.wav"))]            # (unreadable since it was checked)
     with pytest.raises(data.DataError, match=r"v.jsonl: no clip of the evaluation set could be read"):
         list(common.batches(gone, args))
