@@ -23,6 +23,7 @@ Paper step / equation                                  -> code
   response KL(p_t || p_s), T = 2, continuation         -> kd_losses()["response_kl"], kl()
   input KL: speech vector i vs transcript token i      -> kd_losses()["input_kl"] (on by default;
                                                             --no-input-kl)
+  the positions each KL is a mean over                 -> kd_positions() (a row t predicts t + 1)
   Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.add_lora(masked=True); m = the
                                                             speech rows: llm_pass(), common.generate
   stage 1 CFormer only; stage 2 + PLoRA, lower lr      -> build(), main() (--stage, --init, STAGE_LR)
@@ -31,8 +32,14 @@ Project choices ([choice] in METHODS.md, or where the released code differs):
 - transcripts normalised as BLSP's continuation data (lower case, no punctuation; apostrophes and
   digits kept) for the continuation prompt, the teacher and N alike;
 - the prompt pieces come from the LLM's chat template, with no system turn of our own
-  (common.prompt_pieces; BLSP's template when it has none); a continuation that generation ended
-  before the limit ends with the token closing the assistant's turn (common.answer_end);
+  (common.prompt_pieces; BLSP's template when it has none): the teacher's system turn is the
+  template's default (Qwen2's is the paper's "You are a helpful assistant."; SmolLM2's names
+  SmolLM; some have none), so the distillation targets depend on it;
+- a continuation that generation ended before the limit ends with one token, the one closing the
+  assistant's turn (common.answer_end; the released code appends three: <|im_end|>, "\n",
+  <|endoftext|>, so its response KL has two more rows there);
+- the paper's Qwen-7B-Chat ships its own modelling code (trust_remote_code), which this project
+  does not run: Qwen2 / Qwen2.5 chat models have the same ChatML template;
 - the response KL's rows predict the response tokens: the last prompt position up to the one that
   predicts the end token (the released code: the response tokens' own positions, one on);
 - each term is a mean over its positions in the micro-batch; a micro-batch returns (sum of the
@@ -41,16 +48,19 @@ Project choices ([choice] in METHODS.md, or where the released code differs):
 - no rescaling of the speech vectors (an earlier toy LLM read vectors of RMS 4.1 against 0.13 for
   its embeddings, cosine 0.05 to their word's, yet 96% of each one's CIF weight lay in its word);
 - CFormer layers: torch's pre-norm GELU layers (Whisper-style), no positional encoding of their
-  own, masked at padding (the released code: unmasked, over frames padded to 30 s, which
-  --whisper-30s reproduces for the encoder); --grad-ckpt recomputes them in the backward;
+  own, masked at padding (the released code masks the layers after CIF but not those before it,
+  which run over frames padded to 30 s; --whisper-30s reproduces that padding for the encoder);
+  --grad-ckpt recomputes them in the backward;
 - an unfrozen encoder trains in fp32 at lr / 10 (--encoder-lr); stage 2 takes the models, CFormer
   shape, prompt format and continuation length of its --init run;
 - toy-scaled defaults (paper: 4 + 4 layers, 8 heads, lr 1e-4, batch 768, 1000 warm-up steps, 1
-  epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3, 30 warm-up steps, 1600 steps (~2 min, 1 CPU);
+  epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3 (stage 2: 1e-3), 30 warm-up steps, 1600 steps
+  (~2 min, 1 CPU);
 - input KL on by default (the paper's use is unconfirmed): it makes zero-shot instructions work
   from speech (built-in models, 1600 steps, content_acc / repeat_wer: 0.998 / 0.007; --no-input-kl
   0.997 / 0.16), but is only as good as the teacher's distributions at the transcript positions
-  (a toy LLM trained with no loss on its input: content_acc 0.10 vs 0.32 at 700 steps).
+  (a toy LLM trained with no loss on its input: content_acc 0.10 with the input KL, 0.32 without,
+  at 700 steps).
 """
 import copy
 import json

@@ -618,19 +618,30 @@ def quiet_transformers():
 LOAD = dict(use_kernels=False)
 
 
+def model_config(path, flag):
+    """A model folder's config, or one line saying why not. A checkpoint whose modelling code ships
+    with it (trust_remote_code) is refused, not run (transformers would stop to ask on stdin)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise UserError(f"{flag} {path}: its modelling code ships with the checkpoint (trust_remote_code), "
+                            f"which this project does not run; take a model transformers implements (for "
+                            f"Qwen-7B-Chat: a Qwen2 or Qwen2.5 chat model, the same ChatML template)") from None
+        raise UserError(f"{flag} {path}: cannot read a model config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+
+
 def load_encoder(path, device, layer=-1, pad_30s=False):
     """HF speech encoder folder (or None: the built-in default) -> frozen SpeechEncoder.
     pad_30s (--whisper-30s): Whisper runs every clip padded to 30 s (SpeechEncoder.whisper_30s)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
     quiet_transformers()
     path = path or default_encoder()
     if not os.path.isdir(path):
         raise UserError(f"--encoder: not a folder: {path}")
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise UserError(f"--encoder {path}: cannot read a model config ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+    cfg = model_config(path, "--encoder")
     dtype = frozen_dtype(device)
     mt = cfg.model_type
     if mt == "whisper":
@@ -668,12 +679,7 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
     if not os.path.isdir(path):
         raise UserError(f"--llm: not a folder: {path}")
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM
-    try:
-        from transformers import AutoConfig
-        cfg = AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise UserError(f"--llm {path}: cannot read a model config ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+    cfg = model_config(path, "--llm")
     if kind == "causal" and getattr(cfg, "is_encoder_decoder", False):   # (Whisper would load its decoder)
         raise UserError(f"--llm {path}: an encoder-decoder model ({cfg.model_type}); this method needs a "
                         f"decoder-only causal LM (SLM takes a T5-family model)")
