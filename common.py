@@ -690,7 +690,7 @@ def load_llm(path, device, kind="causal", grad_ckpt=False):
         raise UserError(f"--llm {path}: a multimodal checkpoint ({cfg.model_type}, its language model "
                         f"in text_config); give a text-only causal LM")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         load = lambda attn: cls.from_pretrained(path, dtype=frozen_dtype(device), attn_implementation=attn,
                                                 **LOAD)
         try:
