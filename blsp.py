@@ -197,7 +197,7 @@ def infer(args, device):
 
 @common.guard
 def main(argv=None):
-    args = common.parse_args(BLSPArgs, argv)
+    args = common.parse_args(BLSPArgs, argv, method="blsp")
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)
@@ -208,7 +208,7 @@ def main(argv=None):
     train_items, valid_items = common.manifests(args, encoder)
 
     if rank == 0 and not args.resume:     # (a stop while they are generated: --resume takes it)
-        common.write_config(args, args.out)
+        common.write_config(args, args.out, "blsp")
     # step 1: the LLM's own continuations are the targets (train); valid items without a
     # reference continuation get one too, to measure the speech-vs-text gap
     continuation_data(llm, tok, train_items, args, args.out, "train")

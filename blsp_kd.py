@@ -389,7 +389,7 @@ def infer(args, device):
 
 @common.guard
 def main(argv=None):
-    args = common.parse_args(KDArgs, argv)
+    args = common.parse_args(KDArgs, argv, method="blsp_kd")
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)
@@ -422,7 +422,7 @@ def main(argv=None):
         common.load_trainable(module, init_ck)
 
     if rank == 0 and not args.resume:     # (a stop while they are generated: --resume takes it)
-        common.write_config(args, args.out)
+        common.write_config(args, args.out, "blsp_kd")
     # the LLM's own continuations of the transcripts are the teacher's responses
     continuation_data(llm, tok, train_items, args, args.out, "train", args.init)
     continuation_data(llm, tok, valid_items, args, args.out, "valid", args.init)

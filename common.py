@@ -189,9 +189,10 @@ class Args:
     max_new_tokens: int = arg(64, "generation length limit", min=1)
 
 
-def parse_args(cls, argv=None, **defaults):
+def parse_args(cls, argv=None, method=None, **defaults):
     """argparse from a dataclass: every field is --flag-name with its help line; choices and
-    bounds are checked (a bad value: a one-line error naming the flag)."""
+    bounds are checked (a bad value: a one-line error naming the flag). method: the script's (what
+    --resume checks the run against)."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -232,7 +233,7 @@ def parse_args(cls, argv=None, **defaults):
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise UserError(f"--device must be cuda, cuda:N or cpu, not {args.device!r}")
     if args.resume and not args.ckpt:
-        resume_config(args)
+        resume_config(args, method)
     if args.ckpt and not (args.infer or args.eval):
         raise UserError(f"--ckpt {args.ckpt}: add --infer WAV or --eval MANIFEST (what to do with the run)")
     for flag, path in (("--infer", args.infer), ("--eval", args.eval)):
@@ -243,14 +244,18 @@ def parse_args(cls, argv=None, **defaults):
     return args
 
 
-OF_THIS_MACHINE = ("resume", "out", "ckpt", "infer", "eval", "device", "threads", "workers")   # (not the run's)
+# what --resume does not take from the run: where it runs and how fast (this machine's), what
+# this command does (--stage of SSR: which stages; arg(..., per_command=True))
+OF_THIS_MACHINE = ("resume", "out", "ckpt", "infer", "eval", "device", "threads", "workers", "compile",
+                   "grad_ckpt", "gen_batch_size")
 
 
-def resume_config(args):
+def resume_config(args, method=None):
     """--resume DIR continues the run as it was set up: each flag not given again takes the run's
-    value (DIR/config.json, written when it started), except where it runs (OF_THIS_MACHINE). One
-    given again that differs is said (a larger --steps extends the run; the models and shapes are
-    checked against the checkpoint). A run stopped before its first checkpoint (while the LLM wrote
+    value (DIR/config.json, written when it started; then counted as given, so that nothing later
+    replaces it: BLSP-KD's --init run), except OF_THIS_MACHINE. One given again that differs is
+    said (a larger --steps extends the run; the models and shapes are checked before any work).
+    Another method's run is refused. A run stopped before its first checkpoint (while the LLM wrote
     its continuations) starts again in DIR, with its settings and what it cached."""
     if not os.path.isdir(args.resume):
         raise UserError(f"--resume {args.resume}: no such run directory")
@@ -262,23 +267,30 @@ def resume_config(args):
         return                  # (a run of an earlier version: train() says what it lacks)
     except ValueError:
         raise UserError(f"{path}: not valid JSON (a run's config.json)") from None
+    if method and was.get("method", method) != method:
+        raise UserError(f"--resume {args.resume}: " + (
+            f"one stage of a {method} run: --resume takes the run's directory, "
+            f"{os.path.dirname(os.path.abspath(args.resume))}" if was["method"].startswith(method + "-")
+            else f"a {was['method']} run, not a {method} one"))
     said = os.environ.get("RANK", "0") == "0"
-    changed = []
+    changed, taken = [], set()
     for f in dataclasses.fields(args):
         k = f.name
-        if k in OF_THIS_MACHINE or k not in was:
+        if k in OF_THIS_MACHINE or f.metadata.get("per_command") or k not in was:
             continue
         if not given(args, k):
             setattr(args, k, was[k])
+            taken.add(k)
         elif getattr(args, k) != was[k]:
             changed.append(f"--{k.replace('_', '-')} {getattr(args, k)} in place of the run's {was[k]}")
+    args._given = frozenset(getattr(args, "_given", ())) | taken
     if changed and said:
         print(f"--resume {args.resume}: {', '.join(changed)}", file=sys.stderr)
     if not glob.glob(os.path.join(glob.escape(args.resume), "latest")) and \
             not glob.glob(os.path.join(glob.escape(args.resume), "*", "latest")):
         if said:
             print(f"--resume {args.resume}: no checkpoint yet (stopped before its first): the run starts "
-                  f"again there, with its settings and what it cached")
+                  f"again there, with its settings and what it cached", file=sys.stderr)
         args.out, args.resume = args.out or args.resume, None
 
 
@@ -289,13 +301,22 @@ def make_run_dir(out):
         raise UserError(f"--out {out}: cannot make this run directory ({e.strerror})") from None
 
 
-def write_config(args, out, world=None):
-    """The run's arguments, written atomically to out/config.json (made): what --resume and --ckpt
-    read. (Also before the continuations are generated: a run stopped then resumes with them.)"""
+def config_method(run_dir):
+    """The method a run directory's config.json names (None: none, or an earlier version's)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_config(args, out, method, world=None):
+    """The run's arguments and method, written atomically to out/config.json (made): what --resume
+    and --ckpt read. (Also before the continuations are generated: a run stopped then resumes.)"""
     make_run_dir(out)
     run = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     with open(os.path.join(out, "config.json.tmp"), "w") as f:
-        json.dump({**run, **({"world": world} if world else {})}, f, indent=1)
+        json.dump({**run, "method": method, **({"world": world} if world else {})}, f, indent=1)
     os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
 
 
@@ -1781,9 +1802,11 @@ def run_config(run_dir, method, args=None, flag=None, fixed=(), free=()):
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     flag = flag or f"--ckpt {run_dir}"
+    default = {f.name: f.default for f in dataclasses.fields(args)} if args is not None else {}
     for k in fixed:
-        if given(args, k) and getattr(args, k) != cfg.get(k):
-            raise UserError(f"{flag}: its --{k.replace('_', '-')} is {cfg.get(k)!r}, not {getattr(args, k)!r} "
+        was = cfg.get(k, default.get(k))           # (a run from before the flag: its default)
+        if given(args, k) and getattr(args, k) != was:
+            raise UserError(f"{flag}: its --{k.replace('_', '-')} is {was!r}, not {getattr(args, k)!r} "
                             f"(the run fixes it)")
     for k in free:
         if given(args, k):
@@ -1836,6 +1859,9 @@ def check_out(args, resume_dir=None, method=None, model_fields=()):
         raise UserError(f"--out {resume_dir} holds a run already (its latest checkpoint: "
                         f"{name}): --resume {resume_dir} continues it; to start "
                         f"again, remove it or give another --out")
+    other = config_method(args.out)
+    if method and other not in (None, method):           # (an SSR run's directory, above its stages)
+        raise UserError(f"--out {args.out} holds a {other} run: give another --out")
     there = os.path.abspath(args.out)                   # (not made yet: a refusal leaves no trace)
     while not os.path.exists(there):
         there = os.path.dirname(there)
@@ -1885,17 +1911,26 @@ class Stages:
             raise UserError(f"{self.path(run_dir, stage)}: no checkpoint (run --stage {stage} first)")
         return module
 
-    def check(self, args, stages):
-        """Before any training: --resume takes the run's directory; a stage trained already in
-        --out is not trained afresh over; --out is made, with the run's config.json."""
+    def check(self, args, stages, model_fields):
+        """Before any training: --resume takes the run's directory, and each of its trained stages
+        keeps its models and shapes (model_fields = {stage: fields}; refused before any stage trains,
+        so no config.json changes); a stage trained already in --out is not trained afresh over;
+        --out can be made, and holds no other method's run."""
         if args.resume and not any(self.trained(args.resume, st) for st in self.dirs):
             raise UserError(f"--resume {args.resume}: no stage checkpoint in it ({', '.join(d + '/' for d in self.dirs.values())}): "
                             f"--resume takes the run's directory")
+        for st in self.dirs if args.resume else ():
+            if self.trained(args.resume, st):
+                change = model_change(self.path(args.resume, st), {k: getattr(args, k) for k in model_fields[st]})
+                if change:
+                    raise UserError(f"--resume {args.resume}: {change}")
         for st in stages:
             if not args.resume and self.trained(args.out, st):
                 raise UserError(f"--out {args.out} holds a trained {self.dirs[st]} already: --resume "
                                 f"{args.out} continues the run; to start again, remove it or give another --out")
         check_out(args)
+        if config_method(args.out) not in (None, self.method):
+            raise UserError(f"--out {args.out} holds a {config_method(args.out)} run: give another --out")
 
     def check_ckpt(self, run_dir, needed):
         """--ckpt names the run's directory (not one stage's, not another method's run), where stage
@@ -1973,7 +2008,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     """
     from tqdm import tqdm
     out = args.out
-    check_out(args, resume_dir)
+    check_out(args, resume_dir, method)
     make_run_dir(out)
     meta = dict(method=method, model=model_fingerprint(args, model_fields),
                 data=data_order(args, train_items, world))
@@ -2028,9 +2063,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         for p in params:    # built after a training stage, SSR's LoRA, drew from diverged RNGs)
             torch.distributed.broadcast(p.data, src=0)
     if rank == 0:           # (a refused --resume leaves the run's config as it was)
-        write_config(args, out, world)
-        if run_args is not None:
-            write_config(run_args, resume_dir, world)
+        write_config(args, out, method, world)
+        if run_args is not None:                # (SSR's run, of which this is a stage)
+            write_config(run_args, resume_dir, method.split("-")[0], world)
     loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
                                        args.seed, rank, world, args.workers, args.skip_bad,
                                        pin_memory=device.type == "cuda",
@@ -2261,8 +2296,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         try:
             last_valid = run_valid(valid_fn, step, log, rank, None, device)
         except data.DataError as e:
-            raise data.DataError(f"{e}; the training's step {step} is saved: mend the validation set (or add "
-                                 f"--skip-bad), then --resume {resume_dir or out} validates it") from None
+            raise data.DataError(f"{e}; the training's step {step} is saved: mend the validation set"
+                                 + ("" if args.skip_bad else " (or add --skip-bad)")
+                                 + f", then --resume {resume_dir or out} validates it") from None
     if rank == 0:
         mfu = seen["flops"] / dt / peak_fl if peak_fl and seen["flops"] else 0
         print(f"{method}: {step - step0} steps" + (f" (resumed at {step0})" if step0 else "")

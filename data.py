@@ -14,6 +14,7 @@
 - Manifests from LibriSpeech, Common Voice and CoVoST 2: `python data.py librispeech|tsv ... --out FILE`.
 """
 import array
+import errno
 import glob
 import json
 import math
@@ -596,11 +597,13 @@ def write_manifest(rows, out, skip_bad=False, threads=8):
     import soundfile as sf
     from concurrent.futures import ThreadPoolExecutor
     rows, base = list(rows), os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise DataError(f"--out {out}: a directory (give the manifest's file name)")
     try:
         os.makedirs(base, exist_ok=True)
         open(out + ".tmp", "w").close()
     except OSError as e:
-        raise DataError(f"--out {out}: cannot write there ({e.strerror})") from None
+        raise DataError(f"--out {out}: cannot write there ({'a file in its path' if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror})") from None
 
     def duration(row):
         audio, where = row[0], row[2]
@@ -656,8 +659,8 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.out}: {n} utterances, " + (f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min")
-          + (f" ({bad} left out)" if bad else ""))
+    size = f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min" if hours >= 1 / 60 else f"{hours * 3600:.1f} s"
+    print(f"{args.out}: {n} utterance{'s' if n != 1 else ''}, {size}" + (f" ({bad} left out)" if bad else ""))
 
 
 if __name__ == "__main__":

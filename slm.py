@@ -366,7 +366,7 @@ def infer(args, device):
 
 @common.guard
 def main(argv=None):
-    args = common.parse_args(SLMArgs, argv)
+    args = common.parse_args(SLMArgs, argv, method="slm")
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)

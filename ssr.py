@@ -64,7 +64,7 @@ CONTINUE_INSTRUCTION = data.CONTINUE_INSTRUCTIONS[0]
 @dataclass
 class SSRArgs(common.Args):
     stage: str = arg("all", "aligner | 1 | 2 | all (aligner, stage 1, then a short stage 2)",
-                     choices=["aligner", "1", "2", "all"])
+                     choices=["aligner", "1", "2", "all"], per_command=True)   # (--resume: not the run's)
     aligner: str = arg("ctc", "training boundaries: ctc (forced alignment of the transcript) | "
                               "oracle (manifest `chars`: [char, start_s, end_s])", choices=["ctc", "oracle"])
     aligner_layers: int = arg(1, "aligner: transformer layers before the CTC Linear", min=0)
@@ -450,6 +450,9 @@ def step_flops(m, stage, full=False):
 
 STAGES = common.Stages("ssr", {"aligner": "aligner", "1": "stage1", "2": "stage2"}, "an SSR run",
                        {"aligner": "--aligner-steps", "1": "--steps", "2": "--stage2-steps"})
+_ALIGNER = ("llm", "encoder", "encoder_layer", "whisper_30s", "aligner_layers", "heads")
+STAGE_FIELDS = {"aligner": _ALIGNER, "1": _ALIGNER + ("layers", "blockwise"),     # what each stage's
+                "2": _ALIGNER + ("layers", "blockwise", "finetune")}              # checkpoint fixes
 
 
 def build(args, encoder, llm, tok, device):
@@ -477,15 +480,15 @@ def run_stages(args, m, device, rank, world):
         if it.get("chars") is not None:
             oracle_frames(it["chars"], it["text"], m.encoder.frame_seconds, it["where"])
     stages = [args.stage] if args.stage != "all" else ["aligner", "1"] + (["2"] if args.stage2_steps else [])
-    STAGES.check(args, stages)
+    STAGES.check(args, stages, STAGE_FIELDS)
     for blk in m.connector.blocks:            # --compile: the layers; masks and rows are built
         common.compile_adapter(blk, args)     # from Python lists, which would recompile every batch
     mode = "oracle" if args.aligner == "oracle" else "forced"           # the training boundaries
-    fields, res = ["llm", "encoder", "encoder_layer", "whisper_30s", "aligner_layers", "heads"], {}
+    res = {}
 
     def train(stage, module, step_fn, valid_fn, steps, lr):
         return common.train(STAGES.args(args, stage, steps, lr), module, step_fn, train_items, device, rank,
-                            world, valid_fn, method=STAGES.method_of(stage), model_fields=tuple(fields),
+                            world, valid_fn, method=STAGES.method_of(stage), model_fields=STAGE_FIELDS[stage],
                             resume_dir=args.out, run_args=args)
 
     if "aligner" in stages:
@@ -510,7 +513,6 @@ def run_stages(args, m, device, rank, world):
     if stages == ["aligner"]:
         return res
 
-    fields += ["layers", "blockwise"]
     if "1" in stages:
         flops = step_flops(m, "1")
 
@@ -530,7 +532,6 @@ def run_stages(args, m, device, rank, world):
         bos, eos = text_ends(m)
         module = stage2_module(args, m.llm).train()
         flops = step_flops(m, "2", args.finetune == "full")
-        fields.append("finetune")
 
         def stage2_step(batch):
             # a text-only batch (the transcripts); torch's RNG: a checkpoint holds its state
@@ -603,7 +604,7 @@ def infer(args, device):
 
 @common.guard
 def main(argv=None):
-    args = common.parse_args(SSRArgs, argv)
+    args = common.parse_args(SSRArgs, argv, method="ssr")
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)

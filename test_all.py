@@ -202,8 +202,13 @@ def test_manifests_written_from_librispeech_common_voice_and_covost(tmp_path, ca
     out = tmp_path / "manifests" / "dev.jsonl"                 # (its folder is made)
     r = subprocess.run([sys.executable, "data.py", "librispeech", str(tmp_path / "LibriSpeech"), "--out", str(out)],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
-    minutes = sum(lens.values()) / 60
-    assert r.returncode == 0 and r.stdout.strip() == f"{out}: 2 utterances, {minutes:.1f} min", r.stdout + r.stderr
+    seconds = sum(lens.values())                               # (a small set: seconds, not 0.00 h)
+    assert r.returncode == 0 and r.stdout.strip() == f"{out}: 2 utterances, {seconds:.1f} s", r.stdout + r.stderr
+    for bad, says in ((tmp_path / "manifests", "a directory (give the manifest's file name)"),
+                      (out / "x.jsonl", "cannot write there (a file in its path)")):
+        r2 = subprocess.run([sys.executable, "data.py", "librispeech", str(tmp_path / "LibriSpeech"), "--out",
+                             str(bad)], capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert r2.returncode == 2 and r2.stderr.strip() == f"error: --out {bad}: {says}", r2.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["audio"] == "../LibriSpeech/dev-clean/84/121123/84-121123-0000.flac"
     items = data.read_manifest(str(out))
@@ -2660,16 +2665,20 @@ def test_a_bare_resume_continues_the_run_with_its_own_settings(tiny, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         blsp.main(run + ["--out", str(tmp_path / "early")])
     monkeypatch.setattr(common, "generate_texts", generate)
+    config = read(tmp_path / "early" / "config.json")
+    with pytest.raises(SystemExit) as e:              # no checkpoint yet, and another method: refused
+        blsp_kd.main(["--resume", str(tmp_path / "early")])
+    assert e.value.code == 2 and read(tmp_path / "early" / "config.json") == config
     capsys.readouterr()
     blsp.main(["--resume", str(tmp_path / "early")])
-    assert "no checkpoint yet" in capsys.readouterr().out
+    assert "no checkpoint yet" in capsys.readouterr().err
     assert losses(tmp_path / "early") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
 
     blsp.main(["--resume", str(tmp_path / "full"), "--steps", "6"])         # extended: said
     assert "--steps 6 in place of the run's 5" in capsys.readouterr().err
     assert len(losses(tmp_path / "full")) == 6
     files = sorted(os.listdir(tmp_path / "full"))
-    for script, flags, says in ((blsp_kd, [], "checkpoint of another method"),
+    for script, flags, says in ((blsp_kd, [], f"--resume {tmp_path / 'full'}: a blsp run, not a blsp_kd one"),
                                 (blsp, ["--bottleneck", "8"], "trained with --bottleneck 16, not --bottleneck 8")):
         with pytest.raises(SystemExit) as e:
             script.main(["--resume", str(tmp_path / "full")] + flags)
@@ -3521,6 +3530,13 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     res = json.loads(out[out.index("{"):])
     assert {"content_acc", "repeat_wer", "count_err", "response_kl", "input_kl"} <= set(res)
 
+    s3 = str(tmp_path / "s3")        # a stage 2 of its own continuation length, resumed bare: its own,
+    blsp_kd.main(stage2 + ["--out", s3, "--steps", "2", "--stage", "2", "--init", s1,   # not the --init
+                           "--continuation-tokens", "4"])                                 # run's (6)
+    blsp_kd.main(["--resume", s3, "--steps", "3"])
+    assert json.loads(read(os.path.join(s3, "config.json")))["continuation_tokens"] == 4
+    assert len(glob.glob(os.path.join(s3, "answers-train-*.jsonl"))) == 1 and read(os.path.join(s3, "metrics.jsonl")).count('"loss"') == 3
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         blsp_kd.main(common_args + ["--out", str(tmp_path / "bad"), "--stage", "2"])
     assert e.value.code == 2 and "--init" in capsys.readouterr().err
@@ -3981,17 +3997,28 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
         assert len(done) == {"aligner": 1, "1": 2, "2": 3}[stage], (stage, done)
         final = json.loads(capsys.readouterr().out.split("final: ")[-1].splitlines()[0])
         assert {"aligner": "cer", "1": "acc_forced", "2": "text_loss"}[stage] in final
-    ssr.main(["--resume", str(out)])                    # the run's settings: its last command's stage
-    assert f"at step 1 of --stage2-steps 1 already: nothing to train (a larger --stage2-steps " \
-           f"continues it)" in capsys.readouterr().out
-    ssr.main(["--resume", str(out), "--stage", "aligner"])          # (each stage names its own flag)
-    assert "at step 2 of --aligner-steps 2 already" in capsys.readouterr().out
+    ssr.main(["--resume", str(out)])          # the run's settings (--stage: this command's, all)
+    printed = capsys.readouterr().out                                   # (each stage names its flag)
+    for says in ("at step 2 of --aligner-steps 2 already: nothing to train (a larger --aligner-steps",
+                 "at step 2 of --steps 2 already", "at step 1 of --stage2-steps 1 already"):
+        assert says in printed, printed
+    with pytest.raises(SystemExit) as e:      # another shape: refused before any stage trains,
+        ssr.main(["--resume", str(out), "--layers", "3"])              # no config.json changed
+    assert e.value.code == 2 and "trained with --layers 1, not --layers 3" in capsys.readouterr().err
+    assert json.loads(read(out / "config.json"))["layers"] == 1 and json.loads(read(out / "config.json"))["method"] == "ssr"
+    for script in (blsp, blsp_kd):            # another method's run: refused, as --out or --resume
+        for flags, says in ((["--out", str(out)], f"--out {out} holds a ssr run"),
+                            (["--resume", str(out)], f"--resume {out}: a ssr run, not a ")):
+            with pytest.raises(SystemExit) as e:
+                script.main(flags + ["--steps", "1"])
+            assert e.value.code == 2 and says in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:                # again: refused, naming the run, not a stage
         ssr.main(base + ["--stage", "1"])
     assert e.value.code == 2 and f"holds a trained stage1 already: --resume {out} " in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:                # a stage's directory given to --resume
         ssr.main(base + ["--resume", str(out / "stage1")])
-    assert e.value.code == 2 and "no stage checkpoint in it" in capsys.readouterr().err
+    assert e.value.code == 2 and f"one stage of a ssr run: --resume takes the run's directory, {out}" \
+        in capsys.readouterr().err
 
 
 def test_stages_directories_and_their_messages(tmp_path):
@@ -4013,10 +4040,11 @@ def test_stages_directories_and_their_messages(tmp_path):
     a, b = st.args(args, "a", 10, 0.5), st.args(args, "b", 200, 0.1)
     assert (a.out, a.resume, a.steps, a.lr, a.warmup) == (str(tmp_path / "new" / "first"), str(run / "first"), 10, 0.5, 2)
     assert (b.resume, b.warmup) == (None, 20)               # nothing to resume in that stage
-    st.check(args, ["a", "b"])
-    cases = [(lambda: st.check(dataclasses.replace(args, resume=str(run / "first")), ["a"]),
+    fields = {"a": ("llm",), "b": ("llm",)}
+    st.check(args, ["a", "b"], fields)
+    cases = [(lambda: st.check(dataclasses.replace(args, resume=str(run / "first")), ["a"], fields),
               "no stage checkpoint in it (first/, second/)"),
-             (lambda: st.check(common.Args(out=str(run)), ["b", "a"]), "holds a trained first already: --resume"),
+             (lambda: st.check(common.Args(out=str(run)), ["b", "a"], fields), "holds a trained first already: --resume"),
              (lambda: st.load(nn.Linear(1, 1), run, "b", required=True), "no checkpoint (run --stage b first)"),
              (lambda: st.check_ckpt(str(run / "first"), "a"), f"one stage of an M run: --ckpt takes the run's directory, {run}"),
              (lambda: st.check_ckpt(str(run), "b"), "no second checkpoint (second/) in this run directory"),
