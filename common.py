@@ -144,7 +144,8 @@ class Args:
     valid: str = arg(None, "validation manifest; default: the last 10%% of --train (1 to 50 lines, "
                            "held out from training), or the toy corpus's valid split")
     out: str = arg(None, "run directory: config, metrics.jsonl, checkpoints (default runs/METHOD)")
-    resume: str = arg(None, "run directory to resume from (its latest checkpoint)")
+    resume: str = arg(None, "run directory to continue from its latest checkpoint, with its own flags "
+                            "(config.json; a flag given again replaces the run's, e.g. a larger --steps)")
     steps: int = arg(300, "optimizer steps", min=0)
     batch_size: int = arg(16, "utterances per micro-batch (per process)", min=1)
     max_seconds: float = arg(None, "at most this many seconds of padded audio per micro-batch", above=0)
