@@ -11,12 +11,16 @@ paper's emergent ability, measured here as repeat_wer.
 Paper step                                            -> code
   step 1: continuation of each transcript, greedy,    -> continuation_data()
           <= 64 new tokens, lower case, no punctuation
+          prompt ###[Human]:{instruction} {transcript} -> common.cached_answers, .prompt_pieces
+                 \\n\\n\\n###[Assistant]:                   (CONTINUE_INSTRUCTION, BLSP_TEMPLATE)
   adapter: 3 x (Conv1d k5 s2 p2 + GLU)                -> Adapter.convs, Adapter.forward
            length L -> floor((L-1)/2)+1 per layer     -> Adapter.output_lengths
            x + W2 GELU(W1 x) (512, no bias), LayerNorm -> Adapter.bottleneck, Adapter.norm
   step 2 input: [BOS] ###[Human]:{instruction}        -> behaviour_sample()
                 + speech + \\n\\n\\n###[Assistant]: + continuation + EOS
-  step 2 loss: CE on continuation + EOS only          -> behaviour_loss() (-100 elsewhere)
+  step 2 loss: CE on continuation + EOS only          -> behaviour_loss() (labels: common.splice,
+                                                          -100 where not a target; the mean over
+                                                          the step's target tokens: common.train)
   inference: instruction + speech, greedy, 128 tokens -> infer() / common.respond()
 
 Project choices (not in the paper): the encoder runs on the batch's real length, not padded to 30 s
@@ -24,9 +28,16 @@ Project choices (not in the paper): the encoder runs on the batch's real length,
 silence padded up to 30 s; --whisper-30s runs it that way), and the adapter zeroes padding frames
 before each convolution, so a clip's speech vectors do not depend on what else is in its batch; the
 final LayerNorm's gain starts at the RMS of the LLM's token embeddings (not 1), so that speech
-vectors enter at the scale of text embeddings; an LLM with a chat template gets its chat template
-around the same pieces (--prompt blsp forces the paper's template), and its continuations then end
-with the token that closes the assistant's turn (common.answer_end: <|im_end|>, <|eot_id|>);
+vectors enter at the scale of text embeddings; an LLM whose tokenizer has a chat template (an
+instruct model, or a base one that ships it) gets its chat template around the same pieces
+(--prompt blsp forces the paper's template), and its continuations then end with the token that
+closes the assistant's turn (common.answer_end: <|im_end|>, <|eot_id|>); [BOS] only where the
+tokenizer starts a text with it (Llama; not SmolLM2, Qwen: common.bos_ids); the prompt is
+tokenized in pieces around the transcript or speech (the released step 1 tokenizes it whole: a
+legacy SentencePiece tokenizer may start the piece after it with a lone "▁"); the loss is a mean
+over all target tokens of an optimizer step, across --grad-accum and processes (the released code:
+a mean per micro-batch); the optimizer settings are common.Args' (AdamW betas 0.9, 0.999, weight
+decay 0.05 on matrices, clip 1.0, linear decay);
 transcripts are normalised keeping apostrophes and digits ("don't", not "don t"); default
 hyper-parameters are scaled to the toy setting (the paper: lr 5e-5, batch 768, 1000 warm-up steps, 1
 epoch, clip 1.0, weight decay 0.05): batch 32, lr 1.5e-3, 40 warm-up steps, 800 steps (about 1 min

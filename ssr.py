@@ -25,16 +25,26 @@ Project choices ([choice] in METHODS.md, or where it is silent):
 - aligner: pre-norm layers (starting as the identity) + Linear over common.CTC_CHARS on the frozen
   frames; the Linear starts from the encoder folder's ctc_head.safetensors if any (last layer only);
 - a CTC character lasts until the next emitted label starts (its trailing blanks are its own:
-  common.ctc_runs), so word-final characters end where the exact boundaries say (toy: within one
-  frame); --aligner oracle: the last 20 ms frame a character overlaps. Spaces and punctuation are
-  never a token's aligned character;
-- connector layers (common.MaskedBlock): pre-norm, SDPA, GELU MLP, no positional encoding, no final
-  norm, dropout 0.1 (the prototype's) on the residual branches and attention weights; blockwise
+  common.ctc_runs; the utterance's last character ends with its own run), so word-final
+  characters end where the exact boundaries say (toy: within one frame); --aligner oracle: the
+  last 20 ms frame a character overlaps. Spaces are never a token's aligned character; with forced
+  or greedy boundaries neither is any character the aligner does not emit (outside a-z and ':
+  punctuation, digits, accents, other scripts), with oracle ones every other character of `chars`
+  is; a token without an aligned character takes the boundary before it + 1;
+- transcripts are used as given: lower-case them without punctuation (as the toy corpus and
+  `data.py librispeech` do) or their punctuation becomes tokens the aligner cannot place, and it
+  and capitals tokens that greedy CTC never produces at inference (the run warns: unspeakable());
+- an utterance whose characters do not fit CTC in its frames is skipped, named once (the record
+  drops only one whose tokens do not fit);
+- connector layers (common.MaskedBlock): pre-norm LayerNorm, SDPA, 4x GELU MLP, with biases (the
+  prototype: Llama-style, RMSNorm and SwiGLU), no positional encoding, no final norm, dropout 0.1
+  (the prototype's) on the residual branches and attention weights; blockwise
   mask by default (--no-blockwise: causal): on the toy it learns far faster;
 - stage 2: BOS + SSR vectors + EOS, speech position i labelled with transcript token i (--text-mix:
   the transcript's ids instead); BOS only where the tokenizer starts a text with it (Llama; not
-  SmolLM2 or Qwen, whose first token is then not predicted). Only the LLM trains (fp32 with
-  --finetune full);
+  SmolLM2 or Qwen, whose first token is then not predicted). Only the LLM trains: LoRA r 16,
+  alpha 16, dropout 0.05 on every Linear of every block (common.add_lora; the record gives none),
+  or all of it in fp32 with --finetune full;
 - AdamW betas (0.9, 0.95), weight decay 0.1 (matrices only), cosine decay to 0.2 x lr as the
   prototype; toy-scaled steps, lr, warm-up, 2 connector layers, batches of --batch-size clips and
   the encoder's last layer (prototype: lr 1e-4, 2000 warm-up steps, 4 Llama-style layers, at most
@@ -282,8 +292,9 @@ def ssr_vectors(m, batch, mode):
         token_ids, offsets = tokens_of(m.tok, txt)
         b = token_boundaries(offsets, char_end, T) if char_end is not None else None
         if b is None:
-            common.warn_once(where or txt, f"ssr: skipped {where or txt}: {len(token_ids)} tokens do not "
-                                           f"fit in {T} frames ({mode} boundaries)")
+            what = f"{len(token_ids)} tokens" if char_end is not None else "its characters (CTC)"
+            common.warn_once(where or txt, f"ssr: skipped {where or txt}: {what} do not fit in {T} frames "
+                                           f"({mode} boundaries)")
             continue
         ids.append(token_ids)
         bnds.append(b)
@@ -472,8 +483,20 @@ def stage2_module(args, llm):
     return common.unfreeze(llm) if args.finetune == "full" else common.add_lora(llm, masked=False)[1]
 
 
+def unspeakable(items):
+    """How many transcripts hold what greedy CTC never writes: capitals, or characters the aligner
+    does not emit (punctuation, digits, other letters)."""
+    return sum(any(c.isupper() or not (c.isspace() or c.lower() in common.CTC_CHARS) for c in it["text"])
+               for it in items)
+
+
 def run_stages(args, m, device, rank, world):
     train_items, valid_items = common.manifests(args, m.encoder)
+    if rank == 0 and (odd := unspeakable(train_items)):
+        print(f"ssr: warning: {odd} of {len(train_items)} training transcripts have capitals, punctuation or "
+              f"characters the aligner does not emit (it writes a-z and '): their tokens take a boundary "
+              f"without a character of theirs, unlike what greedy CTC writes at inference; lower-case them "
+              f"without punctuation first", file=sys.stderr)
     if args.aligner == "oracle" and not all("chars" in it for it in train_items):
         raise common.UserError("--aligner oracle: the training manifest has no `chars` field")
     for it in train_items + valid_items:                # (checked before any stage trains)

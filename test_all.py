@@ -3661,6 +3661,14 @@ def test_input_ids_without_a_lone_word_marker_from_a_legacy_sentencepiece_normal
     assert ssr.tokens_of(bpe, "the red") == (enc.input_ids, enc.offset_mapping)
 
 
+def test_ssr_counts_the_transcripts_greedy_ctc_never_writes():
+    """Capitals, punctuation, digits: SSR trains on the tokens as given, which greedy CTC (a-z, ')
+    never writes at inference; the run warns with this count."""
+    items = [dict(text="the red fox"), dict(text="The red fox."), dict(text="don't  stop"), dict(text="42 cats"),
+             dict(text="über")]
+    assert ssr.unspeakable(items) == 3
+
+
 def test_ssr_boundaries_same_frame_past_end_and_too_short():
     offs = [(0, 2), (2, 4), (4, 6)]
     frames = {1: 5, 3: 5, 5: 6}                       # two tokens end in frame 5
