@@ -1308,7 +1308,8 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
         print(f"{desc}: {left} of {len(prompts)} to generate with the frozen LLM ({len(done)} cached "
               f"in {os.path.basename(cache)})", flush=True)
     term = signal.getsignal(signal.SIGTERM)     # kill (a cluster's preemption): stop as on Ctrl-C
-    if path and threading.current_thread() is threading.main_thread():
+    on_term = path and threading.current_thread() is threading.main_thread()
+    if on_term:
         signal.signal(signal.SIGTERM, raise_terminated)
     try:
         from tqdm import tqdm
@@ -1337,7 +1338,7 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     finally:
         if f:
             f.close()
-        if path and threading.current_thread() is threading.main_thread():
+        if on_term:
             signal.signal(signal.SIGTERM, term)
     if world > 1:
         torch.distributed.barrier()                     # every process has written its share
@@ -1852,8 +1853,9 @@ def load_trainable(module, ckpt_dir):
 def check_out(args, resume_dir=None, method=None, model_fields=()):
     """A run never starts afresh over another: --out holding a checkpoint needs --resume; an --out
     that cannot be made (a file in its path, no right to write) is one line. Called by train, and
-    early, with the method and its model fields, by the scripts that generate data into --out
-    first: a --resume of another method's run or with other models is refused before that work.
+    early by the scripts that generate data into --out first; with model fields, a --resume of
+    another method's run or with other models is refused (early: before that work); with the
+    method, an --out holding another method's run (config.json) is refused.
     resume_dir: what --resume takes, when not --out (SSR: the run's directory, above its stages')."""
     name, resume_dir = latest_name(args.out), resume_dir or args.out
     if not args.resume and name is not None:
@@ -1869,7 +1871,7 @@ def check_out(args, resume_dir=None, method=None, model_fields=()):
     if not os.path.isdir(there) or not os.access(there, os.W_OK | os.X_OK):
         raise UserError(f"--out {args.out}: cannot make this run directory ({there} is "
                         f"{'not a directory' if not os.path.isdir(there) else 'not writable'})")
-    if args.resume and method:
+    if args.resume and model_fields:
         find_checkpoint(args.resume, dict(method=method))
         change = model_change(args.resume, {k: getattr(args, k) for k in model_fields})
         if change:
@@ -1929,9 +1931,7 @@ class Stages:
             if not args.resume and self.trained(args.out, st):
                 raise UserError(f"--out {args.out} holds a trained {self.dirs[st]} already: --resume "
                                 f"{args.out} continues the run; to start again, remove it or give another --out")
-        check_out(args)
-        if config_method(args.out) not in (None, self.method):
-            raise UserError(f"--out {args.out} holds a {config_method(args.out)} run: give another --out")
+        check_out(args, method=self.method)
 
     def check_ckpt(self, run_dir, needed):
         """--ckpt names the run's directory (not one stage's, not another method's run), where stage
@@ -2009,7 +2009,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     """
     from tqdm import tqdm
     out = args.out
-    check_out(args, resume_dir, method)
+    check_out(args, resume_dir, method, model_fields)
     make_run_dir(out)
     meta = dict(method=method, model=model_fingerprint(args, model_fields),
                 data=data_order(args, train_items, world))
@@ -2019,9 +2019,6 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     ours = [{k: g[k] for k in ("lr_scale", "betas", "weight_decay", "fused")} for g in opt.param_groups]
     step, epoch, batch_pos = 0, 0, 0
     if args.resume:
-        change = model_change(args.resume, {k: getattr(args, k) for k in model_fields})
-        if change:
-            raise UserError(f"--resume {resume_dir or args.resume}: {change}")
         ck = find_checkpoint(args.resume, meta)
         load_trainable(module, ck)
         # (on the CPU: saved from cuda:0, it would load there in every process, and fail on a

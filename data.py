@@ -603,7 +603,8 @@ def write_manifest(rows, out, skip_bad=False, threads=8):
         os.makedirs(base, exist_ok=True)
         open(out + ".tmp", "w").close()
     except OSError as e:
-        raise DataError(f"--out {out}: cannot write there ({'a file in its path' if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror})") from None
+        why = "a file in its path" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
+        raise DataError(f"--out {out}: cannot write there ({why})") from None
 
     def duration(row):
         audio, where = row[0], row[2]

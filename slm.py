@@ -29,8 +29,8 @@ then the instruction, then the encoder's EOS (--order instruction-first for the 
 each item draws its task uniformly among the tasks it has a target for, and a phrasing uniformly
 among the task's trained phrasings; one phrasing of ASR and one of AST are held out of training
 (data.TOY_T5_HELD_OUT; the continuation task has none held out); greedy decoding; "word
-accuracy" = 1 - WER on the translation. The paper's sizes (USM, mT0-MT XXL, 156M adapter) are replaced by the toy defaults. Not built: the
-paper's contextual-biasing ASR ("Transcribe the speech. It may mention: ..."), dialog and QA
+accuracy" = 1 - WER on the translation. The paper's sizes (USM, mT0-MT XXL, 156M adapter) are
+replaced by the toy defaults. Not built: the paper's contextual-biasing ASR ("Transcribe the speech. It may mention: ..."), dialog and QA
 (`--instruction` asks any of them of a trained adapter); slm_loss is a sum, common.train divides
 by the target tokens.
 
