@@ -13,6 +13,8 @@ Paper step                                            -> code
           <= 64 new tokens, lower case, no punctuation
           prompt ###[Human]:{instruction} {transcript} -> common.cached_answers, .prompt_pieces
                  \\n\\n\\n###[Assistant]:                   (CONTINUE_INSTRUCTION, BLSP_TEMPLATE)
+          decoded as written, not stripped            -> common.answer_text (tokenized again as
+                                                          the target: the tokens the LLM wrote)
   adapter: 3 x (Conv1d k5 s2 p2 + GLU)                -> Adapter.convs, Adapter.forward
            length L -> floor((L-1)/2)+1 per layer     -> Adapter.output_lengths
            x + W2 GELU(W1 x) (512, no bias), LayerNorm -> Adapter.bottleneck, Adapter.norm
@@ -33,8 +35,9 @@ instruct model, or a base one that ships it) gets its chat template around the s
 (--prompt blsp forces the paper's template), and its continuations then end with the token that
 closes the assistant's turn (common.answer_end: <|im_end|>, <|eot_id|>); [BOS] only where the
 tokenizer starts a text with it (Llama; not SmolLM2, Qwen: common.bos_ids); the prompt is
-tokenized in pieces around the transcript or speech (the released step 1 tokenizes it whole: a
-legacy SentencePiece tokenizer may start the piece after it with a lone "▁"); the loss is a mean
+tokenized in pieces around the transcript or speech (as the released step 2 does; its step 1
+tokenizes it whole: a legacy SentencePiece tokenizer, Llama-2's, starts the piece after it with a
+lone "▁" in step 2 only); the loss is a mean
 over all target tokens of an optimizer step, across --grad-accum and processes (the released code:
 a mean per micro-batch); the optimizer settings are common.Args' (AdamW betas 0.9, 0.999, weight
 decay 0.05 on matrices, clip 1.0, linear decay);

@@ -381,7 +381,7 @@ def infer(args, device):
         items = common.eval_items(args, encoder)
         continuation_data(llm, tok, items, args, args.ckpt, "eval")
         for it in items:
-            it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))
+            it.setdefault("continuation", common.answer_text(tok, it["response_ids"]))
         print(json.dumps(evaluate(encoder, cformer, llm, tok, ctx, items, args, device), indent=1))
 
 
@@ -427,7 +427,7 @@ def main(argv=None):
     continuation_data(llm, tok, train_items, args, args.out, "train", args.init)
     continuation_data(llm, tok, valid_items, args, args.out, "valid", args.init)
     for it in valid_items:
-        it.setdefault("continuation", tok.decode(it["response_ids"], skip_special_tokens=True))
+        it.setdefault("continuation", common.answer_text(tok, it["response_ids"]))
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)
 
     flops = step_flops(encoder, cformer, module, llm, args.unfreeze_encoder)

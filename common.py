@@ -1285,7 +1285,8 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
     each writes the prompts i with i % world == rank to its own file (cache.rankR, so no two
     append to one file), then all read every file. with_ended: -> (texts, ended), ended[i] True
     when answer i stopped at an end token before the limit (None: cached without the flag).
-    eos: the ids that end an answer (default eos_ids)."""
+    eos: the ids that end an answer (default eos_ids). The texts are as answer_text decodes them:
+    not stripped, so that tokenized again as targets they give the tokens the LLM wrote."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() and cache else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     done = read_texts(cache)
@@ -1323,7 +1324,7 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
             sp = splice(embed, [[text(prompts[i])] for i in idx], pad_left=True)
             outs = generate(llm, sp, eos, max_new_tokens)
             for i, ids in zip(idx, outs):          # (cut at the end token: shorter if it came)
-                done[i] = (tok.decode(ids, skip_special_tokens=True).strip(), len(ids) < max_new_tokens)
+                done[i] = (answer_text(tok, ids), len(ids) < max_new_tokens)
                 if f:
                     f.write(json.dumps({"i": i, "text": done[i][0], "ended": done[i][1]}) + "\n")
             if f:
@@ -1347,6 +1348,14 @@ def generate_texts(llm, tok, prompts, max_new_tokens, batch_size=32, cache=None,
         print(f"{desc}: {left} generated in {time.time() - t0:.0f} s", flush=True)
     texts, ended = [done[i][0] for i in range(len(prompts))], [done[i][1] for i in range(len(prompts))]
     return (texts, ended) if with_ended else texts
+
+
+def answer_text(tok, ids):
+    """The text of generated ids, whitespace and all: a byte-level BPE LLM answering after
+    "###[Assistant]:" writes " The" (one token, "ĠThe"); stripped and tokenized again that would be
+    "The", another token than the one it wrote (and a last newline before the end would be lost).
+    Not cleaned up either (" ." stays " .")."""
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def read_texts(cache):

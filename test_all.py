@@ -1342,11 +1342,29 @@ def test_generate_texts_records_whether_an_answer_ended(tiny, tmp_path, monkeypa
         outs[int(m.sum())] for m in sp.attention_mask])
     cache = str(tmp_path / "gen.jsonl")
     texts, ended = common.generate_texts(llm, tok, [[5, 6, 7], [8, 9]], 4, 2, cache, with_ended=True)
-    assert ended == [False, True] and texts[1] == tok.decode([5, 6], skip_special_tokens=True).strip()
+    assert ended == [False, True] and texts[1] == common.answer_text(tok, [5, 6])
     assert common.generate_texts(llm, tok, [[5, 6, 7], [8, 9]], 4, 2, cache, with_ended=True) == (texts, ended)
     write(cache, json.dumps({"i": 2, "text": "old"}) + "\n", "a")       # a line from before the flag
     assert common.generate_texts(llm, tok, [[5, 6, 7], [8, 9], [1]], 4, 2, cache, with_ended=True)[1] == \
         [False, True, None]
+
+def test_continuation_targets_are_the_tokens_the_llm_wrote(tmp_path, monkeypatch):
+    """A byte-level BPE LLM answering after "###[Assistant]:" writes " the red fox" ("Ġthe" first)
+    and ends it with a newline: the cached text, tokenized again as BLSP's and BLSP-KD's targets
+    are, gives those very tokens (stripped, it gave "the": another first token, and no newline)."""
+    tok = ssr_bpe_tokenizer()
+    llm = tiny_llama(tok)
+    wrote = tok(" the red fox\n", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(wrote)[0] == "Ġthe"
+    monkeypatch.setattr(common, "generate", lambda llm, sp, eos, n: [wrote + [tok.eos_token_id]] * len(sp.spans))
+    args = blsp.BLSPArgs(prompt="blsp")
+    items = blsp.continuation_data(llm, tok, [{"text": "A b."}, {"text": "c"}], args, str(tmp_path), "train")
+    conts = [it["continuation_llm"] for it in items]
+    assert [list(ids) for ids in common.each_ids(tok, conts)] == [wrote, wrote]
+    kd = blsp_kd.continuation_data(llm, tok, [{"text": "A b."}], blsp_kd.KDArgs(prompt="blsp"), str(tmp_path), "kd")
+    assert list(kd[0]["response_ids"]) == wrote + [tok.eos_token_id]
+    assert common.read_texts(glob.glob(str(tmp_path / "answers-train-*.jsonl"))[0])[0] == (" the red fox\n", True)
+
 
 def test_generate_texts_shared_by_two_processes(tiny, tmp_path):
     """Under torchrun each process generates its share (i % world == rank) into its own file;
