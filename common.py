@@ -303,12 +303,22 @@ def make_run_dir(out):
 
 
 def config_method(run_dir):
-    """The method a run directory's config.json names (None: none, or an earlier version's)."""
+    """The method a run directory's config.json names; for an earlier version's run (no method in
+    config.json; an SSR run: no config.json), the method its checkpoints name (a stage's, in the
+    stage's subdirectory: "ssr-aligner" is "ssr"); None where there is none."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
-            return json.load(f).get("method")
+            method = json.load(f).get("method")
     except (OSError, ValueError, AttributeError):
-        return None
+        method = None
+    for d in sorted(os.listdir(run_dir)) if method is None and os.path.isdir(run_dir) else ():
+        name = latest_name(os.path.join(run_dir, d))
+        try:
+            with open(os.path.join(run_dir, d, name or "", "meta.json")) as f:
+                return json.load(f)["method"].split("-")[0]
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+    return method
 
 
 def write_config(args, out, method, world=None):

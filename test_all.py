@@ -4038,6 +4038,11 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
             with pytest.raises(SystemExit) as e:
                 script.main(flags + ["--steps", "1"])
             assert e.value.code == 2 and says in capsys.readouterr().err
+    os.rename(out / "config.json", tmp_path / "config.json")    # an earlier version's run: its stages
+    with pytest.raises(SystemExit) as e:                        # name the method
+        blsp.main(["--out", str(out), "--steps", "1"])
+    assert e.value.code == 2 and f"--out {out} holds a ssr run" in capsys.readouterr().err
+    os.rename(tmp_path / "config.json", out / "config.json")
     with pytest.raises(SystemExit) as e:                # again: refused, naming the run, not a stage
         ssr.main(base + ["--stage", "1"])
     assert e.value.code == 2 and f"holds a trained stage1 already: --resume {out} " in capsys.readouterr().err
