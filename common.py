@@ -165,7 +165,9 @@ class Args:
                          choices=("auto", "bf16", "fp32"))
     threads: int = arg(0, "CPU threads for torch (0: 1 with the built-in tiny models, whose "
                           "matrices are too small to gain from more; else torch's default)", min=0)
-    workers: int = arg(0, "data-loading worker processes", min=0)
+    workers: int = arg(None, "data-loading worker processes (default: 0 on CPU, whose cores the "
+                             "training threads use; on CUDA 4, at most this process's share of the "
+                             "CPU cores less one)", min=0)
     compile: bool = arg(False, "torch.compile the adapter (dynamic shapes; the first steps pay "
                                "the compile time: on an H100, 7B LLM, still 2.6 s a step over "
                                "the first 5 new lengths, against 0.32 s without; see README)")
@@ -2084,7 +2086,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         if run_args is not None:                # (SSR's run, of which this is a stage)
             write_config(run_args, resume_dir, method.split("-")[0], world)
     loader, sampler = data.make_loader(train_items, args.batch_size, args.max_seconds, True,
-                                       args.seed, rank, world, args.workers, args.skip_bad,
+                                       args.seed, rank, world, loader_workers(args, device), args.skip_bad,
                                        pin_memory=device.type == "cuda",
                                        max_samples=getattr(args, "_max_samples", None),
                                        step=world * args.grad_accum)
@@ -2324,6 +2326,18 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
               + (f", MFU {mfu:.1%}" if mfu else "") + f"; waiting for data {seen['data_s'] / dt:.1%} of it"
               + (" (more --workers?)" if seen["data_s"] > 0.2 * dt else ""))
     return last_valid
+
+
+def loader_workers(args, device):
+    """--workers, or its default: on CUDA the clips are read and resampled beside the GPU's work
+    (4 workers, at most this process's share of the cores less one: torchrun's LOCAL_WORLD_SIZE
+    processes share them); on CPU, in the training process (its threads use the cores)."""
+    if args.workers is not None:
+        return args.workers
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 def run_valid(valid_fn, step, log, rank, bar, device):

@@ -1815,6 +1815,21 @@ def test_a_signal_during_the_update_saves_the_step_it_finished(tiny, tmp_path, m
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-7)
 
 
+def test_loader_workers_default(monkeypatch):
+    """--workers left out: none on CPU (the training threads use the cores); on CUDA 4, at most
+    this process's share of the cores less one; given, as given."""
+    args, cpu_, cuda = common.Args(), torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert common.loader_workers(args, cpu_) == 0 and common.loader_workers(args, cuda) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                     # torchrun, 8 GPUs, 16 cores
+    assert common.loader_workers(args, cuda) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert common.loader_workers(args, cuda) == 0
+    args.workers = 3
+    assert common.loader_workers(args, cuda) == 3 and common.loader_workers(args, cpu_) == 3
+
+
 def test_loader_workers_leave_a_group_sigterm_to_the_main_process(tiny, tmp_path):
     """A cluster's preemption signals the whole process group: the loader workers it killed made
     the main process raise "DataLoader worker ... killed by signal" wherever it was (its
