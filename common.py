@@ -2032,6 +2032,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     out = args.out
     check_out(args, resume_dir, method, model_fields)
     make_run_dir(out)
+    if rank == 0:           # what a killed run's save left half-written (no save runs yet)
+        for d in glob.glob(os.path.join(glob.escape(out), "ckpt-*.tmp*")):
+            shutil.rmtree(d, ignore_errors=True)
     meta = dict(method=method, model=model_fingerprint(args, model_fields),
                 data=data_order(args, train_items, world))
     params = [p for p in module.parameters() if p.requires_grad]
@@ -2055,27 +2058,36 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 if "step" in opt.state.get(p, {}):
                     opt.state[p]["step"] = opt.state[p]["step"].to(p.device, torch.float32)
         step, epoch, batch_pos = st["step"], st["epoch"], st["batch_pos"]
-        rngs = [st["rng"]] if isinstance(st["rng"], dict) else st["rng"]
+        rngs = [st["rng"]] if isinstance(st["rng"], dict) else st["rng"]    # (one per process)
         del st                                          # (the optimizer holds its own copy now)
-        if rngs[rank % len(rngs)] is not None:
-            set_rng_state(rngs[rank % len(rngs)], device)               # its own
+        if rank < len(rngs) and rngs[rank] is not None:
+            set_rng_state(rngs[rank], device)                           # its own
             if len(rngs) == world and "position" in rngs[rank]:        # and its own data position
                 epoch, batch_pos = rngs[rank]["position"]
-        else:                   # saved by another process alone (bad data met under torchrun)
-            seed_all(args.seed + rank + world * step)
+        else:                   # saved by another process alone (bad data met under torchrun), or
+            seed_all(args.seed + rank + world * step)          # a process the run did not have
+        if len(rngs) != world:  # another number of processes: as many of the epoch's batches done
+            batch_pos = batch_pos * len(rngs) // world     # (the same batches a step: the same ones)
+        with open(os.path.join(ck, "meta.json")) as f:
+            was = json.load(f).get("data", meta["data"])
         if rank == 0:
             print(f"resumed from {ck} at step {step}" + (
                 "; it was saved by one process alone (bad data), so the others' random draws (dropout) "
                 "start afresh" if None in rngs else ""))
-            with open(os.path.join(ck, "meta.json")) as f:
-                was = json.load(f).get("data", meta["data"])
-            changed = [f"{k} {was[k]} -> {v}" for k, v in meta["data"].items() if k in was and was[k] != v]
+            layout = ("processes", "grad_accum")        # a step's batches: processes x accumulation
+            same = was.get("processes", world) * was.get("grad_accum", args.grad_accum) == world * args.grad_accum
+            changed = [f"{k} {was[k]} -> {v}" for k, v in meta["data"].items()
+                       if k in was and was[k] != v and not (same and k in layout)]
             if "grad_accum" not in was and (world > 1 or args.grad_accum > 1):
                 changed.append("batch layout of an older version (a step's batches now neighbours)")
             if changed:
                 print(f"warning: resumed with another data order ({', '.join(changed)}): the "
                       f"batches from here differ from those the interrupted run would have seen",
                       file=sys.stderr)
+            elif len(rngs) != world:
+                print(f"resumed on {world} process{'es' * (world > 1)} x --grad-accum {args.grad_accum} (the run: "
+                      f"{len(rngs)} x {was.get('grad_accum')}): the same batches in each step; the "
+                      f"random draws (dropout) differ", file=sys.stderr)
     elif world > 1:         # (after the models were built): dropout and draws differ per process
         seed_all(args.seed + rank)
     if world > 1:           # every process starts from process 0's weights, as DDP does (a part
@@ -2139,13 +2151,25 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         """Fused: were any of the steps since the last check non-finite? (one host sync)"""
         nonlocal checked
         if fused and float(nonfinite) > 0:
-            raise UserError(f"non-finite loss or gradients at a step from {checked} to {step - 1}: "
-                            f"its update was skipped; stopped, the last good checkpoint in {out} is kept")
+            raise UserError(f"non-finite loss or gradients in one of steps {checked + 1} to {step}: "
+                            f"its update was skipped; stopped, {kept()}")
         checked = step
+
+    def kept():
+        return f"the last good checkpoint in {out} is kept" if latest_name(out) else "no checkpoint was written"
 
     def checkpoint(at=None, alone=False):
         """alone: this process saves by itself while the others wait in an all_reduce (they all
-        hold the same weights and optimizer state), with its own RNG only."""
+        hold the same weights and optimizer state), with its own RNG only. A Ctrl-C or SIGTERM
+        while it is written waits until it is whole (a second Ctrl-C, a scheduler's second signal)."""
+        nonlocal saved_at, last_save, updating
+        was_updating, updating = updating, True
+        try:
+            save(at, alone)
+        finally:
+            updating = was_updating
+
+    def save(at, alone):
         nonlocal saved_at, last_save
         check_finite()
         e, b, r = at or (epoch, batch_pos, rng_state())
@@ -2227,8 +2251,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 loss_val = float(loss_dev)                  # CPU: reading them costs nothing
                 if not (math.isfinite(loss_val) and math.isfinite(float(gnorm))):
                     raise UserError(f"non-finite loss or gradients (loss {loss_val}, gradient norm "
-                                    f"{float(gnorm)}) at step {step}; stopped, the last good "
-                                    f"checkpoint in {out} is kept")
+                                    f"{float(gnorm)}) in step {step + 1}; stopped, {kept()}")
             updating = True     # a signal in the update (one step's weights under the step before's
             opt.step()          # number: the resumed run would update them twice) waits until the
             opt.zero_grad(set_to_none=True)                         # step is done and logged
@@ -2276,6 +2299,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             stop, save_due = flags.poll() if world > 1 else (False, save_due)
             if (args.save_every and step % args.save_every == 0) or (save_due and not stop):
                 checkpoint()
+                if deferred:                    # (a signal while it was written: it is whole)
+                    raise Terminated() if deferred[0] == signal.SIGTERM else KeyboardInterrupt()
             if stop:
                 interrupted = flags.name or "a signal to another process"
                 break
@@ -2297,8 +2322,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         raise
     finally:
         bar.close()
-    try:        # (a signal now is taken as before: the checkpoint is written whole)
+    try:        # (a signal now waits until the checkpoint is whole, then stops the run)
         # (not again what was just saved: by --save-every/--save-minutes, or what --resume read)
+        deferred.clear()
         if saved_at != step:
             checkpoint(start)
         if world > 1:       # the others wait for process 0's checkpoint: torchrun stops the
@@ -2306,6 +2332,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    if deferred and not interrupted:        # (a stop as the run ended: its last step is saved)
+        interrupted = "SIGTERM" if deferred[0] == signal.SIGTERM else "Ctrl-C"
     if interrupted:
         if rank == 0:
             print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {resume_dir or out}")

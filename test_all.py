@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1648,6 +1649,57 @@ def test_resume_gives_the_same_losses(tiny, tmp_path):
 
 
 
+def test_a_stop_while_a_checkpoint_is_written_waits_until_it_is_whole(tiny, tmp_path, monkeypatch):
+    """A second Ctrl-C (or a scheduler's second SIGTERM) in the final save used to stop it half
+    written: no checkpoint, the steps since the last lost. Now the save finishes first; one in a
+    --save-every save stops the run once it is whole. What a killed save left half-written is
+    removed when the run resumes; the resumed run gives the uninterrupted losses."""
+    items = data.read_manifest(tiny["train"])
+    full_m = Toy()
+    common.train(toy_args(tmp_path / "full"), full_m, toy_step(full_m), items, cpu(), method="toy")
+    save, signals = common.save_checkpoint, []
+
+    def signalled_save(*a, **k):
+        if signals:
+            os.kill(os.getpid(), signals.pop())         # in the middle of writing it
+        return save(*a, **k)
+    monkeypatch.setattr(common, "save_checkpoint", signalled_save)
+    half = Toy()
+    step, calls = toy_step(half), []
+
+    def interrupted_at_step_4(batch):
+        calls.append(1)
+        if len(calls) == 4:
+            signals.append(signal.SIGINT)                # the second Ctrl-C comes in the save
+            raise KeyboardInterrupt
+        return step(batch)
+    def exit_code(run):             # (a stop that escapes train() fails the test, not the session)
+        try:
+            run()
+        except SystemExit as e:
+            return e.code
+        except KeyboardInterrupt as e:
+            return f"{type(e).__name__} escaped train()"
+    code = exit_code(lambda: common.train(toy_args(tmp_path / "half"), half, interrupted_at_step_4,
+                                          items, cpu(), method="toy"))
+    assert code == 130 and read(tmp_path / "half" / "latest").strip() == "ckpt-3"
+    assert sorted(p.name for p in (tmp_path / "half").iterdir() if p.name.startswith("ckpt")) == ["ckpt-3"]
+    signals.append(signal.SIGTERM)                       # a SIGTERM in the --save-every save of step 4
+    os.makedirs(tmp_path / "half" / "ckpt-9.tmp4242")   # (a killed save's leftover)
+    m = Toy()
+    code = exit_code(lambda: common.train(toy_args(tmp_path / "half", resume=str(tmp_path / "half"),
+                                                   save_every=4), m, toy_step(m), items, cpu(), method="toy"))
+    assert code == 143 and read(tmp_path / "half" / "latest").strip() == "ckpt-4"
+    assert sorted(p.name for p in (tmp_path / "half").iterdir() if p.name.startswith("ckpt")) == ["ckpt-4"]
+    assert not signals
+    monkeypatch.setattr(common, "save_checkpoint", save)
+    again = Toy()
+    common.train(toy_args(tmp_path / "half", resume=str(tmp_path / "half")), again, toy_step(again), items,
+                 cpu(), method="toy")
+    assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "half"), abs=1e-6)
+    torch.testing.assert_close(full_m.lin.weight, again.lin.weight)
+
+
 def test_bad_data_met_mid_run_keeps_the_steps_done(tiny, tmp_path):
     """A DataError at step 3 (bad audio, SSR's `chars`) saves step 2 before it stops the run, and
     --resume continues exactly: nothing trained is lost."""
@@ -1920,7 +1972,7 @@ def test_non_finite_gradients_stop_before_the_update(tiny, tmp_path):
         if len(calls) == 3:                                  # d sqrt(x)/dx at 0, times 0: NaN
             loss = loss + (m.lin.weight.sum() * 0).abs().sqrt()
         return loss, n, logs
-    with pytest.raises(common.UserError, match="non-finite loss or gradients .* at step 2"):
+    with pytest.raises(common.UserError, match="non-finite loss or gradients .* in step 3; stopped, the last good"):
         common.train(toy_args(tmp_path / "run", save_every=1, clip=0.0), m, nan_gradient_in_step_3, items,
                      cpu(), method="toy")
     ck = common.find_checkpoint(str(tmp_path / "run"))
@@ -2103,9 +2155,14 @@ def test_nan_loss_stops_naming_the_step(tiny, tmp_path):
         calls.append(1)
         loss, n, lg = step(batch)
         return (loss * float("nan") if len(calls) == 3 else loss), n, lg
-    with pytest.raises(common.UserError, match="non-finite loss .* at step 2"):
+    with pytest.raises(common.UserError, match="non-finite loss .* in step 3; stopped, the last good checkpoint"):
         common.train(toy_args(tmp_path, save_every=1), m, bad, items, cpu(), method="toy")
     assert read(tmp_path / "latest").strip() == "ckpt-2"
+    calls.clear()                                   # (steps are counted from 1, as the log lines)
+    m = Toy()
+    step = toy_step(m)
+    with pytest.raises(common.UserError, match=r"in step 3; stopped, no checkpoint was written$"):
+        common.train(toy_args(tmp_path / "none"), m, bad, items, cpu(), method="toy")
 
 
 def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tmp_path, monkeypatch):
@@ -2130,7 +2187,7 @@ def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tm
             weights.append({k: v.clone() for k, v in m.state_dict().items()})
         loss, n, lg = step(batch)
         return (loss * float("nan") if len(calls) == 3 else loss), n, lg
-    with pytest.raises(common.UserError, match="non-finite loss or gradients at a step from 2 to 2"):
+    with pytest.raises(common.UserError, match="non-finite loss or gradients in one of steps 3 to 3: "):
         common.train(toy_args(tmp_path, save_every=1, log_every=5), m, bad, items, cpu(), method="toy")
     assert read(tmp_path / "latest").strip() == "ckpt-2"
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights[0].items())
@@ -2398,6 +2455,38 @@ if rank == 0:
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"),
                                torch.load(tmp_path / "full" / "weight.pt"))
+
+def test_resume_on_another_number_of_processes_takes_up_the_epoch_where_it_was(tiny, tmp_path, capsys):
+    """A run of 2 processes x --grad-accum 1, resumed on 1 process with --grad-accum 2, has the same
+    batches in each step, and goes on from the batches the 2 processes had reached (before, the 1
+    process took process 0's count of batches as its own and trained half of them again): the
+    losses of a 1-process run of --grad-accum 2 throughout (dropout off: its draws differ)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import sys, common, data
+sys.path.insert(0, {HERE!r})
+from test_all import Toy, toy_step, toy_args
+args = toy_args(sys.argv[1], steps=3)
+device, rank, world = common.setup(args)
+m = Toy(); m.drop.p = 0.0
+common.train(args, m, toy_step(m), data.read_manifest({tiny['train']!r}), device, rank, world, method="toy")
+""")
+    items = data.read_manifest(tiny["train"])
+    full = Toy()
+    full.drop.p = 0.0
+    common.train(toy_args(tmp_path / "full", grad_accum=2), full, toy_step(full), items, cpu(), method="toy")
+    r = run_python(script, tmp_path / "two", torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = Toy()
+    one.drop.p = 0.0
+    capsys.readouterr()
+    common.train(toy_args(tmp_path / "two", grad_accum=2, resume=str(tmp_path / "two")), one, toy_step(one),
+                 items, cpu(), method="toy")
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "full"), abs=1e-5)
+    assert "resumed on 1 process x --grad-accum 2 (the run: 2 x 1): the same batches in each step" in \
+        capsys.readouterr().err
+    torch.testing.assert_close(one.lin.weight, full.lin.weight)
+
 
 def test_torchrun_resume_with_skip_bad_takes_each_process_own_data_position(tiny, tmp_path):
     """--skip-bad under torchrun: a process passes a batch of nothing but bad clips and draws the
