@@ -118,6 +118,10 @@ def guard(main_fn):
             return main_fn(argv)
         except (UserError, data.DataError) as e:
             fail(str(e))
+        except KeyboardInterrupt as e:      # outside a training loop (loading models, a validation
+            name = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"     # before or after one)
+            print(f"interrupted ({name}); the checkpoints written before are kept", file=sys.stderr)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
     return wrapped
 
 
@@ -1784,6 +1788,9 @@ def find_checkpoint(run_dir, meta=None):
     if not run_dir or not os.path.isdir(run_dir):
         raise UserError(f"no such run directory: {run_dir}")
     name = latest_name(run_dir)
+    other = config_method(run_dir) if name is None and meta else None
+    if other and other != meta.get("method"):                  # (an SSR run: its stages' folders)
+        raise UserError(f"{run_dir}: a {other} run, not a {meta.get('method')} one")
     if name is None:
         raise UserError(f"{run_dir}: no checkpoint in this directory")
     ck = os.path.join(run_dir, name)
@@ -1863,6 +1870,9 @@ def load_trainable(module, ckpt_dir):
     missing = [k for k in state if k not in own]
     if missing:
         raise UserError(f"{ckpt_dir}: checkpoint does not fit this model (e.g. {missing[0]})")
+    lacking = [k for k, p in own.items() if p.requires_grad and k not in state]
+    if lacking:             # (a part it would leave as built: a layer more, say)
+        raise UserError(f"{ckpt_dir}: checkpoint does not fit this model (it has no {lacking[0]})")
     with torch.no_grad():
         for k, v in state.items():
             if own[k].shape != v.shape:
@@ -1943,15 +1953,17 @@ class Stages:
         if args.resume and not any(self.trained(args.resume, st) for st in self.dirs):
             raise UserError(f"--resume {args.resume}: no stage checkpoint in it ({', '.join(d + '/' for d in self.dirs.values())}): "
                             f"--resume takes the run's directory")
-        for st in self.dirs if args.resume else ():
-            if self.trained(args.resume, st):
-                change = model_change(self.path(args.resume, st), {k: getattr(args, k) for k in model_fields[st]})
-                if change:
-                    raise UserError(f"--resume {args.resume}: {change}")
         for st in stages:
             if not args.resume and self.trained(args.out, st):
                 raise UserError(f"--out {args.out} holds a trained {self.dirs[st]} already: --resume "
                                 f"{args.out} continues the run; to start again, remove it or give another --out")
+        run = args.resume or args.out           # (a stage another command trained: loaded as it is)
+        for st in self.dirs:
+            if self.trained(run, st):
+                change = model_change(self.path(run, st), {k: getattr(args, k) for k in model_fields[st]})
+                if change:
+                    raise UserError(f"--resume {run}: {change}" if args.resume else
+                                    f"--out {run}: its {self.dirs[st]}, which this command builds on: {change}")
         check_out(args, method=self.method)
 
     def check_ckpt(self, run_dir, needed):

@@ -68,6 +68,8 @@ def read_manifest(path, required=("audio", "text")):
             for key in required:
                 if key not in row:
                     raise DataError(f"{path}:{n}: missing field '{key}'")
+            for key in [k for k, v in row.items() if v is None and k not in required]:
+                del row[key]                        # (a field given as null: as if absent)
             if "text" in required and not str(row["text"]).strip():
                 raise DataError(f"{path}:{n}: empty transcript")
             for key in ("audio", "text", "continuation", "translation"):
@@ -140,13 +142,16 @@ def duration_of(item):
         return 0.0  # unreadable: load_audio reports it properly when the item is used
 
 
+_WARNED = set()         # what a process has warned about once
+
+
 class SpeechDataset(torch.utils.data.Dataset):
     """Items of a manifest -> {"wave": tensor, **item}. Bad audio raises (in a loader's worker
     process: passed on as {"_error": message}, Loader raises it), or is skipped. A clip whose length
     is far from its manifest `duration` is reported once: batches are made from the durations."""
 
     def __init__(self, items, skip_bad=False, max_samples=None):
-        self.items, self.skip_bad, self.max_samples, self.warned = items, skip_bad, max_samples, False
+        self.items, self.skip_bad, self.max_samples = items, skip_bad, max_samples
 
     def __len__(self):
         return len(self.items)
@@ -163,9 +168,9 @@ class SpeechDataset(torch.utils.data.Dataset):
                 return {"_error": str(e)}           # (torch would wrap it in its own traceback)
             raise
         said, real = item.get("duration"), len(wave) / SAMPLE_RATE
-        if said is not None and abs(real - said) > 0.1 * said + 0.1 and not self.warned:
-            self.warned = True
-            print(f"warning: {item.get('where', item['audio'])}: 'duration' {said} s, but the audio "
+        if said is not None and abs(real - said) > 0.1 * said + 0.1 and "duration" not in _WARNED:
+            _WARNED.add("duration")     # (once a process: not again each epoch, stage or validation)
+            print(f"warning: {item.get('where', item['audio'])}: 'duration' {said:g} s, but the audio "
                   f"lasts {real:.2f} s: batches (and --max-seconds) go by the manifest's durations "
                   f"(only the first such clip is reported)", file=sys.stderr)
         return dict(item, wave=wave)

@@ -51,6 +51,7 @@ asr_wer_text 0.00) the same run reaches 0.38.
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -319,6 +320,14 @@ def evaluate(encoder, adapter, llm, tok, items, args, device, tasks, trained=(),
 # ----------------------------------------------------------------------------------------------
 # Inference and evaluation of a trained adapter
 
+def task_list(tasks):
+    """--tasks a,b -> [a, b], each one of TASKS."""
+    names = tasks.split(",")
+    if not names or any(t not in TASKS for t in names):
+        raise common.UserError(f"--tasks {tasks}: choose among {','.join(TASKS)}")
+    return names
+
+
 def build(args, device):
     if args.width % args.heads:
         raise common.UserError(f"--heads {args.heads} does not divide the adapter's --width {args.width}")
@@ -337,6 +346,7 @@ def load_run(args, device):
     shape = ("encoder_layer", "whisper_30s", "stack", "width", "layers", "heads", "ffn")
     free = ("order", "tasks", "language")
     ck = common.take_run_config(args, args.ckpt, "slm", ("llm", "encoder") + shape + free, fixed=shape, free=free)
+    task_list(args.tasks)
     encoder, adapter, llm, tok = build(args, device)
     common.load_trainable(adapter, ck).eval()
     return encoder, adapter, llm, tok
@@ -371,9 +381,7 @@ def main(argv=None):
     if args.ckpt:
         return infer(args, device)
     args.out = args.out or args.resume or "runs/slm"            # (--resume DIR continues in DIR)
-    tasks = args.tasks.split(",")
-    if not tasks or any(t not in TASKS for t in tasks):
-        raise common.UserError(f"--tasks {args.tasks}: choose among {','.join(TASKS)}")
+    tasks = task_list(args.tasks)
     encoder, adapter, llm, tok = build(args, device)
     common.compile_adapter(adapter, args)
     train_items, valid_items = common.manifests(args, encoder)
@@ -381,6 +389,13 @@ def main(argv=None):
     bad = next((it for it in train_items if not any(it[TASKS[t]] for t in tasks)), None)
     if bad:
         raise data.DataError(f"{bad['where']}: no target for the tasks {args.tasks}")
+    never = [t for t in tasks if not any(it[TASKS[t]] for it in train_items)]
+    if never:           # (the run's config then says what it trained: --ckpt reports that)
+        tasks = [t for t in tasks if t not in never]
+        if rank == 0:
+            print(f"slm: warning: no training utterance has a '{TASKS[never[0]]}' field: --tasks "
+                  f"{args.tasks} trains {','.join(tasks)} only", file=sys.stderr)
+        args.tasks = ",".join(tasks)
     eos = common.eos_ids(llm, tok)[0]
     n_adapter, n_total = common.count_params(adapter, True), common.count_params(
         adapter) + common.count_params(encoder) + common.count_params(llm)

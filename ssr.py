@@ -357,8 +357,9 @@ def stage2_loss(m, batch, mode, bos, eos, text_only=False):
         inputs = [text(x) for x in ids]
     else:
         vecs, ids, _, _ = ssr_vectors(m, batch, mode)
-        if not vecs:                                            # (every example skipped)
-            return next(p for p in m.llm.parameters() if p.requires_grad).sum() * 0, 0, None
+        if not vecs:                            # (every example skipped; none trains: an evaluation)
+            w = next((p for p in m.llm.parameters() if p.requires_grad), None)
+            return (w.sum() * 0 if w is not None else torch.zeros((), device=m.connector.proj.weight.device)), 0, None
         inputs = [speech(v) for v in vecs]
     sp = ntp_splice(m.llm.get_input_embeddings(), inputs, ids, bos, eos)
     return (*common.lm_loss(m.llm, common.hidden_states(m.llm, sp), sp), sp)
@@ -367,8 +368,9 @@ def stage2_loss(m, batch, mode, bos, eos, text_only=False):
 @torch.no_grad()
 def distill_eval(m, items, args, device):
     """Per boundary source (oracle, if every item has `chars`; forced; greedy), on the utterances
-    that got one vector per transcript token (`matched`): cosine, MSE (sum_d (z - e)^2 per token)
-    and nearest-token accuracy; the readout's zero-shot WER; bnd_err_forced: mean |forced - oracle|
+    that got one vector per transcript token (`matched`: their share of all): cosine, MSE (sum_d
+    (z - e)^2 per token) and nearest-token accuracy; the readout's zero-shot WER, over all (one
+    whose tokens did not fit its frames reads as nothing); bnd_err_forced: mean |forced - oracle|
     token boundary, in frames."""
     modes = (["oracle"] if all("chars" in it for it in items) else []) + ["forced", "greedy"]
     was = m.connector.training
@@ -381,12 +383,15 @@ def distill_eval(m, items, args, device):
         for md in modes:
             vecs, _, bnds, keep = ssr_vectors(m, batch, md)
             got[md] = dict(zip(keep, bnds))
+            s[md]["utts"] += len(batch["text"])
+            for i in sorted(set(range(len(batch["text"]))) - set(keep)):    # no vectors (its tokens did
+                refs[md].append(batch["text"][i])                           # not fit): nothing read out
+                hyps[md].append("")
             for z, i in zip(vecs, keep):
                 ref = common.input_ids(m.tok, batch["text"][i])
                 pred, z = readout(z, E), z.float()
                 refs[md].append(batch["text"][i])
                 hyps[md].append(m.tok.decode(pred.tolist(), skip_special_tokens=True))
-                s[md]["utts"] += 1
                 if len(ref) != len(z):                  # greedy may decode another token count
                     continue
                 e = E[torch.tensor(ref, device=E.device)]
@@ -403,7 +408,7 @@ def distill_eval(m, items, args, device):
     m.connector.train(was)
     res = {f"{k}_{md}": s[md][k] / s[md]["tok"] if s[md]["tok"] else None     # (None: no utterance
            for md in modes for k in ("cos", "mse", "acc")}                    # matched)
-    res.update({f"wer_{md}": common.wer(refs[md], hyps[md]) for md in modes})
+    res.update({f"wer_{md}": common.wer(refs[md], hyps[md]) if refs[md] else None for md in modes})
     res.update({f"matched_{md}": s[md]["match"] / max(s[md]["utts"], 1) for md in modes})
     if s["bnd"]["n"]:
         res["bnd_err_forced"] = s["bnd"]["err"] / s["bnd"]["n"]
@@ -500,8 +505,10 @@ def run_stages(args, m, device, rank, world):
               f"characters the aligner does not emit (it writes a-z and '): their tokens take a boundary "
               f"without a character of theirs, unlike what greedy CTC writes at inference; lower-case them "
               f"without punctuation first", file=sys.stderr)
-    if args.aligner == "oracle" and not all("chars" in it for it in train_items):
-        raise common.UserError("--aligner oracle: the training manifest has no `chars` field")
+    lacking = next((it for it in train_items if "chars" not in it), None) if args.aligner == "oracle" else None
+    if lacking:
+        raise common.UserError(f"--aligner oracle: {lacking['where']}: no `chars` field (oracle boundaries "
+                               f"need every training line's)")
     for it in train_items + valid_items:                # (checked before any stage trains)
         if it.get("chars") is not None:
             oracle_frames(it["chars"], it["text"], m.encoder.frame_seconds, it["where"])
@@ -589,7 +596,8 @@ def report(res):
     for m in (md for md in names if f"wer_{md}" in res):
         cells = [("-" if res[f"{k}_{m}"] is None else f"{res[f'{k}_{m}']:.4f}").rjust(w)
                  for k, w in (("cos", 7), ("mse", 8), ("acc", 9))]
-        print(f"{names[m]:26s} {' '.join(cells)} {res[f'wer_{m}']:11.4f} {res[f'matched_{m}']:7.1%}")
+        wer = "-" if res[f"wer_{m}"] is None else f"{res[f'wer_{m}']:.4f}"
+        print(f"{names[m]:26s} {' '.join(cells)} {wer:>11s} {res[f'matched_{m}']:7.1%}")
 
 
 # ----------------------------------------------------------------------------------------------

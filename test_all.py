@@ -1867,6 +1867,18 @@ def test_a_signal_during_the_update_saves_the_step_it_finished(tiny, tmp_path, m
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-7)
 
 
+def test_a_wrong_duration_is_said_once_a_process(tiny, capsys, monkeypatch):
+    """A manifest duration far from the audio's is said once, not again by each epoch's, stage's
+    or validation's loader (SSR said it three times), and as written ("5.5314 s", not a float's
+    "5.5314000000000005")."""
+    monkeypatch.setattr(data, "_WARNED", set())
+    item = dict(data.read_manifest(tiny["train"])[0], duration=0.1 + 0.2)       # 0.30000000000000004
+    for _ in range(2):
+        data.SpeechDataset([item])[0]
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1 and "'duration' 0.3 s, but the audio lasts" in err
+
+
 def test_loader_workers_default(monkeypatch):
     """--workers left out: none on CPU (the training threads use the cores); on CUDA 4, at most
     this process's share of the cores less one; given, as given."""
@@ -1977,6 +1989,34 @@ def test_non_finite_gradients_stop_before_the_update(tiny, tmp_path):
                      cpu(), method="toy")
     ck = common.find_checkpoint(str(tmp_path / "run"))
     assert ck.endswith("ckpt-2") and torch.isfinite(load_file(ck + "/trainable.safetensors")["lin.weight"]).all()
+
+
+def test_a_checkpoint_loads_only_into_a_model_it_fits_whole(tmp_path):
+    """A trained part the checkpoint lacks (a layer more than it was trained with) is refused, not
+    left as built; frozen parameters are not in a checkpoint and need not be."""
+    two = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    opt = torch.optim.AdamW(two.parameters())
+    ck = common.save_checkpoint(str(tmp_path), two, opt, 1, 0, 1, dict(method="toy"))
+    three = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1), nn.Linear(1, 1))
+    with pytest.raises(common.UserError, match=r"does not fit this model \(it has no 2.weight\)"):
+        common.load_trainable(three, ck)
+    common.freeze(three[2])
+    common.load_trainable(three, ck)
+    torch.testing.assert_close(three[1].weight, two[1].weight)
+    with pytest.raises(common.UserError, match=r"does not fit this model \(e.g. 1\.(weight|bias)\)"):
+        common.load_trainable(nn.Sequential(nn.Linear(3, 3)), ck)
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line(capsys):
+    """Ctrl-C while models load or a validation runs outside common.train (SSR's stage-2 "before"):
+    one line and exit 130 (SIGTERM: 143), not a traceback."""
+    for raised, code in ((KeyboardInterrupt(), 130), (common.Terminated(), 143)):
+        def main(argv=None):
+            raise raised
+        with pytest.raises(SystemExit) as e:
+            common.guard(main)([])
+        assert e.value.code == code and capsys.readouterr().err.startswith(
+            f"interrupted ({'Ctrl-C' if code == 130 else 'SIGTERM'}); the checkpoints written before are kept")
 
 
 def test_a_step_saved_again_never_leaves_latest_without_its_folder(tmp_path, monkeypatch):
@@ -2784,8 +2824,9 @@ def test_a_bare_resume_continues_the_run_with_its_own_settings(tiny, tmp_path, m
     def interrupted_generating(llm, tok, prompts, *a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(common, "generate_texts", interrupted_generating)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:                # (one line, exit 130: common.guard)
         blsp.main(run + ["--out", str(tmp_path / "early")])
+    assert e.value.code == 130
     monkeypatch.setattr(common, "generate_texts", generate)
     config = read(tmp_path / "early" / "config.json")
     with pytest.raises(SystemExit) as e:              # no checkpoint yet, and another method: refused
@@ -3991,7 +4032,7 @@ def ssr_base_args(t, out):
             "--log-every", "1"]
 
 
-def test_ssr_text_mix_is_the_share_of_transcript_batches(ssr_tiny, tmp_path, monkeypatch):
+def test_ssr_text_mix_is_the_share_of_transcript_batches(ssr_tiny, tmp_path, monkeypatch, capsys):
     """--text-mix: the fraction of stage-2 training batches that are the transcripts' ids (the
     LLM's own text), the others SSR vectors: 1, all of them. --ckpt then evaluates in the run's
     prompt format (--eval once took the default), or in one given on the command line."""
@@ -4013,6 +4054,20 @@ def test_ssr_text_mix_is_the_share_of_transcript_batches(ssr_tiny, tmp_path, mon
         ssr.main(["--ckpt", str(tmp_path / "run"), "--eval", str(ssr_tiny / "m.jsonl"), "--max-valid", "2",
                   "--max-new-tokens", "2", "--device", "cpu"] + given)
         assert formats and set(formats) == {want}
+    # --eval where a batch holds only a clip too short for its tokens (stage 2's loss of nothing
+    # looked for a trained weight: StopIteration), and `"chars": null` (as absent: no oracle row)
+    import soundfile as sf
+    sf.write(tmp_path / "short.wav", np.random.RandomState(0).randn(1000).astype(np.float32) * 0.1, 16000)
+    first = data.read_manifest(str(ssr_tiny / "m.jsonl"))[0]
+    write(tmp_path / "e.jsonl", "".join(json.dumps(r) + "\n" for r in (
+        dict(audio=str(tmp_path / "short.wav"), text=first["text"], chars=None),
+        dict(audio=first["audio"], text=first["text"], chars=None, duration=None))))
+    capsys.readouterr()
+    ssr.main(["--ckpt", str(tmp_path / "run"), "--eval", str(tmp_path / "e.jsonl"), "--batch-size", "1",
+              "--max-new-tokens", "2", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    res = json.loads(printed[printed.rindex("\n{") + 1:])
+    assert "matched_oracle" not in res and res["matched_forced"] == 0.5 and res["wer_forced"] >= 0.5
 
 
 def test_ssr_aligner_cer_compares_with_what_ctc_can_emit(ssr_tiny, tmp_path, monkeypatch):
@@ -4122,6 +4177,12 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
     ones before (--stage aligner once ended in "no checkpoint" for stage 1, exit 2)."""
     out, base = tmp_path / "run", ssr_base_args(ssr_tiny, tmp_path / "run")
     for stage in ("aligner", "1", "2"):
+        if stage == "2":        # a stage built on another shape than the one trained before: refused
+            with pytest.raises(SystemExit) as e:            # (it loaded what fitted and went on)
+                ssr.main(base + ["--stage", "2", "--layers", "3", "--stage2-steps", "1"])
+            assert e.value.code == 2 and f"--out {out}: its stage1, which this command builds on: the run " \
+                "was trained with --layers 1, not --layers 3" in capsys.readouterr().err
+            assert not (out / "stage2").exists()
         ssr.main(base + ["--stage", stage, "--aligner-steps", "2", "--steps", "2", "--stage2-steps", "1"])
         done = [s for s in ("aligner", "stage1", "stage2") if os.path.isfile(out / s / "latest")]
         assert len(done) == {"aligner": 1, "1": 2, "2": 3}[stage], (stage, done)
@@ -4493,6 +4554,26 @@ def test_slm_bad_input_gives_one_line_error(slm_tiny, tmp_path, capsys):
                   "--tasks", "ast", "--device", "cpu", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no target for the tasks ast" in err and err.count("\n") == 1
+    # a task of --tasks that no training line has a target for: said, and not recorded as trained
+    # (it trained ASR alone silently, and --ckpt --eval reported AST's held-out phrasing as trained)
+    small = ["--width", "16", "--ffn", "32", "--heads", "2", "--max-new-tokens", "2", "--device", "cpu"]
+    slm.main(["--llm", str(slm_tiny["root"] / "t5"), "--encoder", slm_tiny["enc"], "--train", str(m),
+              "--valid", slm_tiny["valid"], "--steps", "1", "--out", str(tmp_path / "asr")] + small)
+    assert "no training utterance has a 'translation' field: --tasks asr,ast trains asr only" in \
+        capsys.readouterr().err
+    assert json.loads(read(tmp_path / "asr" / "config.json"))["tasks"] == "asr"
+    slm.main(["--ckpt", str(tmp_path / "asr"), "--eval", slm_tiny["valid"], "--task", "ast", "--device", "cpu",
+              "--max-new-tokens", "2"])
+    res = json.loads(capsys.readouterr().out)
+    assert "ast_bleu" in res and "ast_bleu_heldout" not in res, res          # (zero-shot: no held-out)
+    for flags, says in ((["--tasks", "foo"], "--tasks foo: choose among"), ([], None)):
+        if says is None:                        # --ckpt of another method's run (SSR's: no top-level checkpoint)
+            os.makedirs(tmp_path / "ssr")
+            write(tmp_path / "ssr" / "config.json", json.dumps(dict(method="ssr")))
+            flags, says = ["--ckpt", str(tmp_path / "ssr")], f"{tmp_path / 'ssr'}: a ssr run, not a slm one"
+        with pytest.raises(SystemExit):
+            slm.main(["--ckpt", str(tmp_path / "asr"), "--eval", slm_tiny["valid"], "--device", "cpu"] + flags)
+        assert says in capsys.readouterr().err
     with pytest.raises(SystemExit):
         slm.main(["--llm", str(tmp_path / "nope"), "--encoder", slm_tiny["enc"], "--device", "cpu"])
     assert capsys.readouterr().err.startswith("error: --llm")
