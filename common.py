@@ -2174,7 +2174,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         """alone: this process saves by itself while the others wait in an all_reduce (they all
         hold the same weights and optimizer state), with its own RNG only. A Ctrl-C or SIGTERM
         while it is written waits until it is whole (a second Ctrl-C, a scheduler's second signal)."""
-        nonlocal saved_at, last_save, updating
+        nonlocal updating
         was_updating, updating = updating, True
         try:
             save(at, alone)
