@@ -257,16 +257,22 @@ OF_THIS_MACHINE = ("resume", "out", "ckpt", "infer", "eval", "device", "threads"
                    "grad_ckpt", "gen_batch_size")
 
 
-def resume_config(args, method=None):
+def resume_config(args, method=None, adds_to=None):
     """--resume DIR continues the run as it was set up: each flag not given again takes the run's
     value (DIR/config.json, written when it started; then counted as given, so that nothing later
     replaces it: BLSP-KD's --init run), except OF_THIS_MACHINE. One given again that differs is
     said (a larger --steps extends the run; the models and shapes are checked before any work).
     Another method's run is refused. A run stopped before its first checkpoint (while the LLM wrote
-    its continuations) starts again in DIR, with its settings and what it cached."""
-    if not os.path.isdir(args.resume):
-        raise UserError(f"--resume {args.resume}: no such run directory")
-    path = os.path.join(args.resume, "config.json")
+    its continuations) starts again in DIR, with its settings and what it cached.
+    adds_to: a run directory this command adds to without --resume (SSR's --stage 1 in the --out
+    of a --stage aligner run): its settings are taken the same way (with the defaults, its
+    config.json would hold them, and a bare --resume take them)."""
+    run_dir = adds_to or args.resume
+    if adds_to and config_method(adds_to) != method:
+        return
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--resume {run_dir}: no such run directory")
+    path = os.path.join(run_dir, "config.json")
     try:
         with open(path) as f:
             was = json.load(f)
@@ -275,9 +281,9 @@ def resume_config(args, method=None):
     except ValueError:
         raise UserError(f"{path}: not valid JSON (a run's config.json)") from None
     if method and was.get("method", method) != method:
-        raise UserError(f"--resume {args.resume}: " + (
+        raise UserError(f"--resume {run_dir}: " + (
             f"one stage of a {method} run: --resume takes the run's directory, "
-            f"{os.path.dirname(os.path.abspath(args.resume))}" if was["method"].startswith(method + "-")
+            f"{os.path.dirname(os.path.abspath(run_dir))}" if was["method"].startswith(method + "-")
             else f"a {was['method']} run, not a {method} one"))
     said = os.environ.get("RANK", "0") == "0"
     changed, taken = [], set()
@@ -292,11 +298,11 @@ def resume_config(args, method=None):
             changed.append(f"--{k.replace('_', '-')} {getattr(args, k)} in place of the run's {was[k]}")
     args._given = frozenset(getattr(args, "_given", ())) | taken
     if changed and said:
-        print(f"--resume {args.resume}: {', '.join(changed)}", file=sys.stderr)
-    if not glob.glob(os.path.join(glob.escape(args.resume), "latest")) and \
-            not glob.glob(os.path.join(glob.escape(args.resume), "*", "latest")):
+        print(f"{'--out' if adds_to else '--resume'} {run_dir}: {', '.join(changed)}", file=sys.stderr)
+    if not adds_to and not glob.glob(os.path.join(glob.escape(run_dir), "latest")) and \
+            not glob.glob(os.path.join(glob.escape(run_dir), "*", "latest")):
         if said:
-            print(f"--resume {args.resume}: no checkpoint yet (stopped before its first): the run starts "
+            print(f"--resume {run_dir}: no checkpoint yet (stopped before its first): the run starts "
                   f"again there, with its settings and what it cached", file=sys.stderr)
         args.out, args.resume = args.out or args.resume, None
 

@@ -643,6 +643,8 @@ def main(argv=None):
     if args.ckpt:
         return infer(args, device)
     args.out = args.out or args.resume or "runs/ssr"            # (--resume DIR continues in DIR)
+    if not args.resume and args.stage != "all":     # a stage added to a run: the run's settings
+        common.resume_config(args, "ssr", adds_to=args.out)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     if not tok.is_fast:

@@ -4174,7 +4174,9 @@ def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys, monkeypatch):
 
 def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
     """--stage aligner, then 1, then 2, each its own command: each trains its stage only, from the
-    ones before (--stage aligner once ended in "no checkpoint" for stage 1, exit 2)."""
+    ones before (--stage aligner once ended in "no checkpoint" for stage 1, exit 2), with the run's
+    settings for the flags it is not given (it took the defaults, wrote them in the run's
+    config.json, and a bare --resume then trained the aligner on to the default --aligner-steps)."""
     out, base = tmp_path / "run", ssr_base_args(ssr_tiny, tmp_path / "run")
     for stage in ("aligner", "1", "2"):
         if stage == "2":        # a stage built on another shape than the one trained before: refused
@@ -4183,7 +4185,8 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
             assert e.value.code == 2 and f"--out {out}: its stage1, which this command builds on: the run " \
                 "was trained with --layers 1, not --layers 3" in capsys.readouterr().err
             assert not (out / "stage2").exists()
-        ssr.main(base + ["--stage", stage, "--aligner-steps", "2", "--steps", "2", "--stage2-steps", "1"])
+        ssr.main(base + ["--stage", stage] + {"aligner": ["--aligner-steps", "2", "--steps", "2"], "1": [],
+                                              "2": ["--stage2-steps", "1"]}[stage])
         done = [s for s in ("aligner", "stage1", "stage2") if os.path.isfile(out / s / "latest")]
         assert len(done) == {"aligner": 1, "1": 2, "2": 3}[stage], (stage, done)
         final = json.loads(capsys.readouterr().out.split("final: ")[-1].splitlines()[0])
