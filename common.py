@@ -2334,7 +2334,14 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: save the last completed step, exactly resumable
         interrupted = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
         opt.zero_grad(set_to_none=True)
-    except BaseException:
+    except BaseException as e:      # a crash (CUDA out of memory, a bug in a step): the last whole
+        crash = isinstance(e, Exception) and not isinstance(e, UserError)            # step is saved
+        if crash and not updating and saved_at != step and (step > step0 or args.resume):
+            try:                    # (as after bad data; not mid-update: its weights are not whole)
+                checkpoint(start, alone=True)
+                e.add_note(f"(step {step} is saved: --resume {resume_dir or out} continues from it)")
+            except Exception:       # (a broken CUDA context cannot save: the crash is what matters)
+                pass
         for s, h in old_handlers.items():
             signal.signal(s, h)
         raise

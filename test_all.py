@@ -1723,6 +1723,32 @@ def test_bad_data_met_mid_run_keeps_the_steps_done(tiny, tmp_path):
     assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "run"), abs=1e-6)
 
 
+def test_a_crash_mid_run_keeps_the_steps_done(tiny, tmp_path):
+    """Any other error in a step (CUDA out of memory, a bug) saves the last whole step before it is
+    raised, and says so in the error (it saved nothing: up to --save-minutes of work lost); --resume
+    continues exactly. Our own stops (UserError: non-finite loss) save nothing."""
+    items = data.read_manifest(tiny["train"])
+    full_m = Toy()
+    common.train(toy_args(tmp_path / "full"), full_m, toy_step(full_m), items, cpu(), method="toy")
+    m = Toy()
+    step, calls = toy_step(m), []
+
+    def out_of_memory_in_step_4(batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return step(batch)
+    with pytest.raises(RuntimeError, match="out of memory") as e:
+        common.train(toy_args(tmp_path / "run"), m, out_of_memory_in_step_4, items, cpu(), method="toy")
+    assert read(tmp_path / "run" / "latest").strip() == "ckpt-3"
+    assert f"(step 3 is saved: --resume {tmp_path / 'run'} continues from it)" in e.value.__notes__
+    again = Toy()
+    common.train(toy_args(tmp_path / "run", resume=str(tmp_path / "run")), again, toy_step(again), items,
+                 cpu(), method="toy")
+    assert losses(tmp_path / "full") == pytest.approx(losses(tmp_path / "run"), abs=1e-6)
+    torch.testing.assert_close(full_m.lin.weight, again.lin.weight)
+
+
 def test_save_minutes_checkpoints_as_time_passes(tiny, tmp_path):
     """--save-minutes: a checkpoint when that much time has passed since the last (here: every
     step), and not one more at the end for the same step; off with 0."""
