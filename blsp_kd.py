@@ -418,8 +418,8 @@ def main(argv=None):
     # rows is exactly the frozen LLM, so generation is unchanged)
     module, cformer, ctx = build(args, device, encoder, llm)
     common.compile_adapter(cformer, args)
-    if args.init:                               # (stage 1 trained the CFormer alone)
-        common.load_trainable(nn.ModuleDict(dict(cformer=cformer)), init_ck)
+    if args.init:                       # (a stage-1 run trained the CFormer alone; a stage-2 run
+        common.load_trainable(module, init_ck, partial=True)       # its LoRA too: both go on)
 
     if rank == 0 and not args.resume:     # (a stop while they are generated: --resume takes it)
         common.write_config(args, args.out, "blsp_kd")

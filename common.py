@@ -96,14 +96,7 @@ class UserError(Exception):
     """A one-line error for the user (bad path, bad argument, bad resume directory...)."""
 
 
-_WARNED = set()
-
-
-def warn_once(key, msg):
-    """Print msg on stderr the first time `key` comes (e.g. one line per skipped utterance)."""
-    if key not in _WARNED:
-        _WARNED.add(key)
-        print(msg, file=sys.stderr)
+warn_once = data.warn_once     # msg on stderr the first time `key` comes (one line per skipped utterance)
 
 
 def fail(msg):
@@ -120,7 +113,7 @@ def guard(main_fn):
             fail(str(e))
         except KeyboardInterrupt as e:      # outside a training loop (loading models, a validation
             name = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"     # before or after one)
-            print(f"interrupted ({name}); the checkpoints written before are kept", file=sys.stderr)
+            print(f"interrupted ({name})", file=sys.stderr)
             sys.exit(143 if isinstance(e, Terminated) else 130)
     return wrapped
 
@@ -324,12 +317,15 @@ def config_method(run_dir):
     except (OSError, ValueError, AttributeError):
         method = None
     for d in sorted(os.listdir(run_dir)) if method is None and os.path.isdir(run_dir) else ():
-        name = latest_name(os.path.join(run_dir, d))
-        try:
-            with open(os.path.join(run_dir, d, name or "", "meta.json")) as f:
-                return json.load(f)["method"].split("-")[0]
-        except (OSError, ValueError, KeyError, AttributeError):
+        own = d.startswith("ckpt-")                     # its own checkpoint, or a stage's (not a
+        ck = os.path.join(run_dir, d, "" if own else latest_name(os.path.join(run_dir, d)) or "")
+        try:                                            # run in a folder of runs)
+            with open(os.path.join(ck, "meta.json")) as f:
+                was = json.load(f)["method"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
+        if own or "-" in was:
+            return was.split("-")[0]
     return method
 
 
@@ -1869,7 +1865,10 @@ def take_run_config(args, run_dir, method, fields, flag=None, fixed=(), free=())
     return ck
 
 
-def load_trainable(module, ckpt_dir):
+def load_trainable(module, ckpt_dir, partial=False):
+    """A checkpoint's trained parts into module, which must hold every one of them with its shape,
+    and (unless partial: BLSP-KD's stage 2 from a stage-1 run, which trained the CFormer alone) have
+    no trained part the checkpoint lacks."""
     from safetensors.torch import load_file
     state = load_file(os.path.join(ckpt_dir, "trainable.safetensors"))
     own = dict(module.named_parameters())
@@ -1877,7 +1876,7 @@ def load_trainable(module, ckpt_dir):
     if missing:
         raise UserError(f"{ckpt_dir}: checkpoint does not fit this model (e.g. {missing[0]})")
     lacking = [k for k, p in own.items() if p.requires_grad and k not in state]
-    if lacking:             # (a part it would leave as built: a layer more, say)
+    if lacking and not partial:             # (a part it would leave as built: a layer more, say)
         raise UserError(f"{ckpt_dir}: checkpoint does not fit this model (it has no {lacking[0]})")
     with torch.no_grad():
         for k, v in state.items():
@@ -1969,7 +1968,7 @@ class Stages:
                 change = model_change(self.path(run, st), {k: getattr(args, k) for k in model_fields[st]})
                 if change:
                     raise UserError(f"--resume {run}: {change}" if args.resume else
-                                    f"--out {run}: its {self.dirs[st]}, which this command builds on: {change}")
+                                    f"--out {run}: its {self.dirs[st]}, trained by another command: {change}")
         check_out(args, method=self.method)
 
     def check_ckpt(self, run_dir, needed):
@@ -2084,13 +2083,14 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 epoch, batch_pos = rngs[rank]["position"]
         else:                   # saved by another process alone (bad data met under torchrun), or
             seed_all(args.seed + rank + world * step)          # a process the run did not have
-        if len(rngs) != world:  # another number of processes: as many of the epoch's batches done
-            batch_pos = batch_pos * len(rngs) // world     # (the same batches a step: the same ones)
         with open(os.path.join(ck, "meta.json")) as f:
             was = json.load(f).get("data", meta["data"])
+        world_was = was.get("processes", len(rngs))
+        if world_was != world:  # another number of processes: as many of the epoch's batches done
+            batch_pos = batch_pos * world_was // world     # (the same batches a step: the same ones)
         if rank == 0:
             print(f"resumed from {ck} at step {step}" + (
-                "; it was saved by one process alone (bad data), so the others' random draws (dropout) "
+                "; it was saved by one process alone (bad data, a crash), so the others' random draws (dropout) "
                 "start afresh" if None in rngs else ""))
             layout = ("processes", "grad_accum")        # a step's batches: processes x accumulation
             same = was.get("processes", world) * was.get("grad_accum", args.grad_accum) == world * args.grad_accum
@@ -2102,9 +2102,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 print(f"warning: resumed with another data order ({', '.join(changed)}): the "
                       f"batches from here differ from those the interrupted run would have seen",
                       file=sys.stderr)
-            elif len(rngs) != world:
+            elif world_was != world:
                 print(f"resumed on {world} process{'es' * (world > 1)} x --grad-accum {args.grad_accum} (the run: "
-                      f"{len(rngs)} x {was.get('grad_accum')}): the same batches in each step; the "
+                      f"{world_was} x {was.get('grad_accum')}): the same batches in each step; the "
                       f"random draws (dropout) differ", file=sys.stderr)
     elif world > 1:         # (after the models were built): dropout and draws differ per process
         seed_all(args.seed + rank)

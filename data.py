@@ -73,7 +73,7 @@ def read_manifest(path, required=("audio", "text")):
             if "text" in required and not str(row["text"]).strip():
                 raise DataError(f"{path}:{n}: empty transcript")
             for key in ("audio", "text", "continuation", "translation"):
-                if key in row and not isinstance(row[key], str) and not (row[key] is None and key not in required):
+                if key in row and not isinstance(row[key], str):
                     raise DataError(f"{path}:{n}: '{key}' must be a string, not {type(row[key]).__name__}")
             chars = row.get("chars")
             if chars is not None and not (isinstance(chars, list) and all(
@@ -142,7 +142,14 @@ def duration_of(item):
         return 0.0  # unreadable: load_audio reports it properly when the item is used
 
 
-_WARNED = set()         # what a process has warned about once
+_WARNED = set()         # what a process has warned about once (not again each epoch, stage or validation)
+
+
+def warn_once(key, msg):
+    """Print msg on stderr the first time `key` comes in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(msg, file=sys.stderr)
 
 
 class SpeechDataset(torch.utils.data.Dataset):
@@ -169,10 +176,12 @@ class SpeechDataset(torch.utils.data.Dataset):
             raise
         said, real = item.get("duration"), len(wave) / SAMPLE_RATE
         if said is not None and abs(real - said) > 0.1 * said + 0.1 and "duration" not in _WARNED:
-            _WARNED.add("duration")     # (once a process: not again each epoch, stage or validation)
-            print(f"warning: {item.get('where', item['audio'])}: 'duration' {said:g} s, but the audio "
-                  f"lasts {real:.2f} s: batches (and --max-seconds) go by the manifest's durations "
-                  f"(only the first such clip is reported)", file=sys.stderr)
+            msg = (f"warning: {item.get('where', item['audio'])}: 'duration' {said:g} s, but the audio "
+                   f"lasts {real:.2f} s: batches (and --max-seconds) go by the manifest's durations "
+                   f"(only the first such clip is reported)")
+            if torch.utils.data.get_worker_info() is not None:
+                return dict(item, wave=wave, _warning=msg)      # (said by Loader: a worker's own
+            warn_once("duration", msg)                          # _WARNED starts empty each epoch)
         return dict(item, wave=wave)
 
 
@@ -196,6 +205,9 @@ class Loader:
         for b in self.loader:
             if b is not None and "_error" in b:
                 raise DataError(b["_error"])
+            for msg in (b or {}).pop("_warning", None) or ():
+                if msg:
+                    warn_once("duration", msg)
             yield b
 
     def __len__(self):

@@ -393,8 +393,8 @@ def main(argv=None):
     if never:           # (the run's config then says what it trained: --ckpt reports that)
         tasks = [t for t in tasks if t not in never]
         if rank == 0:
-            print(f"slm: warning: no training utterance has a '{TASKS[never[0]]}' field: --tasks "
-                  f"{args.tasks} trains {','.join(tasks)} only", file=sys.stderr)
+            print(f"slm: warning: no training utterance has a {' or '.join(repr(TASKS[t]) for t in never)} "
+                  f"field: --tasks {args.tasks} trains {','.join(tasks)} only", file=sys.stderr)
         args.tasks = ",".join(tasks)
     eos = common.eos_ids(llm, tok)[0]
     n_adapter, n_total = common.count_params(adapter, True), common.count_params(

@@ -639,12 +639,13 @@ def infer(args, device):
 @common.guard
 def main(argv=None):
     args = common.parse_args(SSRArgs, argv, method="ssr")
+    if not args.ckpt:
+        args.out = args.out or args.resume or "runs/ssr"        # (--resume DIR continues in DIR)
+        if not args.resume and args.stage != "all":     # a stage added to a run: the run's settings
+            common.resume_config(args, "ssr", adds_to=args.out)     # (--precision, --seed: setup's)
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)
-    args.out = args.out or args.resume or "runs/ssr"            # (--resume DIR continues in DIR)
-    if not args.resume and args.stage != "all":     # a stage added to a run: the run's settings
-        common.resume_config(args, "ssr", adds_to=args.out)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     if not tok.is_fast:

@@ -1893,7 +1893,7 @@ def test_a_signal_during_the_update_saves_the_step_it_finished(tiny, tmp_path, m
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-7)
 
 
-def test_a_wrong_duration_is_said_once_a_process(tiny, capsys, monkeypatch):
+def test_a_wrong_duration_is_said_once_a_process(tiny, capfd, monkeypatch):
     """A manifest duration far from the audio's is said once, not again by each epoch's, stage's
     or validation's loader (SSR said it three times), and as written ("5.5314 s", not a float's
     "5.5314000000000005")."""
@@ -1901,8 +1901,14 @@ def test_a_wrong_duration_is_said_once_a_process(tiny, capsys, monkeypatch):
     item = dict(data.read_manifest(tiny["train"])[0], duration=0.1 + 0.2)       # 0.30000000000000004
     for _ in range(2):
         data.SpeechDataset([item])[0]
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.count("warning: ") == 1 and "'duration' 0.3 s, but the audio lasts" in err
+    monkeypatch.setattr(data, "_WARNED", set())        # loader workers (CUDA's default): each starts
+    loader, sampler = data.make_loader([item] * 4, 2, workers=2)     # each epoch with none said
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        assert all("_warning" not in b for b in loader)
+    assert capfd.readouterr().err.count("warning: ") == 1
 
 
 def test_loader_workers_default(monkeypatch):
@@ -2017,6 +2023,26 @@ def test_non_finite_gradients_stop_before_the_update(tiny, tmp_path):
     assert ck.endswith("ckpt-2") and torch.isfinite(load_file(ck + "/trainable.safetensors")["lin.weight"]).all()
 
 
+def test_config_method_of_runs_old_and_new(tmp_path):
+    """The method a run directory holds: its config.json's; an earlier version's run, its
+    checkpoint's, or (SSR, no config.json) its stages'; a folder of runs is none of them."""
+    def run(path, method, config=True, stage=None):
+        d = tmp_path / path / (stage or "")
+        os.makedirs(d / "ckpt-1")
+        write(d / "ckpt-1" / "meta.json", json.dumps(dict(method=method)))
+        write(d / "latest", "ckpt-1")
+        if config:
+            write(tmp_path / path / "config.json", json.dumps(dict(lr=1.0)))
+    write_new = tmp_path / "new"
+    os.makedirs(write_new)
+    write(write_new / "config.json", json.dumps(dict(method="blsp_kd")))
+    run("old_blsp", "blsp")
+    run("old_ssr", "ssr-aligner", config=False, stage="aligner")
+    run("runs/a", "blsp")
+    assert [common.config_method(str(tmp_path / d)) for d in ("new", "old_blsp", "old_ssr", "runs", "none")] \
+        == ["blsp_kd", "blsp", "ssr", None, None]
+
+
 def test_a_checkpoint_loads_only_into_a_model_it_fits_whole(tmp_path):
     """A trained part the checkpoint lacks (a layer more than it was trained with) is refused, not
     left as built; frozen parameters are not in a checkpoint and need not be."""
@@ -2042,7 +2068,7 @@ def test_ctrl_c_outside_a_training_loop_is_one_line(capsys):
         with pytest.raises(SystemExit) as e:
             common.guard(main)([])
         assert e.value.code == code and capsys.readouterr().err.startswith(
-            f"interrupted ({'Ctrl-C' if code == 130 else 'SIGTERM'}); the checkpoints written before are kept")
+            f"interrupted ({'Ctrl-C' if code == 130 else 'SIGTERM'})\n")
 
 
 def test_a_step_saved_again_never_leaves_latest_without_its_folder(tmp_path, monkeypatch):
@@ -3725,6 +3751,8 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     blsp_kd.main(["--resume", s3, "--steps", "3"])
     assert json.loads(read(os.path.join(s3, "config.json")))["continuation_tokens"] == 4
     assert len(glob.glob(os.path.join(s3, "answers-train-*.jsonl"))) == 1 and read(os.path.join(s3, "metrics.jsonl")).count('"loss"') == 3
+    blsp_kd.main(stage2 + ["--out", str(tmp_path / "s4"), "--steps", "1", "--stage", "2", "--init", s3])  # a stage-2
+    assert read(tmp_path / "s4" / "latest").strip() == "ckpt-1"                  # run as --init: goes on
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         blsp_kd.main(common_args + ["--out", str(tmp_path / "bad"), "--stage", "2"])
@@ -4198,21 +4226,24 @@ def test_ssr_main_end_to_end(ssr_tiny, tmp_path, capsys, monkeypatch):
     assert e.value.code == 2
 
 
-def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys):
+def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys, monkeypatch):
     """--stage aligner, then 1, then 2, each its own command: each trains its stage only, from the
     ones before (--stage aligner once ended in "no checkpoint" for stage 1, exit 2), with the run's
     settings for the flags it is not given (it took the defaults, wrote them in the run's
     config.json, and a bare --resume then trained the aligner on to the default --aligner-steps)."""
     out, base = tmp_path / "run", ssr_base_args(ssr_tiny, tmp_path / "run")
+    seeds, setup = [], common.setup                # (what setup sees: the run's --seed, --precision)
+    monkeypatch.setattr(common, "setup", lambda args: seeds.append(args.seed) or setup(args))
     for stage in ("aligner", "1", "2"):
         if stage == "2":        # a stage built on another shape than the one trained before: refused
             with pytest.raises(SystemExit) as e:            # (it loaded what fitted and went on)
                 ssr.main(base + ["--stage", "2", "--layers", "3", "--stage2-steps", "1"])
-            assert e.value.code == 2 and f"--out {out}: its stage1, which this command builds on: the run " \
+            assert e.value.code == 2 and f"--out {out}: its stage1, trained by another command: the run " \
                 "was trained with --layers 1, not --layers 3" in capsys.readouterr().err
             assert not (out / "stage2").exists()
-        ssr.main(base + ["--stage", stage] + {"aligner": ["--aligner-steps", "2", "--steps", "2"], "1": [],
-                                              "2": ["--stage2-steps", "1"]}[stage])
+        ssr.main(base + ["--stage", stage] + {"aligner": ["--aligner-steps", "2", "--steps", "2", "--seed", "3"],
+                                              "1": [], "2": ["--stage2-steps", "1"]}[stage])
+        assert seeds[-1] == 3
         done = [s for s in ("aligner", "stage1", "stage2") if os.path.isfile(out / s / "latest")]
         assert len(done) == {"aligner": 1, "1": 2, "2": 3}[stage], (stage, done)
         final = json.loads(capsys.readouterr().out.split("final: ")[-1].splitlines()[0])
