@@ -129,12 +129,13 @@ def speech_vectors(encoder, adapter, batch):
 # ----------------------------------------------------------------------------------------------
 # Step 1: continuation writing by the frozen LLM
 
-def continuation_data(llm, tok, items, args, out_dir, tag):
-    """Ask the frozen LLM to continue each transcript (greedy); cached in out_dir, resumable.
+def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dirs=()):
+    """Ask the frozen LLM to continue each transcript (greedy); cached in out_dir (copied from
+    reuse_dirs': a run resumed into another --out), resumable.
     Adds item["continuation_llm"] (text)."""
     transcripts = [common.normalize(it["text"]) for it in items]   # lower case, no punctuation
     conts = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
-                                  args.continuation_tokens, out_dir, tag)
+                                  args.continuation_tokens, out_dir, tag, reuse_dirs=reuse_dirs)
     for it, c in zip(items, conts):
         it["continuation_llm"] = c
     return items
@@ -175,10 +176,9 @@ def step_flops(encoder, adapter, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); args takes the run's config (its
-    prompt format unless given)."""
-    shape = ("encoder_layer", "whisper_30s", "bottleneck")
-    ck = common.take_run_config(args, args.ckpt, "blsp", ("llm", "encoder", "prompt") + shape, fixed=shape,
-                                free=("prompt",))
+    prompt format and generation lengths unless given: --eval then measures as its validation)."""
+    shape, free = ("encoder_layer", "whisper_30s", "bottleneck"), ("prompt", "continuation_tokens", "max_new_tokens")
+    ck = common.take_run_config(args, args.ckpt, "blsp", ("llm", "encoder") + shape + free, fixed=shape, free=free)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device)
     adapter = Adapter(encoder.dim, llm.config.hidden_size, args.bottleneck).to(device)
@@ -225,9 +225,9 @@ def main(argv=None):
         common.write_config(args, args.out, "blsp")
     # step 1: the LLM's own continuations are the targets (train); valid items without a
     # reference continuation get one too, to measure the speech-vs-text gap
-    continuation_data(llm, tok, train_items, args, args.out, "train")
+    continuation_data(llm, tok, train_items, args, args.out, "train", [args.resume])
     todo = [it for it in valid_items if "continuation" not in it]
-    for it in continuation_data(llm, tok, todo, args, args.out, "valid"):
+    for it in continuation_data(llm, tok, todo, args, args.out, "valid", [args.resume]):
         it["continuation"] = it["continuation_llm"]
     continuations = [it["continuation_llm"] for it in train_items]
     for it, ids in zip(train_items, common.each_ids(tok, continuations)):
@@ -254,7 +254,7 @@ def main(argv=None):
         with torch.no_grad():
             res = common.alignment_eval(llm, tok, valid_items, args, device,
                                         lambda b: speech_vectors(encoder, adapter, b),
-                                        CONTINUE_INSTRUCTION)
+                                        CONTINUE_INSTRUCTION, args.instruction or data.REPEAT_INSTRUCTIONS[0])
         adapter.train()
         return res
 

@@ -64,6 +64,7 @@ Project choices ([choice] in METHODS.md, or where the released code differs):
 """
 import copy
 import json
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -188,13 +189,22 @@ def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
 # ----------------------------------------------------------------------------------------------
 # Continuations by the frozen LLM (the teacher's responses)
 
-def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dir=None):
-    """Greedy continuation of each transcript; cached in out_dir (stage 2: copied from the --init
-    run's), resumable. Adds to each item transcript_ids (N = their count) and response_ids
-    (continuation [+ EOS])."""
+def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dirs=()):
+    """Greedy continuation of each transcript; cached in out_dir (copied from reuse_dirs': stage 2's
+    --init run, a run resumed into another --out), resumable. Adds to each item transcript_ids (N = their count) and response_ids
+    (continuation [+ EOS]). A transcript with no word once normalised ("?!") would ask CIF for 0
+    vectors: it stops the run, naming its line (--skip-bad: it is left out)."""
+    wordless = [it for it in items if not common.normalize(it["text"]).strip()]
+    if wordless and not args.skip_bad:
+        raise data.DataError(f"{wordless[0]['where']}: the transcript {wordless[0]['text']!r} has no word once "
+                             f"lower-cased without punctuation (no token for CIF to fire; or --skip-bad)")
+    if wordless:
+        print(f"skipping {len(wordless)} utterances whose transcripts have no word (first: "
+              f"{wordless[0]['where']})", file=sys.stderr)
+        items[:] = [it for it in items if common.normalize(it["text"]).strip()]
     transcripts = [common.normalize(it["text"]) for it in items]      # as BLSP's step 1
     conts, ended = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
-                                         args.continuation_tokens, out_dir, tag, True, reuse_dir)
+                                         args.continuation_tokens, out_dir, tag, True, reuse_dirs)
     eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn
     for it, t, ids, e in zip(items, common.each_ids(tok, transcripts, as_input=True),
                              common.each_ids(tok, conts), ended):
@@ -359,9 +369,10 @@ def build(args, device, encoder, llm):
 
 
 def load_run(args, device):
-    """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config."""
-    ck = common.take_run_config(args, args.ckpt, "blsp_kd", MODEL_FIELDS + ("prompt", "continuation_tokens"),
-                                fixed=MODEL_FIELDS[2:], free=("prompt", "continuation_tokens"))
+    """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config (what
+    --eval measures with too, unless given: the KL temperature, prompt, generation lengths)."""
+    free = ("prompt", "continuation_tokens", "temperature", "max_new_tokens")
+    ck = common.take_run_config(args, args.ckpt, "blsp_kd", MODEL_FIELDS + free, fixed=MODEL_FIELDS[2:], free=free)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device)
     module, cformer, ctx = build(args, device, encoder, llm)
@@ -405,7 +416,8 @@ def main(argv=None):
     args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
     args.out = args.out or args.resume or f"runs/blsp_kd{'_stage2' if args.stage == 2 else ''}"
     common.check_out(args, method="blsp_kd", model_fields=MODEL_FIELDS)   # before the continuations
-    if args.init:   # the stage-1 run fixes the models (their folders may be given anew), the
+    init = args.init if not args.resume else None   # (a resumed stage 2 holds what --init gave it)
+    if init:        # the stage-1 run fixes the models (their folders may be given anew), the
                     # CFormer's shape, and the data it learned from (prompt, continuations) unless set
         shape = ("encoder_layer", "whisper_30s", "pre_layers", "post_layers", "heads", "ffn")
         free = ("prompt", "continuation_tokens")
@@ -418,14 +430,14 @@ def main(argv=None):
     # rows is exactly the frozen LLM, so generation is unchanged)
     module, cformer, ctx = build(args, device, encoder, llm)
     common.compile_adapter(cformer, args)
-    if args.init:                       # (a stage-1 run trained the CFormer alone; a stage-2 run
+    if init:                            # (a stage-1 run trained the CFormer alone; a stage-2 run
         common.load_trainable(module, init_ck, partial=True)       # its LoRA too: both go on)
 
     if rank == 0 and not args.resume:     # (a stop while they are generated: --resume takes it)
         common.write_config(args, args.out, "blsp_kd")
     # the LLM's own continuations of the transcripts are the teacher's responses
-    continuation_data(llm, tok, train_items, args, args.out, "train", args.init)
-    continuation_data(llm, tok, valid_items, args, args.out, "valid", args.init)
+    continuation_data(llm, tok, train_items, args, args.out, "train", (init, args.resume))
+    continuation_data(llm, tok, valid_items, args, args.out, "valid", (init, args.resume))
     for it in valid_items:
         it.setdefault("continuation", common.answer_text(tok, it["response_ids"]))
     before, after = common.prompt_pieces(tok, CONTINUE_INSTRUCTION, args.prompt)

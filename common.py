@@ -183,7 +183,8 @@ class Args:
                                "chat | blsp (###[Human]: ... ###[Assistant]:)", choices=("auto", "chat", "blsp"))
     ckpt: str = arg(None, "run directory with a trained checkpoint (for --infer / --eval)", metavar="RUN_DIR")
     infer: str = arg(None, "audio file: print the LLM's answer to it (with --ckpt)", metavar="WAV")
-    instruction: str = arg(None, "instruction for --infer / --eval (default: the method's)")
+    instruction: str = arg(None, "instruction for --infer / --eval, and the validation's zero-shot "
+                                 "one (default: the method's)")
     eval: str = arg(None, "manifest to evaluate a --ckpt on (its first --max-valid utterances)",
                     metavar="MANIFEST")
     max_new_tokens: int = arg(64, "generation length limit", min=1)
@@ -1425,12 +1426,13 @@ def model_stamp(llm, older=False):
 
 
 def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, tag, with_ended=False,
-                   reuse_dir=None):
+                   reuse_dirs=()):
     """The frozen LLM's greedy answer to `instruction` about each text (e.g. BLSP's and
     BLSP-KD's continuation writing), cached in out_dir/answers-TAG-KEY.jsonl, resumable; the key
     covers the LLM (model_stamp: its weights and dtype), prompt format, length limit, instruction
     and texts. A cache of the same key under another tag (--eval of the validation manifest) or in
-    reuse_dir (BLSP-KD's stage 2: its --init run) holds the same answers: it is copied in first,
+    reuse_dirs (BLSP-KD's stage 2: its --init run; a run resumed into another --out: the run it
+    continues) holds the same answers: it is copied in first,
     not generated again. A prompt is tokenized only if it is generated (a resumed run's cache
     holds them all)."""
     before, after = prompt_pieces(tok, instruction, args.prompt)
@@ -1439,10 +1441,16 @@ def cached_answers(llm, tok, instruction, texts, args, max_new_tokens, out_dir, 
     key_of = lambda stamp: hashlib.sha1(json.dumps([stamp, args.prompt, max_new_tokens, instruction, texts]
                                         + ([eos] if eos != eos_ids(llm, tok) else [])).encode()).hexdigest()[:10]
     key = key_of(model_stamp(llm))
-    os.makedirs(out_dir, exist_ok=True)
+    with contextlib.suppress(OSError):
+        os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK | os.X_OK):           # (--eval of a run in a read-only folder)
+        warn_once(("read-only", out_dir), f"{out_dir}: not writable: the frozen LLM's answers ({tag}) are "
+                                          f"generated, not kept")
+        return generate_texts(llm, tok, prompts, max_new_tokens, args.gen_batch_size, None,
+                              f"answers ({tag})", with_ended, eos)
     cache = os.path.join(out_dir, f"answers-{tag}-{key}.jsonl")
     keys = (key, key_of(model_stamp(llm, older=True)))                  # (and an earlier version's)
-    for d in dict.fromkeys(os.path.abspath(x) for x in [out_dir] + ([reuse_dir] if reuse_dir else [])):
+    for d in dict.fromkeys(os.path.abspath(x) for x in [out_dir, *reuse_dirs] if x):
         for k in keys:
             found = glob.glob(os.path.join(glob.escape(d), f"answers-*-{k}.jsonl*"))   # (or its parts:
             for same in sorted({re.sub(r"\.rank\d+$", "", f) for f in found}):        # .rankR)
@@ -2004,20 +2012,27 @@ def model_fingerprint(args, fields):
 class Logger:
     """metrics.jsonl of a run: one JSON line per logged step and per validation. A fresh run
     starts it empty; a resumed one drops the lines past its checkpoint (the interrupted run's
-    steps that are run again; and, for a finished run, its final validation, which is run again)."""
+    steps that are run again; and, for a finished run, its final validation, which is run again).
+    before: the run directory a run resumed into another --out continues (its lines are kept).
+    validated: the steps whose validation it holds."""
 
-    def __init__(self, out, rank, step=0, finished=False):
+    def __init__(self, out, rank, step=0, finished=False, before=None):
         self.path = os.path.join(out, "metrics.jsonl") if rank == 0 else None
-        if self.path and os.path.isfile(self.path):
+        self.validated = set()
+        src = self.path if self.path and os.path.isfile(self.path) else \
+            os.path.join(before, "metrics.jsonl") if self.path and before else None
+        if src and os.path.isfile(src):
             keep = []
             if step:
-                with open(self.path) as f:
+                with open(src) as f:
                     for line in f:
                         try:
                             row = json.loads(line)
                             if row.get("step", 0) < step or row.get("step", 0) == step and not (
                                     finished and row.get("split") == "valid"):
                                 keep.append(line)
+                                if row.get("split") == "valid":
+                                    self.validated.add(row.get("step"))
                         except json.JSONDecodeError:
                             pass                # a line cut by the interruption
             with open(self.path + ".tmp", "w") as f:
@@ -2146,7 +2161,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         flag = getattr(args, "_steps_flag", "--steps")          # (SSR's stages: their own)
         print(f"{args.resume}: at step {step} of {flag} {args.steps} already: nothing to train (a larger "
               f"{flag} continues it); validating only")
-    log = Logger(out, rank, step, finished=step >= args.steps)
+    log = Logger(out, rank, step, finished=step >= args.steps, before=args.resume)
     it = micro_batches()
     # a terminal gets a progress bar; a log file (a cluster job, a pipe) plain lines instead, at the
     # logged steps, at most one every 10 s (a bar there is one endless line of carriage returns)
@@ -2202,6 +2217,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             save_checkpoint(out, module, opt, step, e, b, meta, r)
         saved_at, last_save = step, time.time()
 
+    def validate():
+        nonlocal start, last_valid
+        t_valid, start = time.time(), (epoch, batch_pos, rng_state())   # (a stop in it saves this)
+        last_valid = run_valid(valid_fn, step, log, rank, bar, device)
+        seen["valid_s"] += time.time() - t_valid
+        if device.type == "cuda":       # (a validation's generation is not a step's peak)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = None
+
     interrupted, flags, last_save = None, StopFlags(device), time.time()
     # the step the run's directory holds already (a run resumed in its own directory: its checkpoint)
     saved_at = step if args.resume and os.path.samefile(args.resume, out) else None
@@ -2219,6 +2243,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     stops = (signal.SIGTERM, signal.SIGINT)
     old_handlers = {s: signal.signal(s, on_signal) for s in stops} if main_thread else {}
     try:
+        if valid_fn and args.eval_every and 0 < step < args.steps and step % args.eval_every == 0 \
+                and rank == 0 and step not in log.validated:   # (a run stopped in this validation)
+            validate()
         while step < args.steps:
             start = (epoch, batch_pos, rng_state())
             for g in opt.param_groups:
@@ -2308,12 +2335,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if deferred:
                 raise Terminated() if deferred[0] == signal.SIGTERM else KeyboardInterrupt()
             if valid_fn and args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                t_valid, start = time.time(), (epoch, batch_pos, rng_state())   # (a stop in it)
-                last_valid = run_valid(valid_fn, step, log, rank, bar, device)
-                seen["valid_s"] += time.time() - t_valid
-                if device.type == "cuda":       # (a validation's generation is not a step's peak)
-                    torch.cuda.reset_peak_memory_stats(device)
-                start = None
+                validate()
             stop, save_due = flags.poll() if world > 1 else (False, save_due)
             if (args.save_every and step % args.save_every == 0) or (save_due and not stop):
                 checkpoint()
@@ -2458,7 +2480,8 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
       source) as input;
     - content_acc / content_acc_text: teacher-forced argmax accuracy on the continuation tokens
       that only the input can tell (the toy corpus's `content` spans), from speech / from text;
-    - repeat_wer: zero-shot "repeat" instruction answered from speech (greedy), WER vs transcript.
+    - repeat_wer: zero-shot "repeat" instruction answered from speech (greedy; at most
+      --max-new-tokens, and 64 or twice the longest transcript's tokens + 8), WER vs transcript.
     speech_fn(batch) -> list of (L_i, d_llm) speech vectors (the method's adapter)."""
     embed, end = llm.get_input_embeddings(), answer_end(llm, tok, args.prompt)
     eos = eos_ids(llm, tok, args.prompt)
@@ -2511,7 +2534,9 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
                         sums["content"] += len(want)
             # zero-shot repeat from speech
             sp = splice(embed, [[text(rb), speech(v), text(ra)] for v in vecs], pad_left=True)
-            outs = generate(llm, sp, eos, max_new_tokens=min(args.max_new_tokens, 64), lora=lora)
+            longest = max(len(input_ids(tok, t)) for t in batch["text"])     # (a repeat: about as long
+            outs = generate(llm, sp, eos, max_new_tokens=min(args.max_new_tokens, max(64, 2 * longest + 8)),
+                            lora=lora)                                     # as the transcript)
         hyps += [tok.decode(o, skip_special_tokens=True) for o in outs]
         refs += batch["text"]
     res = {}

@@ -68,8 +68,9 @@ def read_manifest(path, required=("audio", "text")):
             for key in required:
                 if key not in row:
                     raise DataError(f"{path}:{n}: missing field '{key}'")
-            for key in [k for k, v in row.items() if v is None and k not in required]:
-                del row[key]                        # (a field given as null: as if absent)
+            for key in [k for k, v in row.items() if k not in required and (v is None or k in (
+                    "continuation", "translation") and isinstance(v, str) and not v.strip())]:
+                del row[key]                        # (null, or an empty reference: as if absent)
             if "text" in required and not str(row["text"]).strip():
                 raise DataError(f"{path}:{n}: empty transcript")
             for key in ("audio", "text", "continuation", "translation"):

@@ -344,7 +344,7 @@ def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the models and
     sizes, and the input order, tasks and language unless given here (a zero-shot test)."""
     shape = ("encoder_layer", "whisper_30s", "stack", "width", "layers", "heads", "ffn")
-    free = ("order", "tasks", "language")
+    free = ("order", "tasks", "language", "max_new_tokens")
     ck = common.take_run_config(args, args.ckpt, "slm", ("llm", "encoder") + shape + free, fixed=shape, free=free)
     task_list(args.tasks)
     encoder, adapter, llm, tok = build(args, device)
@@ -416,7 +416,7 @@ def main(argv=None):
     eval_tasks = [t for t in TASKS if any(it.get(TASKS[t]) for it in valid_items)]
 
     def valid_fn(step):
-        res = evaluate(encoder, adapter, llm, tok, valid_items, args, device, eval_tasks, tasks)
+        res = evaluate(encoder, adapter, llm, tok, valid_items, args, device, eval_tasks, tasks, args.instruction)
         adapter.train()
         return res
 

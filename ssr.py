@@ -576,7 +576,7 @@ def run_stages(args, m, device, rank, world):
 
         def stage2_valid(step):
             module.eval()
-            r = llm_eval(m, valid_items, args, device)
+            r = llm_eval(m, valid_items, args, device, args.instruction)
             module.train()
             return r
 
@@ -607,8 +607,8 @@ def infer(args, device):
     STAGES.check_ckpt(args.ckpt, "1")
     last = "2" if STAGES.trained(args.ckpt, "2") else "1"       # its config: the run's arguments
     shape = ("encoder_layer", "whisper_30s", "aligner_layers", "layers", "heads", "blockwise", "finetune")
-    common.take_run_config(args, STAGES.path(args.ckpt, last), STAGES.method_of(last), ("llm", "encoder", "prompt")
-                           + shape, f"--ckpt {args.ckpt}", fixed=shape, free=("prompt",))
+    common.take_run_config(args, STAGES.path(args.ckpt, last), STAGES.method_of(last), ("llm", "encoder", "prompt",
+                           "max_new_tokens") + shape, f"--ckpt {args.ckpt}", fixed=shape, free=("prompt", "max_new_tokens"))
     llm, tok = common.load_llm(args.llm, device)
     m = build(args, common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s), llm, tok, device)
     STAGES.load(m.aligner, args.ckpt, "aligner")

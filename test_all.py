@@ -166,6 +166,9 @@ def test_manifest_errors_name_file_and_line(tmp_path):
             data.read_manifest(str(p))
     with pytest.raises(data.DataError, match="manifest not found"):
         data.read_manifest(str(tmp_path / "nope.jsonl"))
+    p.write_text(json.dumps(dict(audio="a.wav", text="hi", chars=None, duration=None, continuation=" ",
+                                 translation="", content=None)) + "\n")
+    assert set(data.read_manifest(str(p))[0]) == {"audio", "text", "where"}    # null, empty: as if absent
 
 
 def test_audio_errors_and_resampling(tmp_path):
@@ -1349,6 +1352,18 @@ def test_generate_texts_records_whether_an_answer_ended(tiny, tmp_path, monkeypa
     assert common.generate_texts(llm, tok, [[5, 6, 7], [8, 9], [1]], 4, 2, cache, with_ended=True)[1] == \
         [False, True, None]
 
+def test_answers_for_a_read_only_folder_are_generated_not_kept(tiny, tmp_path, monkeypatch, capsys):
+    """--eval of a run in a folder it cannot write (a shared model store): the answers are made
+    and said not to be kept (it raised a traceback opening its cache to append)."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    args = types.SimpleNamespace(prompt="auto", gen_batch_size=2)
+    texts = common.cached_answers(llm, tok, "go on", ["a b", "c"], args, 3, str(tmp_path), "eval")
+    assert len(texts) == 2 and not os.listdir(tmp_path)
+    assert f"{tmp_path}: not writable: the frozen LLM's answers (eval) are generated, not kept" in capsys.readouterr().err
+
+
 def test_continuation_targets_are_the_tokens_the_llm_wrote(tmp_path, monkeypatch):
     """A byte-level BPE LLM answering after "###[Assistant]:" writes " the red fox" ("Ġthe" first)
     and ends it with a newline: the cached text, tokenized again as BLSP's and BLSP-KD's targets
@@ -1976,8 +1991,9 @@ def test_cuda_rng_state_is_this_process_gpu_only(monkeypatch):
 def test_sigterm_in_a_validation_resumes_exactly(tiny, tmp_path):
     """A preemption while validating (on a real model, minutes of each run) saves the finished
     step with its own data position and RNG (it saved the step before's: the resumed run trained
-    on a step's batches twice); validation leaves the RNG as it was, so the resumed run (which
-    does not validate that step again) draws the same dropout masks. Toy's dropout is on."""
+    on a step's batches twice); the resumed run validates that step first (it went on without:
+    that validation was lost), and validation leaves the RNG as it was, so it draws the same
+    dropout masks. Toy's dropout is on."""
     import signal
     items = data.read_manifest(tiny["train"])
 
@@ -2001,6 +2017,9 @@ def test_sigterm_in_a_validation_resumes_exactly(tiny, tmp_path):
     assert e.value.code == 143 and st["step"] == 2
     torch.testing.assert_close(run(tmp_path / "half", resume=True), full)
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "full"), abs=1e-7)
+    valid_steps = lambda out: [r["step"] for r in map(json.loads, read(out / "metrics.jsonl").splitlines())
+                               if r.get("split") == "valid"]
+    assert valid_steps(tmp_path / "half") == valid_steps(tmp_path / "full") == [2, 4, 6]
 
 
 def test_non_finite_gradients_stop_before_the_update(tiny, tmp_path):
@@ -3033,6 +3052,26 @@ def test_a_run_whose_models_moved(tiny, tmp_path, capsys, monkeypatch):
     assert '"repeat_wer"' in printed.out
 
 
+def test_a_run_resumed_into_another_out_and_evaluated_as_it_validated(tiny, tmp_path, capsys):
+    """--resume A --out B goes on in B from A's continuations and metrics (it generated every
+    continuation again: hours with a real LLM, and B's metrics.jsonl started empty); --ckpt
+    --eval of the validation manifest takes the run's --continuation-tokens (it generated 64-token
+    ones and reported another loss than the run's own validation)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    blsp.main(["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"], "--valid", tiny["valid"],
+               "--steps", "2", "--batch-size", "8", "--bottleneck", "16", "--continuation-tokens", "4",
+               "--max-new-tokens", "2", "--log-every", "1", "--out", str(a)])
+    final = json.loads(capsys.readouterr().out.split("final: ")[1].splitlines()[0])
+    blsp.main(["--resume", str(a), "--out", str(b), "--steps", "3"])
+    assert "to generate" not in capsys.readouterr().out
+    rows = [json.loads(l) for l in read(b / "metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows if "split" not in r] == [1, 2, 3]
+    blsp.main(["--ckpt", str(a), "--eval", tiny["valid"]])
+    printed = capsys.readouterr().out
+    assert "to generate" not in printed
+    assert json.loads(printed[printed.index("{"):])["loss_speech"] == pytest.approx(final["loss_speech"], rel=1e-5)
+
+
 def test_bad_numbers_are_one_line_errors_naming_the_flag():
     """Bounds of common.Args hold in every method, also where a method overrides the field's
     default (BLSP's --batch-size, SSR's --min-lr-ratio); a method's own bounds, and choices."""
@@ -3645,6 +3684,20 @@ def blsp_kd_write_manifest(folder, name, sentences, seed):
     return os.path.join(folder, f"{name}.jsonl")
 
 
+def test_blsp_kd_transcript_without_a_word_is_named_or_skipped(tiny, monkeypatch):
+    """A transcript of punctuation alone ("?!") asks CIF for 0 vectors: the KL divided by 0 (loss
+    inf in step 1, count_err Infinity in metrics.jsonl). It is named by its line; --skip-bad leaves
+    it out."""
+    llm, tok = common.load_llm(tiny["llm"], cpu())
+    items = [dict(text="the cat", where="m.jsonl:1"), dict(text=" ?! ", where="m.jsonl:2")]
+    monkeypatch.setattr(common, "cached_answers", lambda *a, **k: (["a dog"] * len(a[3]), [True] * len(a[3])))
+    with pytest.raises(data.DataError, match=r"^m.jsonl:2: the transcript ' \?! ' has no word"):
+        blsp_kd.continuation_data(llm, tok, list(items), blsp_kd.KDArgs(), "unused", "train")
+    kept = list(items)
+    blsp_kd.continuation_data(llm, tok, kept, blsp_kd.KDArgs(skip_bad=True), "unused", "train")
+    assert [it["where"] for it in kept] == ["m.jsonl:1"] and len(kept[0]["transcript_ids"]) > 0
+
+
 def test_blsp_kd_response_ends_with_the_end_token_only_where_the_llm_ended(tiny, monkeypatch):
     """The teacher's response is the LLM's continuation + the end of its turn where generation
     ended there; one cut at --continuation-tokens gets no end (the LLM did not end it). A cache
@@ -3718,7 +3771,8 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     del cfg["whisper_30s"]                                      # (a stage-1 run from before the flag)
     write(os.path.join(s1, "config.json"), json.dumps(cfg))
     capsys.readouterr()
-    blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1, "--unfreeze-encoder"])
+    blsp_kd.main(stage2 + ["--out", s2, "--steps", "3", "--stage", "2", "--init", s1, "--unfreeze-encoder",
+                           "--temperature", "1"])
     assert "to generate" not in capsys.readouterr().out         # stage 1's continuations, copied
     for tag in ("train", "valid"):
         (a,), (b,) = (glob.glob(os.path.join(d, f"answers-{tag}-*.jsonl")) for d in (s1, s2))
@@ -3743,6 +3797,8 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "to generate" not in out                         # --eval of the valid manifest: its answers
     res = json.loads(out[out.index("{"):])
+    final = [json.loads(l) for l in read(os.path.join(s2, "metrics.jsonl")).splitlines()][-1]
+    assert res["response_kl"] == pytest.approx(final["response_kl"], rel=1e-4)   # at the run's --temperature
     assert {"content_acc", "repeat_wer", "count_err", "response_kl", "input_kl"} <= set(res)
 
     s3 = str(tmp_path / "s3")        # a stage 2 of its own continuation length, resumed bare: its own,
@@ -3751,6 +3807,9 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     blsp_kd.main(["--resume", s3, "--steps", "3"])
     assert json.loads(read(os.path.join(s3, "config.json")))["continuation_tokens"] == 4
     assert len(glob.glob(os.path.join(s3, "answers-train-*.jsonl"))) == 1 and read(os.path.join(s3, "metrics.jsonl")).count('"loss"') == 3
+    os.rename(s1, s1 + "_moved")                     # a stage 2 resumed bare needs not its --init run
+    blsp_kd.main(["--resume", s3, "--steps", "4"])
+    os.rename(s1 + "_moved", s1)
     blsp_kd.main(stage2 + ["--out", str(tmp_path / "s4"), "--steps", "1", "--stage", "2", "--init", s3])  # a stage-2
     assert read(tmp_path / "s4" / "latest").strip() == "ckpt-1"                  # run as --init: goes on
     capsys.readouterr()
@@ -4115,7 +4174,7 @@ def test_ssr_text_mix_is_the_share_of_transcript_batches(ssr_tiny, tmp_path, mon
     first = data.read_manifest(str(ssr_tiny / "m.jsonl"))[0]
     write(tmp_path / "e.jsonl", "".join(json.dumps(r) + "\n" for r in (
         dict(audio=str(tmp_path / "short.wav"), text=first["text"], chars=None),
-        dict(audio=first["audio"], text=first["text"], chars=None, duration=None))))
+        dict(audio=first["audio"], text=first["text"], chars=None, duration=None, continuation=" "))))
     capsys.readouterr()
     ssr.main(["--ckpt", str(tmp_path / "run"), "--eval", str(tmp_path / "e.jsonl"), "--batch-size", "1",
               "--max-new-tokens", "2", "--device", "cpu"])
