@@ -2045,6 +2045,61 @@ class Logger:
                 f.write(json.dumps(row) + "\n")
 
 
+def resume_state(args, module, opt, meta, device, rank, world):
+    """--resume: the trained parts, optimizer state (with this run's settings: its lr scales,
+    betas, decay, fused), RNG and data position of the run's checkpoint -> (step, epoch, batch_pos)
+    to go on from. Each process takes its own RNG and position where the run had as many; another
+    number of processes goes on from the share of the epoch's batches the run had reached."""
+    ours = [{k: g[k] for k in ("lr_scale", "betas", "weight_decay", "fused")} for g in opt.param_groups]
+    ck = find_checkpoint(args.resume, meta)
+    load_trainable(module, ck)
+    # (on the CPU: saved from cuda:0, it would load there in every process, and fail on a
+    # machine without a GPU; load_state_dict moves each tensor to its parameter's device)
+    st = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False)
+    try:
+        opt.load_state_dict(st["optimizer"])
+    except ValueError as e:     # (the model fingerprint matched: an older grouping)
+        raise UserError(f"--resume {ck}: its optimizer state does not fit this run ({e})") from None
+    for g, o in zip(opt.param_groups, ours):        # this run's settings, not the checkpoint's
+        g.update(o)                                 # (a CPU run resumed on CUDA: fused)
+        for p in g["params"] if g["fused"] else ():
+            if "step" in opt.state.get(p, {}):
+                opt.state[p]["step"] = opt.state[p]["step"].to(p.device, torch.float32)
+    step, epoch, batch_pos = st["step"], st["epoch"], st["batch_pos"]
+    rngs = [st["rng"]] if isinstance(st["rng"], dict) else st["rng"]    # (one per process)
+    del st                                          # (the optimizer holds its own copy now)
+    if rank < len(rngs) and rngs[rank] is not None:
+        set_rng_state(rngs[rank], device)                           # its own
+        if len(rngs) == world and "position" in rngs[rank]:        # and its own data position
+            epoch, batch_pos = rngs[rank]["position"]
+    else:                   # saved by another process alone (bad data met under torchrun), or
+        seed_all(args.seed + rank + world * step)          # a process the run did not have
+    with open(os.path.join(ck, "meta.json")) as f:
+        was = json.load(f).get("data", meta["data"])
+    world_was = was.get("processes", len(rngs))
+    if world_was != world:  # another number of processes: as many of the epoch's batches done
+        batch_pos = batch_pos * world_was // world     # (the same batches a step: the same ones)
+    if rank == 0:
+        print(f"resumed from {ck} at step {step}" + (
+            "; it was saved by one process alone (bad data, a crash), so the others' random draws (dropout) "
+            "start afresh" if None in rngs else ""))
+        layout = ("processes", "grad_accum")        # a step's batches: processes x accumulation
+        same = was.get("processes", world) * was.get("grad_accum", args.grad_accum) == world * args.grad_accum
+        changed = [f"{k} {was[k]} -> {v}" for k, v in meta["data"].items()
+                   if k in was and was[k] != v and not (same and k in layout)]
+        if "grad_accum" not in was and (world > 1 or args.grad_accum > 1):
+            changed.append("batch layout of an older version (a step's batches now neighbours)")
+        if changed:
+            print(f"warning: resumed with another data order ({', '.join(changed)}): the "
+                  f"batches from here differ from those the interrupted run would have seen",
+                  file=sys.stderr)
+        elif world_was != world:
+            print(f"resumed on {world} process{'es' * (world > 1)} x --grad-accum {args.grad_accum} (the run: "
+                  f"{world_was} x {was.get('grad_accum')}): the same batches in each step; the "
+                  f"random draws (dropout) differ", file=sys.stderr)
+    return step, epoch, batch_pos
+
+
 def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=None,
           method="method", model_fields=(), lr_scale=(), resume_dir=None, run_args=None):
     """Train the parameters of `module` that require grad.
@@ -2072,55 +2127,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     params = [p for p in module.parameters() if p.requires_grad]
     module.train()                  # (dropout of the trained parts; an unfrozen model left in eval)
     opt = make_optimizer(params, args, device, lr_scale)
-    ours = [{k: g[k] for k in ("lr_scale", "betas", "weight_decay", "fused")} for g in opt.param_groups]
     step, epoch, batch_pos = 0, 0, 0
     if args.resume:
-        ck = find_checkpoint(args.resume, meta)
-        load_trainable(module, ck)
-        # (on the CPU: saved from cuda:0, it would load there in every process, and fail on a
-        # machine without a GPU; load_state_dict moves each tensor to its parameter's device)
-        st = torch.load(os.path.join(ck, "train_state.pt"), map_location="cpu", weights_only=False)
-        try:
-            opt.load_state_dict(st["optimizer"])
-        except ValueError as e:     # (the model fingerprint matched: an older grouping)
-            raise UserError(f"--resume {ck}: its optimizer state does not fit this run ({e})") from None
-        for g, o in zip(opt.param_groups, ours):        # this run's settings, not the checkpoint's
-            g.update(o)                                 # (a CPU run resumed on CUDA: fused)
-            for p in g["params"] if g["fused"] else ():
-                if "step" in opt.state.get(p, {}):
-                    opt.state[p]["step"] = opt.state[p]["step"].to(p.device, torch.float32)
-        step, epoch, batch_pos = st["step"], st["epoch"], st["batch_pos"]
-        rngs = [st["rng"]] if isinstance(st["rng"], dict) else st["rng"]    # (one per process)
-        del st                                          # (the optimizer holds its own copy now)
-        if rank < len(rngs) and rngs[rank] is not None:
-            set_rng_state(rngs[rank], device)                           # its own
-            if len(rngs) == world and "position" in rngs[rank]:        # and its own data position
-                epoch, batch_pos = rngs[rank]["position"]
-        else:                   # saved by another process alone (bad data met under torchrun), or
-            seed_all(args.seed + rank + world * step)          # a process the run did not have
-        with open(os.path.join(ck, "meta.json")) as f:
-            was = json.load(f).get("data", meta["data"])
-        world_was = was.get("processes", len(rngs))
-        if world_was != world:  # another number of processes: as many of the epoch's batches done
-            batch_pos = batch_pos * world_was // world     # (the same batches a step: the same ones)
-        if rank == 0:
-            print(f"resumed from {ck} at step {step}" + (
-                "; it was saved by one process alone (bad data, a crash), so the others' random draws (dropout) "
-                "start afresh" if None in rngs else ""))
-            layout = ("processes", "grad_accum")        # a step's batches: processes x accumulation
-            same = was.get("processes", world) * was.get("grad_accum", args.grad_accum) == world * args.grad_accum
-            changed = [f"{k} {was[k]} -> {v}" for k, v in meta["data"].items()
-                       if k in was and was[k] != v and not (same and k in layout)]
-            if "grad_accum" not in was and (world > 1 or args.grad_accum > 1):
-                changed.append("batch layout of an older version (a step's batches now neighbours)")
-            if changed:
-                print(f"warning: resumed with another data order ({', '.join(changed)}): the "
-                      f"batches from here differ from those the interrupted run would have seen",
-                      file=sys.stderr)
-            elif world_was != world:
-                print(f"resumed on {world} process{'es' * (world > 1)} x --grad-accum {args.grad_accum} (the run: "
-                      f"{world_was} x {was.get('grad_accum')}): the same batches in each step; the "
-                      f"random draws (dropout) differ", file=sys.stderr)
+        step, epoch, batch_pos = resume_state(args, module, opt, meta, device, rank, world)
     elif world > 1:         # (after the models were built): dropout and draws differ per process
         seed_all(args.seed + rank)
     if world > 1:           # every process starts from process 0's weights, as DDP does (a part
