@@ -76,7 +76,8 @@ class BLSPArgs(common.Args):
     batch_size: int = arg(32, "utterances per micro-batch (per process; paper: 768 in all)")
     lr: float = arg(1.5e-3, "peak learning rate (paper: 5e-5 at batch 768)")
     warmup: int = arg(40, "warm-up steps (paper: 1000)")
-    max_new_tokens: int = arg(128, "inference: generation length limit (the paper's code: 128)")
+    max_new_tokens: int = arg(128, "generation length limit of --infer / --eval and of the validation's "
+                                   "zero-shot repeat (the paper's code: 128)")
 
 
 MODEL_FIELDS = ("llm", "encoder", "encoder_layer", "whisper_30s", "bottleneck")   # what a run fixes

@@ -51,8 +51,8 @@ Project choices ([choice] in METHODS.md, or where the released code differs):
   own, masked at padding (the released code masks the layers after CIF but not those before it,
   which run over frames padded to 30 s; --whisper-30s reproduces that padding for the encoder);
   --grad-ckpt recomputes them in the backward;
-- an unfrozen encoder trains in fp32 at lr / 10 (--encoder-lr); stage 2 takes the models, CFormer
-  shape, prompt format and continuation length of its --init run;
+- an unfrozen encoder trains in fp32 at lr / 10 (--encoder-lr); stage 2 takes the CFormer shape
+  of its --init run, and its models, prompt format and continuation length unless given;
 - toy-scaled defaults (paper: 4 + 4 layers, 8 heads, lr 1e-4, batch 768, 1000 warm-up steps, 1
   epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3 (stage 2: 1e-3), 30 warm-up steps, 1600 steps
   (~2 min, 1 CPU);
@@ -83,7 +83,8 @@ STAGE_LR = {1: 1.5e-3, 2: 1e-3}
 class KDArgs(common.Args):
     stage: int = arg(1, "1: train the CFormer; 2: CFormer + Partial LoRA from a stage-1 --init",
                      min=1, max=2)
-    init: str = arg(None, "stage 2: stage-1 run directory to start from (its models and CFormer shape)")
+    init: str = arg(None, "stage 2: the stage-1 (or stage-2) run directory to start from (its CFormer "
+                          "shape; its models unless given)")
     unfreeze_encoder: bool = arg(False, "stage 2: also train the speech encoder")
     encoder_lr: float = arg(None, "--unfreeze-encoder: the encoder's peak learning rate "
                                   "(default: --lr / 10)", min=0)

@@ -142,7 +142,9 @@ class Args:
                            "held out from training), or the toy corpus's valid split")
     out: str = arg(None, "run directory: config, metrics.jsonl, checkpoints (default runs/METHOD)")
     resume: str = arg(None, "run directory to continue from its latest checkpoint, with its own flags "
-                            "(config.json; a flag given again replaces the run's, e.g. a larger --steps)")
+                            "(config.json), except this machine's (--device, --threads, --workers...); "
+                            "one given again replaces the run's (a larger --steps), except models and "
+                            "shapes, which must be the run's; with --out: continued there")
     steps: int = arg(300, "optimizer steps", min=0)
     batch_size: int = arg(16, "utterances per micro-batch (per process)", min=1)
     max_seconds: float = arg(None, "at most this many seconds of padded audio per micro-batch", above=0)
@@ -174,9 +176,10 @@ class Args:
                                  "(less memory, one more forward)")
     log_every: int = arg(10, "log a metrics line every N steps", min=1)
     eval_every: int = arg(0, "validate every N steps (0: only at the end)", min=0)
-    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)", min=0)
+    save_every: int = arg(0, "checkpoint every N steps (0: at the end, and by --save-minutes)", min=0)
     save_minutes: float = arg(30.0, "also checkpoint when this many minutes have passed since the "
-                                    "last one (a crash loses at most that; 0: off)", min=0)
+                                    "last one (a lost node or kill -9 loses at most that; a signal "
+                                    "or an error in a step saves the last step; 0: off)", min=0)
     max_valid: int = arg(200, "at most this many validation (and --eval) utterances", min=1)
     skip_bad: bool = arg(False, "skip missing, unreadable, too short or too long audio instead of stopping")
     prompt: str = arg("auto", "prompt format: auto (chat template if the tokenizer has one) | "

@@ -26,7 +26,7 @@ Linear(-> d_model) -> LayerNorm whose scale starts at mean|e| / sqrt(d_model), s
 have the norm of the LLM's token embeddings (HF T5 does not rescale inputs_embeds); padding
 frames are zeroed before stacking, so a clip's vectors do not depend on its batch; speech first,
 then the instruction, then the encoder's EOS (--order instruction-first for the other layout);
-each item draws its task uniformly among the tasks it has a target for, and a phrasing uniformly
+each item draws its task uniformly among the --tasks it has a target for, and a phrasing uniformly
 among the task's trained phrasings; one phrasing of ASR and one of AST are held out of training
 (data.TOY_T5_HELD_OUT; the continuation task has none held out); greedy decoding; "word
 accuracy" = 1 - WER on the translation. The paper's sizes (USM, mT0-MT XXL, 156M adapter) are
