@@ -1751,7 +1751,7 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
     torch.save(dict(optimizer=opt.state_dict() if opt else None, step=step, epoch=epoch,
                     batch_pos=batch_pos, rng=rng or rng_state()), os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+        json.dump(dict(meta, step=step), f, indent=1)
     with run_lock(out):
         final = os.path.join(out, f"ckpt-{step}" + (".1" if latest_name(out) == f"ckpt-{step}" else ""))
         shutil.rmtree(final, ignore_errors=True)        # (a step saved before, that latest does not name)
@@ -1845,6 +1845,10 @@ def run_config(run_dir, method, args=None, flag=None, fixed=(), free=()):
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     flag = flag or f"--ckpt {run_dir}"
+    with open(os.path.join(ck, "meta.json")) as f:         # (an earlier version's: no step in it)
+        step = json.load(f).get("step")
+    if step is not None and step < (cfg.get("steps") or 0) and os.environ.get("RANK", "0") == "0":
+        print(f"{flag}: an unfinished run (its checkpoint is of step {step} of {cfg['steps']})", file=sys.stderr)
     default = {f.name: f.default for f in dataclasses.fields(args)} if args is not None else {}
     for k in fixed:
         was = cfg.get(k, default.get(k))           # (a run from before the flag: its default)

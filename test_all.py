@@ -3812,6 +3812,12 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
     os.rename(s1 + "_moved", s1)
     blsp_kd.main(stage2 + ["--out", str(tmp_path / "s4"), "--steps", "1", "--stage", "2", "--init", s3])  # a stage-2
     assert read(tmp_path / "s4" / "latest").strip() == "ckpt-1"                  # run as --init: goes on
+    was = read(os.path.join(s1, "config.json"))                 # an unfinished stage 1 as --init: said
+    write(os.path.join(s1, "config.json"), json.dumps(dict(json.loads(was), steps=30)))
+    capsys.readouterr()
+    blsp_kd.main(stage2 + ["--out", str(tmp_path / "s5"), "--steps", "1", "--stage", "2", "--init", s1])
+    assert f"--init {s1}: an unfinished run (its checkpoint is of step 24 of 30)" in capsys.readouterr().err
+    write(os.path.join(s1, "config.json"), was)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         blsp_kd.main(common_args + ["--out", str(tmp_path / "bad"), "--stage", "2"])
