@@ -2242,6 +2242,13 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             torch.cuda.reset_peak_memory_stats(device)
         start = None
 
+    def save_alone():
+        """Before an error is raised: the last whole step, by this process (the others wait in the
+        all_reduce), unless saved already or nothing was trained -> whether it is saved."""
+        if saved_at != step and (step > step0 or args.resume):
+            checkpoint(start, alone=True)
+        return saved_at == step
+
     interrupted, flags, last_save = None, StopFlags(device), time.time()
     # the step the run's directory holds already (a run resumed in its own directory: its checkpoint)
     saved_at = step if args.resume and os.path.samefile(args.resume, out) else None
@@ -2360,12 +2367,11 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             if stop:
                 interrupted = flags.name or "a signal to another process"
                 break
-    except data.DataError as e:     # bad audio met mid-run: the step before it is saved, by
-        if saved_at != step and (step > step0 or args.resume):      # this process (the others
-            checkpoint(start, alone=True)                           # wait in the all_reduce)
+    except data.DataError as e:     # bad audio met mid-run: the step before it is saved
+        saved = save_alone()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        if saved_at != step:
+        if not saved:
             raise
         raise data.DataError(f"{e}; step {step} is saved: mend the data (or add --skip-bad), then "
                              f"--resume {resume_dir or out}") from None
@@ -2374,10 +2380,10 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         opt.zero_grad(set_to_none=True)
     except BaseException as e:      # a crash (CUDA out of memory, a bug in a step): the last whole
         crash = isinstance(e, Exception) and not isinstance(e, UserError)            # step is saved
-        if crash and not updating and saved_at != step and (step > step0 or args.resume):
-            try:                    # (as after bad data; not mid-update: its weights are not whole)
-                checkpoint(start, alone=True)
-                e.add_note(f"(step {step} is saved: --resume {resume_dir or out} continues from it)")
+        if crash and not updating:  # (as after bad data; not mid-update: its weights are not whole)
+            try:
+                if save_alone():
+                    e.add_note(f"(step {step} is saved: --resume {resume_dir or out} continues from it)")
             except Exception:       # (a broken CUDA context cannot save: the crash is what matters)
                 pass
         for s, h in old_handlers.items():
