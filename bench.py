@@ -16,9 +16,9 @@ and tokenizer read; BLSP-KD's transcript and SLM's target have as many tokens) a
 48-token continuation (and its end token).
 
 Reported per variant: samples/s, audio seconds per second, LLM tokens/s, padding fraction, peak memory
-(CUDA: max_memory_allocated; CPU: the process's peak RSS, each variant in its own process), the rise
-of memory during the steps above the built models and optimizer ("step"), the host syncs in
-a step's forward ("syncs": where the CPU would wait for the GPU, counted by HostSyncs on any device:
+(CUDA: max_memory_allocated; CPU: the process's peak RSS, each variant in its own process unless
+--in-process), the rise of memory during the steps above the built models and optimizer ("step"),
+the host syncs in a step's forward ("syncs": where the CPU would wait for the GPU, counted by HostSyncs on any device:
 SSR needs one, for its alignment on the CPU; the others none),
 and, on CUDA, the syncs CUDA itself reports over a whole step (torch.cuda.set_sync_debug_mode) and
 MFU = model FLOPs / time / bf16 peak, counting 2N FLOPs per token for frozen forward-only passes
@@ -75,6 +75,7 @@ Frozen models run in bf16 with bf16 autocast on CUDA and in fp32 on CPU, as in t
 bf16 runs the CPU in bf16 too (fast on CPUs with AVX512-BF16 or AMX).
 Usage: python bench.py --scale tiny [--device cuda] [--steps 5] [--vocab 151936] [--batch 16] [--live-memory]
                        [--precision bf16] [--variants blsp,kd] [--json rows.json] [--profile] [--again]
+                       [--in-process]
 """
 import argparse
 import collections
@@ -627,6 +628,9 @@ def main():
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to one variant")
     p.add_argument("--live-memory", action="store_true",
                    help="CPU: MALLOC_MMAP_THRESHOLD_=1 MiB in each variant, so that peak RSS follows live memory")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the variants one after the other in this process (a quick check that they "
+                        "all run: the test's; peak memory is then the largest so far, not each variant's)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant
     args = p.parse_args()
     if args.scale == "paper" and args.device == "cpu":
@@ -640,26 +644,47 @@ def main():
         return
     rows, failed = {}, {}
     for v in args.variants.split(","):                    # one process per variant: clean peak memory
-        cmd = [sys.executable, __file__, "--one", v, "--scale", args.scale, "--device", args.device,
-               "--steps", str(args.steps), "--vocab", str(args.vocab), "--precision", args.precision] + \
-              (["--batch", str(args.batch)] if args.batch else []) + \
-              (["--encoder", args.encoder] if args.encoder else []) + (["--profile"] if args.profile else []) + \
-              (["--again"] if args.again else [])
-        env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if args.live_memory else {}))
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            out = subprocess.CompletedProcess(cmd, 1, "", f"timed out after {args.timeout:.0f} s")
-        if out.returncode != 0:                           # report it, go on with the other variants
-            failed[v] = out.stderr.strip().splitlines()[-1:] or ["(no message)"]
-            print(f"{v}: failed: {out.stderr[-3000:]}", file=sys.stderr, flush=True)
-            continue
-        rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
+        if args.in_process:
+            prefix_min = common.SHARED_PREFIX_MIN         # (-noprefix changes it)
+            try:
+                rows[v] = run_variant(v, args)
+            except Exception as e:                        # report it, go on with the other variants
+                failed[v] = [f"{type(e).__name__}: {e}"]
+                traceback.print_exc()
+                continue
+            finally:
+                common.SHARED_PREFIX_MIN = prefix_min
+        else:
+            out = run_apart(v, args)
+            if out.returncode != 0:
+                failed[v] = out.stderr.strip().splitlines()[-1:] or ["(no message)"]
+                print(f"{v}: failed: {out.stderr[-3000:]}", file=sys.stderr, flush=True)
+                continue
+            rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(rows[v]), file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(scale=args.scale, device=args.device, precision=args.precision, batch=args.batch,
                                encoder=args.encoder, rows=rows), f, indent=1)
+    report(rows, failed, args)
+
+
+def run_apart(v, args):
+    """One variant in a process of its own (its peak memory is its own) -> the CompletedProcess."""
+    cmd = [sys.executable, __file__, "--one", v, "--scale", args.scale, "--device", args.device,
+           "--steps", str(args.steps), "--vocab", str(args.vocab), "--precision", args.precision] + \
+          (["--batch", str(args.batch)] if args.batch else []) + \
+          (["--encoder", args.encoder] if args.encoder else []) + (["--profile"] if args.profile else []) + \
+          (["--again"] if args.again else [])
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if args.live_memory else {}))
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, 1, "", f"timed out after {args.timeout:.0f} s")
+
+
+def report(rows, failed, args):
+    """The table, the ratios of the official choices, --again and --profile, the failures."""
     cuda = args.device == "cuda"
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     print(f"scale={args.scale}" + (f" encoder={args.encoder}" if args.encoder else "") + f" device={args.device} "

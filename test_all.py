@@ -3104,7 +3104,7 @@ def test_bad_numbers_are_one_line_errors_naming_the_flag():
 
 def test_bench_tiny_runs(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
-                        "--vocab", "2000", "--profile", "--again", "--json", str(tmp_path / "rows.json")],
+                        "--vocab", "2000", "--profile", "--again", "--in-process", "--json", str(tmp_path / "rows.json")],
                        capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -3121,6 +3121,17 @@ def test_bench_tiny_runs(tmp_path):
     assert prof["total_ms"] > 0 and abs(sum(prof["kinds"].values()) - 1) < 1e-6
     assert prof["kinds"]["matmul"] > 0 and "profile blsp:" in r.stdout
     assert "again blsp:" in r.stdout                                                 # --again
+
+
+def test_bench_runs_a_variant_in_its_own_process(tmp_path):
+    """Without --in-process (the test above), each variant runs in a process of its own: its peak
+    memory is its own."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
+                        "--variants", "blsp", "--json", str(tmp_path / "rows.json")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=HERE))
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(read(tmp_path / "rows.json"))["rows"]["blsp"]
+    assert row["samples_per_s"] > 0 and row["peak_gib"] > 0 and "blsp " in r.stdout
 
 
 def test_bench_fused_rms_norm_is_the_same_function_and_whole_seconds_pad(monkeypatch):
@@ -3164,7 +3175,8 @@ def test_bench_tiny_bf16_on_cpu_runs_the_other_methods():
     """--precision bf16 on a CPU through BLSP-KD (fp32 KL from bf16 logits; stage 2 with Partial
     LoRA), SSR stage 2 (LoRA under autocast) and SLM (T5 in bf16)."""
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--scale", "tiny", "--steps", "1",
-                        "--vocab", "2000", "--precision", "bf16", "--variants", "kd,kd2,ssr2,slm"],
+                        "--vocab", "2000", "--precision", "bf16", "--variants", "kd,kd2,ssr2,slm",
+                        "--in-process"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "frozen models in bf16" in r.stdout and "FAILED" not in r.stdout
