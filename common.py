@@ -2194,18 +2194,24 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     start = None   # (epoch, batch position, RNG) at the start of the current step
 
     fused = all(g.get("fused") for g in opt.param_groups)      # CUDA (as resumed: groups keep it)
-    nonfinite, checked, loss_val = torch.zeros((), device=device), step, None
+    nonfinite, checked, loss_val, gnorm = torch.zeros((), device=device), step, None, None
 
     def check_finite():
-        """Fused: were any of the steps since the last check non-finite? (one host sync)"""
+        """Were any of the steps since the last check non-finite? Their updates were skipped (fused
+        AdamW's found_inf, on the device; on the CPU, not made), so the weights are good: the run
+        stops with this step saved, and --resume goes on after the bad batch. (Fused: one host
+        sync, so it is asked at log lines and checkpoints only.)"""
         nonlocal checked
-        if fused and float(nonfinite) > 0:
-            raise UserError(f"non-finite loss or gradients in one of steps {checked + 1} to {step}: "
-                            f"its update was skipped; stopped, {kept()}")
-        checked = step
-
-    def kept():
-        return f"the last good checkpoint in {out} is kept" if latest_name(out) else "no checkpoint was written"
+        first, checked = checked + 1 if fused else step, step     # (the CPU checks every step)
+        if float(nonfinite) == 0:
+            return
+        where = f"one of steps {first} to {step}" if first < step else f"step {step}" + (
+            "" if fused else f" (loss {loss_val}, gradient norm {float(gnorm)})")
+        if saved_at != step:
+            checkpoint(start)                   # (a stop mid-step: the step before it)
+        raise UserError(f"non-finite loss or gradients in {where}: its update was skipped; stopped with "
+                        f"step {step} saved: --resume {resume_dir or out} goes on after that batch (if it "
+                        f"comes back: a lower --lr, or look at the data)")
 
     def checkpoint(at=None, alone=False):
         """alone: this process saves by itself while the others wait in an all_reduce (they all
@@ -2220,7 +2226,6 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
 
     def save(at, alone):
         nonlocal saved_at, last_save
-        check_finite()
         e, b, r = at or (epoch, batch_pos, rng_state())
         r = dict(r, position=(e, b))            # each process's own data position: with --skip-bad
         if world > 1 and alone:                 # they drift apart (a batch of bad clips is passed)
@@ -2312,17 +2317,18 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip) if args.clip > 0 else \
                 torch.nn.utils.get_total_norm([p.grad for p in params])   # (checked below all the same)
             loss_dev = loss_sum * scale
-            if fused:       # no host sync: the fused AdamW skips a non-finite step on the device
-                opt.found_inf = (~(torch.isfinite(loss_dev) & torch.isfinite(gnorm))).float()
+            # a non-finite loss or gradient: the step's update is skipped (then the run stops, saved)
+            bad = ~(torch.isfinite(loss_dev) & torch.isfinite(gnorm))
+            if fused:       # no host sync: the fused AdamW skips it on the device
+                opt.found_inf = bad.float()
                 nonfinite += opt.found_inf                  # read at logging and checkpoint time
             else:
                 loss_val = float(loss_dev)                  # CPU: reading them costs nothing
-                if not (math.isfinite(loss_val) and math.isfinite(float(gnorm))):
-                    raise UserError(f"non-finite loss or gradients (loss {loss_val}, gradient norm "
-                                    f"{float(gnorm)}) in step {step + 1}; stopped, {kept()}")
+                nonfinite += bad.float()
             updating = True     # a signal in the update (one step's weights under the step before's
-            opt.step()          # number: the resumed run would update them twice) waits until the
-            opt.zero_grad(set_to_none=True)                         # step is done and logged
+            if fused or not bad:    # number: the resumed run would update them twice) waits until
+                opt.step()          # the step is done and logged
+            opt.zero_grad(set_to_none=True)
             step, start = step + 1, None        # (a stop from here on saves this step's end)
             dt = time.time() - t0 - seen["valid_s"]
             if device.type == "cuda":
@@ -2334,7 +2340,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 show["mfu"] = f"{seen['flops'] / dt / peak_fl:.1%}"
             bar.set_postfix(show, refresh=False)
             bar.update(1)
-            if step % args.log_every == 0 or step == args.steps:
+            if step % args.log_every == 0 or step == args.steps or (not fused and bad):
                 check_finite()
                 if fused:
                     loss_val = float(loss_dev)              # read only here (CPU: read above)
@@ -2361,6 +2367,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 validate()
             stop, save_due = flags.poll() if world > 1 else (False, save_due)
             if (args.save_every and step % args.save_every == 0) or (save_due and not stop):
+                check_finite()
                 checkpoint()
                 if deferred:                    # (a signal while it was written: it is whole)
                     raise Terminated() if deferred[0] == signal.SIGTERM else KeyboardInterrupt()
@@ -2394,6 +2401,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     try:        # (a signal now waits until the checkpoint is whole, then stops the run)
         # (not again what was just saved: by --save-every/--save-minutes, or what --resume read)
         deferred.clear()
+        check_finite()
         if saved_at != step:
             checkpoint(start)
         if world > 1:       # the others wait for process 0's checkpoint: torchrun stops the

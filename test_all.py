@@ -1741,7 +1741,7 @@ def test_bad_data_met_mid_run_keeps_the_steps_done(tiny, tmp_path):
 def test_a_crash_mid_run_keeps_the_steps_done(tiny, tmp_path):
     """Any other error in a step (CUDA out of memory, a bug) saves the last whole step before it is
     raised, and says so in the error (it saved nothing: up to --save-minutes of work lost); --resume
-    continues exactly. Our own stops (UserError: non-finite loss) save nothing."""
+    continues exactly."""
     items = data.read_manifest(tiny["train"])
     full_m = Toy()
     common.train(toy_args(tmp_path / "full"), full_m, toy_step(full_m), items, cpu(), method="toy")
@@ -2022,24 +2022,37 @@ def test_sigterm_in_a_validation_resumes_exactly(tiny, tmp_path):
     assert valid_steps(tmp_path / "half") == valid_steps(tmp_path / "full") == [2, 4, 6]
 
 
-def test_non_finite_gradients_stop_before_the_update(tiny, tmp_path):
-    """A finite loss with a NaN gradient (here with --clip 0, where no norm was computed) stopped
-    nothing: the NaN weights were saved as the last good checkpoint."""
+def test_non_finite_gradients_skip_the_update_and_stop_saved(tiny, tmp_path):
+    """A finite loss with a NaN gradient (here with --clip 0, where no norm was computed): its
+    update is skipped, the run stops with that step saved (the weights of the step before), and
+    --resume goes on after the bad batch, with the batches an unstopped run would have taken."""
     from safetensors.torch import load_file
-    items, m = data.read_manifest(tiny["train"]), Toy()
-    step, calls = toy_step(m), []
+    items, m, seen = data.read_manifest(tiny["train"]), Toy(), []
+    step, calls, weights = toy_step(m), [], []
 
     def nan_gradient_in_step_3(batch):
         calls.append(1)
+        seen.append(batch["text"])
+        if len(calls) == 3:
+            weights.append(m.lin.weight.detach().clone())
         loss, n, logs = step(batch)
         if len(calls) == 3:                                  # d sqrt(x)/dx at 0, times 0: NaN
             loss = loss + (m.lin.weight.sum() * 0).abs().sqrt()
         return loss, n, logs
-    with pytest.raises(common.UserError, match="non-finite loss or gradients .* in step 3; stopped, the last good"):
-        common.train(toy_args(tmp_path / "run", save_every=1, clip=0.0), m, nan_gradient_in_step_3, items,
-                     cpu(), method="toy")
+    with pytest.raises(common.UserError, match=r"non-finite loss or gradients in step 3 \(loss [0-9.]+, gradient "
+                       rf"norm nan\): its update was skipped; stopped with step 3 saved: --resume {tmp_path / 'run'} "
+                       r"goes on after that batch"):
+        common.train(toy_args(tmp_path / "run", clip=0.0), m, nan_gradient_in_step_3, items, cpu(), method="toy")
     ck = common.find_checkpoint(str(tmp_path / "run"))
-    assert ck.endswith("ckpt-2") and torch.isfinite(load_file(ck + "/trainable.safetensors")["lin.weight"]).all()
+    assert ck.endswith("ckpt-3") and torch.equal(load_file(ck + "/trainable.safetensors")["lin.weight"], weights[0])
+    common.train(toy_args(tmp_path / "run", clip=0.0, resume=str(tmp_path / "run")), m, nan_gradient_in_step_3,
+                 items, cpu(), method="toy")
+    assert len(seen) == 6 and torch.isfinite(m.lin.weight).all()
+    full, m2 = [], Toy()
+    step2 = toy_step(m2)
+    common.train(toy_args(tmp_path / "full", clip=0.0), m2, lambda b: full.append(b["text"]) or step2(b), items,
+                 cpu(), method="toy")
+    assert seen == full
 
 
 def test_config_method_of_runs_old_and_new(tmp_path):
@@ -2256,52 +2269,65 @@ def test_resume_errors(tiny, tmp_path, capsys):
     assert "batch layout of an older version" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_naming_the_step(tiny, tmp_path):
-    items = data.read_manifest(tiny["train"])
-    m = Toy()
-    step = toy_step(m)
-    calls = []
-
-    def bad(batch):
-        calls.append(1)
-        loss, n, lg = step(batch)
-        return (loss * float("nan") if len(calls) == 3 else loss), n, lg
-    with pytest.raises(common.UserError, match="non-finite loss .* in step 3; stopped, the last good checkpoint"):
-        common.train(toy_args(tmp_path, save_every=1), m, bad, items, cpu(), method="toy")
-    assert read(tmp_path / "latest").strip() == "ckpt-2"
-    calls.clear()                                   # (steps are counted from 1, as the log lines)
-    m = Toy()
-    step = toy_step(m)
-    with pytest.raises(common.UserError, match=r"in step 3; stopped, no checkpoint was written$"):
-        common.train(toy_args(tmp_path / "none"), m, bad, items, cpu(), method="toy")
-
-
-def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tmp_path, monkeypatch):
-    """CUDA's path (fused AdamW), run with the CPU's fused AdamW: a non-finite step is skipped on
-    the device (found_inf) and reported at the next checkpoint; the weights stay those of the last
-    good step."""
-    make = common.make_optimizer
-
-    def fused(params, args, device, lr_scale=()):
-        opt = make(params, args, device, lr_scale)
-        groups = [dict(params=g["params"], weight_decay=g["weight_decay"], lr_scale=g["lr_scale"])
-                  for g in opt.param_groups]
-        return torch.optim.AdamW(groups, lr=args.lr, betas=opt.defaults["betas"], fused=True)
-    monkeypatch.setattr(common, "make_optimizer", fused)
+def test_nan_loss_skips_its_update_then_stops_saved(tiny, tmp_path):
+    """CPU (AdamW unfused): a NaN loss in step 3 is said at once, naming the step from 1 as the log
+    lines do; its update is not made, and step 3 is saved with the weights of step 2."""
     items = data.read_manifest(tiny["train"])
     m, calls, weights = Toy(), [], []
     step = toy_step(m)
 
     def bad(batch):
         calls.append(1)
-        if len(calls) == 3:                               # step 2 (0-based): its weights are step 2's
+        if len(calls) == 3:
             weights.append({k: v.clone() for k, v in m.state_dict().items()})
         loss, n, lg = step(batch)
         return (loss * float("nan") if len(calls) == 3 else loss), n, lg
-    with pytest.raises(common.UserError, match="non-finite loss or gradients in one of steps 3 to 3: "):
-        common.train(toy_args(tmp_path, save_every=1, log_every=5), m, bad, items, cpu(), method="toy")
-    assert read(tmp_path / "latest").strip() == "ckpt-2"
+    with pytest.raises(common.UserError, match=r"non-finite loss or gradients in step 3 \(loss nan, gradient norm "
+                                               r"nan\): its update was skipped; stopped with step 3 saved"):
+        common.train(toy_args(tmp_path / "cpu", log_every=5), m, bad, items, cpu(), method="toy")
+    assert read(tmp_path / "cpu" / "latest").strip() == "ckpt-3" and len(calls) == 3
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights[0].items())
+
+
+def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tmp_path, monkeypatch):
+    """CUDA's path (fused AdamW), run with the CPU's fused AdamW: a non-finite step is skipped on
+    the device (found_inf) and said at the next log line (here step 5), with that step saved: the
+    good steps after the bad one are kept. The weights are those of the CPU's path, stopped at
+    step 3 and resumed to step 5 (the same batches, step 3's update skipped in both)."""
+    from safetensors.torch import load_file
+    items, make = data.read_manifest(tiny["train"]), common.make_optimizer
+
+    def fused(params, args, device, lr_scale=()):
+        opt = make(params, args, device, lr_scale)
+        groups = [dict(params=g["params"], weight_decay=g["weight_decay"], lr_scale=g["lr_scale"])
+                  for g in opt.param_groups]
+        return torch.optim.AdamW(groups, lr=args.lr, betas=opt.defaults["betas"], fused=True)
+
+    def nan_in_step_3(m):
+        calls, step = [], toy_step(m)
+
+        def bad(batch):
+            calls.append(1)
+            loss, n, lg = step(batch)
+            return (loss * float("nan") if len(calls) == 3 else loss), n, lg
+        return bad
+    m = Toy()
+    with pytest.raises(common.UserError, match=r"in one of steps 1 to 5: its update was skipped; stopped with "
+                                               r"step 5 saved"):
+        with monkeypatch.context() as mp:
+            mp.setattr(common, "make_optimizer", fused)
+            common.train(toy_args(tmp_path / "fused", steps=8, log_every=5, schedule="constant"), m,
+                         nan_in_step_3(m), items, cpu(), method="toy")
+    assert read(tmp_path / "fused" / "latest").strip() == "ckpt-5"
+    m2 = Toy()
+    with pytest.raises(common.UserError, match="in step 3 "):
+        common.train(toy_args(tmp_path / "cpu", steps=8, log_every=5, schedule="constant"), m2, nan_in_step_3(m2),
+                     items, cpu(), method="toy")
+    common.train(toy_args(tmp_path / "cpu", steps=5, log_every=5, schedule="constant", resume=str(tmp_path / "cpu")),
+                 m2, toy_step(m2), items, cpu(), method="toy")         # (constant: --steps 5 is the same lr)
+    w = [load_file(common.find_checkpoint(str(tmp_path / r)) + "/trainable.safetensors") for r in ("fused", "cpu")]
+    assert torch.isfinite(w[0]["lin.weight"]).all()
+    assert all(torch.allclose(w[0][k], w[1][k], atol=1e-6) for k in w[0])
 
 
 def test_data_wait_and_validation_time_are_measured_apart(tiny, tmp_path, monkeypatch, capsys):
