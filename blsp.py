@@ -32,21 +32,23 @@ before each convolution, so a clip's speech vectors do not depend on what else i
 final LayerNorm's gain starts at the RMS of the LLM's token embeddings (not 1), so that speech
 vectors enter at the scale of text embeddings; an LLM whose tokenizer has a chat template (an
 instruct model, or a base one that ships it) gets its chat template around the same pieces
-(--prompt blsp forces the paper's template), and its continuations then end with the token that
+(--prompt blsp forces BLSP's template), and its continuations then end with the token that
 closes the assistant's turn (common.answer_end: <|im_end|>, <|eot_id|>); [BOS] only where the
 tokenizer starts a text with it (Llama; not SmolLM2, Qwen: common.bos_ids); the prompt is
 tokenized in pieces around the transcript or speech (as the released step 2 does; its step 1
 tokenizes it whole: a legacy SentencePiece tokenizer, Llama-2's, starts the piece after it with a
-lone "▁" in step 2 only); the loss is a mean
-over all target tokens of an optimizer step, across --grad-accum and processes (the released code:
-a mean per micro-batch); the optimizer settings are common.Args' (AdamW betas 0.9, 0.999, weight
-decay 0.05 on matrices, clip 1.0, linear decay);
+lone "▁" in step 2 only); step 2 packs the pieces with no gap (common.splice; the released step 2
+places the batch-padded speech between the prompt and the suffix and masks it, but passes no
+position ids, so a shorter clip's suffix and continuation get positions shifted by its padding);
+the loss is a mean over all target tokens of an optimizer step, across --grad-accum and processes
+(the released code: a mean per micro-batch); the optimizer settings are common.Args' (AdamW betas
+0.9, 0.999, weight decay 0.05 on matrices, clip 1.0, linear decay);
 transcripts are normalised keeping apostrophes and digits ("don't", not "don t"); default
-hyper-parameters are scaled to the toy setting (the paper: lr 5e-5, batch 768, 1000 warm-up steps, 1
-epoch, clip 1.0, weight decay 0.05): batch 32, lr 1.5e-3, 40 warm-up steps, 800 steps (about 1 min
-on one CPU thread). Measured with the built-in models (valid, content_acc from speech / repeat_wer):
-0.998 / 0.28 at 800 steps (content_acc is 0.998 at step 400 on a second build of the LLM, whose
-repeat_wer stays at 0.47-0.48 up to step 1700). The repeat figure is the paper's weak point,
+hyper-parameters are scaled to the toy setting (the released code: lr 5e-5, batch 768, 1000
+warm-up steps, 1 epoch, clip 1.0, weight decay 0.05): batch 32, lr 1.5e-3, 40 warm-up steps, 800
+steps (about 1 min on one CPU thread). Measured with the built-in models (valid, content_acc from
+speech / repeat_wer): 0.998 / 0.28 at 800 steps (content_acc is 0.998 at step 400 on a second build
+of the LLM, whose repeat_wer stays at 0.47-0.48 up to step 1700). The repeat figure is the paper's weak point,
 measured: the CE on continuations asks the adapter only for what a continuation uses (here the two
 nouns and the verb, in a code the LLM reads in that context), never for the adjectives nor for
 vectors that read like the words themselves, so "repeat" drops or swaps words; BLSP-KD's input KL
@@ -69,15 +71,16 @@ CONTINUE_INSTRUCTION = ("Continue the following text in a coherent and engaging 
 
 @dataclass
 class BLSPArgs(common.Args):
-    bottleneck: int = arg(512, "width of the adapter's residual bottleneck (paper: 512)", min=1)
+    bottleneck: int = arg(512, "width of the adapter's residual bottleneck (released code: 512)", min=1)
     continuation_tokens: int = arg(64, "step 1: at most this many new tokens per continuation", min=1)
     gen_batch_size: int = arg(64, "step 1: transcripts per generation batch", min=1)
     steps: int = arg(800, "optimizer steps")
-    batch_size: int = arg(32, "utterances per micro-batch (per process; paper: 768 in all)")
-    lr: float = arg(1.5e-3, "peak learning rate (paper: 5e-5 at batch 768)")
-    warmup: int = arg(40, "warm-up steps (paper: 1000)")
-    max_new_tokens: int = arg(128, "generation length limit of --infer / --eval and of the validation's "
-                                   "zero-shot repeat (the paper's code: 128)")
+    batch_size: int = arg(32, "utterances per micro-batch (per process; released code: 768 in all)")
+    lr: float = arg(1.5e-3, "peak learning rate (released code: 5e-5 at batch 768)")
+    warmup: int = arg(40, "warm-up steps (released code: 1000)")
+    max_new_tokens: int = arg(128, "generation length limit of --infer (released code: 128); the "
+                                   "validation's zero-shot repeat stops sooner, at twice the "
+                                   "transcript's tokens + 8 (at least 64)")
 
 
 MODEL_FIELDS = ("llm", "encoder", "encoder_layer", "whisper_30s", "bottleneck")   # what a run fixes
@@ -177,8 +180,10 @@ def step_flops(encoder, adapter, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); args takes the run's config (its
-    prompt format and generation lengths unless given: --eval then measures as its validation)."""
-    shape, free = ("encoder_layer", "whisper_30s", "bottleneck"), ("prompt", "continuation_tokens", "max_new_tokens")
+    prompt format, generation lengths and --instruction unless given: --eval then measures as its
+    validation)."""
+    shape = ("encoder_layer", "whisper_30s", "bottleneck")
+    free = ("prompt", "continuation_tokens", "max_new_tokens", "instruction")
     ck = common.take_run_config(args, args.ckpt, "blsp", ("llm", "encoder") + shape + free, fixed=shape, free=free)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device)
@@ -193,8 +198,8 @@ def infer(args, device):
         batch = common.infer_batch(args, encoder, device)
         with torch.no_grad(), common.autocast(device):
             vecs = speech_vectors(encoder, adapter, batch)
-            print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
-                                 args.prompt, args.max_new_tokens)[0])
+            ins = args.instruction if common.given(args, "instruction") else CONTINUE_INSTRUCTION
+            print(common.respond(llm, tok, [speech(vecs[0])], ins, args.prompt, args.max_new_tokens)[0])
     if args.eval:
         items = common.eval_items(args, encoder)
         todo = [it for it in items if "continuation" not in it]

@@ -23,6 +23,8 @@ Paper step / equation                                  -> code
   response KL(p_t || p_s), T = 2, continuation         -> kd_losses()["response_kl"], kl()
   input KL: speech vector i vs transcript token i      -> kd_losses()["input_kl"] (on by default;
                                                             --no-input-kl)
+  L = L_len + L_respKL + L_inKL (+ L_CE), weights 1    -> kd_step() (sum of the kd_losses() terms;
+                                                            L_CE: --response-ce)
   the positions each KL is a mean over                 -> kd_positions() (a row t predicts t + 1)
   Partial LoRA: y = W x + m (B A drop(x)) alpha / r     -> common.add_lora(masked=True); m = the
                                                             speech rows: llm_pass(), common.generate
@@ -33,13 +35,16 @@ Project choices ([choice] in METHODS.md, or where the released code differs):
   digits kept) for the continuation prompt, the teacher and N alike;
 - the prompt pieces come from the LLM's chat template, with no system turn of our own
   (common.prompt_pieces; BLSP's template when it has none): the teacher's system turn is the
-  template's default (Qwen2's is the paper's "You are a helpful assistant."; SmolLM2's names
-  SmolLM; some have none), so the distillation targets depend on it;
+  template's default (Qwen2's is the released code's "You are a helpful assistant."; SmolLM2's
+  names SmolLM; some have none), so the distillation targets depend on it;
 - a continuation that generation ended before the limit ends with one token, the one closing the
   assistant's turn (common.answer_end; the released code appends three: <|im_end|>, "\n",
   <|endoftext|>, so its response KL has two more rows there);
-- the paper's Qwen-7B-Chat ships its own modelling code (trust_remote_code), which this project
-  does not run: Qwen2 / Qwen2.5 chat models have the same ChatML template;
+- the released code's Qwen-7B-Chat ships its own modelling code (trust_remote_code), which this
+  project does not run: Qwen2 / Qwen2.5 chat models have the same ChatML format; Qwen2's template
+  adds the released teacher's system turn ("You are a helpful assistant."), Qwen2.5's has its own default
+  ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."), so a Qwen2.5 teacher's
+  distributions are not the released code's;
 - the response KL's rows predict the response tokens: the last prompt position up to the one that
   predicts the end token (the released code: the response tokens' own positions, one on);
 - each term is a mean over its positions in the micro-batch; a micro-batch returns (sum of the
@@ -48,14 +53,16 @@ Project choices ([choice] in METHODS.md, or where the released code differs):
 - no rescaling of the speech vectors (an earlier toy LLM read vectors of RMS 4.1 against 0.13 for
   its embeddings, cosine 0.05 to their word's, yet 96% of each one's CIF weight lay in its word);
 - CFormer layers: torch's pre-norm GELU layers (Whisper-style), no positional encoding of their
-  own, masked at padding (the released code masks the layers after CIF but not those before it,
-  which run over frames padded to 30 s; --whisper-30s reproduces that padding for the encoder);
+  own, masked at padding (the released code masks the layers after CIF but not those before it:
+  its encoder output is cropped to the batch's longest clip, so for a shorter clip those layers
+  also run over the frames past its end, Whisper's output for the silence its input was padded
+  with up to 30 s; --whisper-30s reproduces that padding for the encoder);
   --grad-ckpt recomputes them in the backward;
 - an unfrozen encoder trains in fp32 at lr / 10 (--encoder-lr); stage 2 takes the CFormer shape
   of its --init run, and its models, prompt format and continuation length unless given;
-- toy-scaled defaults (paper: 4 + 4 layers, 8 heads, lr 1e-4, batch 768, 1000 warm-up steps, 1
-  epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3 (stage 2: 1e-3), 30 warm-up steps, 1600 steps
-  (~2 min, 1 CPU);
+- toy-scaled defaults (released code: 4 + 4 layers, 8 heads; the authors' follow-up script, stage 1:
+  lr 1e-4, batch 768, 1000 warm-up steps, 1 epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3
+  (stage 2: 1e-3), 30 warm-up steps, 1600 steps (~2 min, 1 CPU);
 - input KL on by default (the paper's use is unconfirmed): it makes zero-shot instructions work
   from speech (built-in models, 1600 steps, content_acc / repeat_wer: 0.998 / 0.007; --no-input-kl
   0.997 / 0.16), but is only as good as the teacher's distributions at the transcript positions
@@ -83,29 +90,30 @@ STAGE_LR = {1: 1.5e-3, 2: 1e-3}
 class KDArgs(common.Args):
     stage: int = arg(1, "1: train the CFormer; 2: CFormer + Partial LoRA from a stage-1 --init",
                      min=1, max=2)
-    init: str = arg(None, "stage 2: the stage-1 (or stage-2) run directory to start from (its CFormer "
-                          "shape; its models unless given)")
+    init: str = arg(None, "a run directory to start from: stage 2, a stage-1 (or stage-2) run; stage 1, a "
+                          "warm start. It fixes the CFormer's shape, and gives its models, prompt, "
+                          "continuation length and loss settings unless given", start_only=True)
     unfreeze_encoder: bool = arg(False, "stage 2: also train the speech encoder")
     encoder_lr: float = arg(None, "--unfreeze-encoder: the encoder's peak learning rate "
                                   "(default: --lr / 10)", min=0)
-    pre_layers: int = arg(2, "CFormer transformer layers before CIF (paper: 4)", min=0)
-    post_layers: int = arg(2, "CFormer transformer layers after CIF (paper: 4)", min=0)
-    heads: int = arg(4, "attention heads of the CFormer layers (paper: 8)", min=1)
+    pre_layers: int = arg(2, "CFormer transformer layers before CIF (released code: 4)", min=0)
+    post_layers: int = arg(2, "CFormer transformer layers after CIF (released code: 4)", min=0)
+    heads: int = arg(4, "attention heads of the CFormer layers (released code: 8)", min=1)
     ffn: int = arg(0, "feed-forward width of the CFormer layers (0: 4 x encoder width)", min=0)
     dropout: float = arg(0.0, "dropout inside the CFormer layers", min=0, max=1)
     length_loss: bool = arg(True, "length loss |sum alpha - N| / N")
     response_kl: bool = arg(True, "KL(teacher || student) on the continuation positions")
     input_kl: bool = arg(True, "KL(teacher || student) at transcript token i vs speech vector i")
     response_ce: bool = arg(False, "cross-entropy on the continuation (BLSP's objective)")
-    temperature: float = arg(2.0, "KL temperature (paper: 2)", above=0)
-    lora_r: int = arg(16, "stage 2: LoRA rank (paper: 16)", min=1)
-    lora_alpha: float = arg(16.0, "stage 2: LoRA alpha (paper: 16)", min=0)
-    lora_dropout: float = arg(0.05, "stage 2: LoRA dropout (paper: 0.05)", min=0, max=1)
-    continuation_tokens: int = arg(48, "at most this many new tokens per continuation (paper: 48)", min=1)
+    temperature: float = arg(2.0, "KL temperature (released code: 2)", above=0)
+    lora_r: int = arg(16, "stage 2: LoRA rank (released code: 16)", min=1)
+    lora_alpha: float = arg(16.0, "stage 2: LoRA alpha (released code: 16)", min=0)
+    lora_dropout: float = arg(0.05, "stage 2: LoRA dropout (released code: 0.05)", min=0, max=1)
+    continuation_tokens: int = arg(48, "at most this many new tokens per continuation (released code: 48)", min=1)
     gen_batch_size: int = arg(64, "transcripts per continuation-generation batch", min=1)
     steps: int = arg(1600, "optimizer steps")
     lr: float = arg(None, f"peak learning rate (default: stage 1 {STAGE_LR[1]}, stage 2 {STAGE_LR[2]})")
-    warmup: int = arg(30, "warm-up steps (paper: 1000)")
+    warmup: int = arg(30, "warm-up steps (the authors' follow-up script, stage 1: 1000)")
 
 
 MODEL_FIELDS = ("llm", "encoder", "encoder_layer", "whisper_30s", "stage", "pre_layers", "post_layers", "heads",
@@ -192,8 +200,8 @@ def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
 
 def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dirs=()):
     """Greedy continuation of each transcript; cached in out_dir (copied from reuse_dirs': stage 2's
-    --init run, a run resumed into another --out), resumable. Adds to each item transcript_ids (N = their count) and response_ids
-    (continuation [+ EOS]). A transcript with no word once normalised ("?!") would ask CIF for 0
+    --init run, a run resumed into another --out), resumable. Adds to each item transcript_ids (N =
+    their count), response_ids (continuation [+ EOS]) and continuation_ended. A transcript with no word once normalised ("?!") would ask CIF for 0
     vectors: it stops the run, naming its line (--skip-bad: it is left out)."""
     wordless = [it for it in items if not common.normalize(it["text"]).strip()]
     if wordless and not args.skip_bad:
@@ -212,6 +220,7 @@ def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dirs=()):
         it["transcript_ids"] = data.compact(t)
         natural = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without it)
         it["response_ids"] = data.compact(ids + ([eos] if natural else []))  # [+ end]: generation ended
+        it["continuation_ended"] = natural          # (alignment_eval's targets: the end token where trained)
     return items
 
 
@@ -303,7 +312,7 @@ def kd_step(encoder, cformer, llm, ctx, before, after, batch, args, flops):
              for t, v, r in zip(batch["transcript_ids"], vecs, batch["response_ids"])]
     teachers, students = zip(*pairs)
     losses, k, (t_t, t_s) = kd_losses(llm, ctx, teachers, students, args, total, n)
-    loss = sum(losses.values())
+    loss = sum(losses.values())   # L = L_len + L_respKL + L_inKL (+ L_CE), each weight 1 (the terms switched on)
     tokens = sum(len(seg) for teacher, student in pairs for seg in teacher + student)   # both passes
     rows = k * args.response_kl + sum(N) * args.input_kl              # the KL terms' rows
     logs = {name: v.detach() for name, v in losses.items()}           # (no sync here)
@@ -371,8 +380,9 @@ def build(args, device, encoder, llm):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, cformer, llm, tok, ctx); args takes the run's config (what
-    --eval measures with too, unless given: the KL temperature, prompt, generation lengths)."""
-    free = ("prompt", "continuation_tokens", "temperature", "max_new_tokens")
+    --eval measures with too, unless given: the KL temperature, prompt, generation lengths, the
+    validation's --instruction)."""
+    free = ("prompt", "continuation_tokens", "temperature", "max_new_tokens", "instruction")
     ck = common.take_run_config(args, args.ckpt, "blsp_kd", MODEL_FIELDS + free, fixed=MODEL_FIELDS[2:], free=free)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device)
@@ -387,8 +397,8 @@ def infer(args, device):
         batch = common.infer_batch(args, encoder, device)
         with torch.no_grad(), common.autocast(device):
             vecs = speech_vectors(encoder, cformer, batch)[0]
-            print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
-                                 args.prompt, args.max_new_tokens, lora=ctx)[0])
+            ins = args.instruction if common.given(args, "instruction") else CONTINUE_INSTRUCTION
+            print(common.respond(llm, tok, [speech(vecs[0])], ins, args.prompt, args.max_new_tokens, lora=ctx)[0])
     if args.eval:
         items = common.eval_items(args, encoder)
         continuation_data(llm, tok, items, args, args.ckpt, "eval")
@@ -409,6 +419,9 @@ def main(argv=None):
         raise common.UserError("--stage 2 needs --init RUN_DIR (a stage-1 run)")
     if args.unfreeze_encoder and args.stage != 2:
         raise common.UserError("--unfreeze-encoder is for stage 2 (stage 1 trains the CFormer only)")
+    lora = [k for k in ("lora_r", "lora_alpha", "lora_dropout") if common.given(args, k)]
+    if lora and args.stage == 1 and not args.resume:
+        raise common.UserError(f"--{lora[0].replace('_', '-')} is for stage 2 (stage 1 has no LoRA)")
     if not (args.length_loss or args.response_kl or args.input_kl or args.response_ce):
         raise common.UserError("no loss term left: keep one of --length-loss, --response-kl, --input-kl, "
                                "--response-ce")
@@ -419,9 +432,11 @@ def main(argv=None):
     common.check_out(args, method="blsp_kd", model_fields=MODEL_FIELDS)   # before the continuations
     init = args.init if not args.resume else None   # (a resumed stage 2 holds what --init gave it)
     if init:        # the stage-1 run fixes the models (their folders may be given anew), the
-                    # CFormer's shape, and the data it learned from (prompt, continuations) unless set
+                    # CFormer's shape, and the data it learned from (prompt, continuations) and its
+                    # losses unless set
         shape = ("encoder_layer", "whisper_30s", "pre_layers", "post_layers", "heads", "ffn")
-        free = ("prompt", "continuation_tokens")
+        free = ("prompt", "continuation_tokens", "dropout", "temperature", "length_loss", "response_kl",
+                "input_kl", "response_ce")
         init_ck = common.take_run_config(args, args.init, "blsp_kd", ("llm", "encoder") + shape + free,
                                          f"--init {args.init}", fixed=shape, free=free)
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)

@@ -162,8 +162,8 @@ class Args:
                                  "CPU) | bf16 | fp32. bf16 pays on a CPU with bf16 instructions "
                                  "(AVX512-BF16, AMX): about 2x the training step on a 2-core EPYC (README)",
                          choices=("auto", "bf16", "fp32"))
-    threads: int = arg(0, "CPU threads for torch (0: 1 with the built-in tiny models, whose "
-                          "matrices are too small to gain from more; else torch's default)", min=0)
+    threads: int = arg(0, "CPU threads for torch (0: on CPU without --llm 1, the built-in tiny LLM's "
+                          "matrices being too small to gain from more; else torch's default)", min=0)
     workers: int = arg(None, "data-loading worker processes (default: 0 on CPU, whose cores the "
                              "training threads use; on CUDA 4, at most this process's share of the "
                              "CPU cores less one)", min=0)
@@ -190,7 +190,8 @@ class Args:
                                  "one (default: the method's)")
     eval: str = arg(None, "manifest to evaluate a --ckpt on (its first --max-valid utterances)",
                     metavar="MANIFEST")
-    max_new_tokens: int = arg(64, "generation length limit", min=1)
+    max_new_tokens: int = arg(64, "generation length limit (the validation's zero-shot repeat stops "
+                                  "sooner: at twice the transcript's tokens + 8, at least 64)", min=1)
 
 
 def parse_args(cls, argv=None, method=None, **defaults):
@@ -238,8 +239,14 @@ def parse_args(cls, argv=None, method=None, **defaults):
         raise UserError(f"--device must be cuda, cuda:N or cpu, not {args.device!r}")
     if args.resume and not args.ckpt:
         resume_config(args, method)
+    if args.schedule == "constant" and args.min_lr_ratio > 0:
+        raise UserError(f"--min-lr-ratio {args.min_lr_ratio}: --schedule constant does not decay (linear, cosine do)")
     if args.ckpt and not (args.infer or args.eval):
         raise UserError(f"--ckpt {args.ckpt}: add --infer WAV or --eval MANIFEST (what to do with the run)")
+    idle = [k for k in TRAINING_ONLY if given(args, k)] if args.ckpt else []
+    if idle:                            # (--out, say: answers and caches go to the --ckpt run)
+        raise UserError(f"--{idle[0].replace('_', '-')} is for training: with --ckpt (--infer, --eval) it "
+                        f"does nothing")
     for flag, path in (("--infer", args.infer), ("--eval", args.eval)):
         if path and not args.ckpt:
             raise UserError(f"{flag} needs --ckpt RUN_DIR, the trained run to use")
@@ -248,6 +255,10 @@ def parse_args(cls, argv=None, method=None, **defaults):
     return args
 
 
+# what --ckpt's --infer and --eval do not use (given with --ckpt: an error, not ignored)
+TRAINING_ONLY = ("train", "valid", "out", "resume", "steps", "grad_accum", "lr", "min_lr_ratio", "weight_decay",
+                 "betas", "warmup", "schedule", "clip", "compile", "grad_ckpt", "log_every", "eval_every",
+                 "save_every", "save_minutes")
 # what --resume does not take from the run: where it runs and how fast (this machine's), what
 # this command does (--stage of SSR: which stages; arg(..., per_command=True))
 OF_THIS_MACHINE = ("resume", "out", "ckpt", "infer", "eval", "device", "threads", "workers", "compile",
@@ -286,6 +297,9 @@ def resume_config(args, method=None, adds_to=None):
     changed, taken = [], set()
     for f in dataclasses.fields(args):
         k = f.name
+        if f.metadata.get("start_only") and given(args, k) and getattr(args, k) != was.get(k):
+            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: for a run that starts (the run's: "
+                            f"{was.get(k)}); --resume {run_dir} goes on from its own checkpoint")
         if k in OF_THIS_MACHINE or f.metadata.get("per_command") or k not in was:
             continue
         if not given(args, k):
@@ -375,7 +389,7 @@ def setup(args):
               "(frozen models in bf16; measured with SmolLM2-135M, see README)")
     if device.type == "cuda":
         cuda_settings(device)
-    elif args.threads or (args.llm is None and "OMP_NUM_THREADS" not in os.environ):
+    if args.threads or (device.type == "cpu" and args.llm is None and "OMP_NUM_THREADS" not in os.environ):
         torch.set_num_threads(args.threads or 1)
     seed_all(args.seed)
     return device, rank, world
@@ -2506,7 +2520,8 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
     """Evaluate a speech adapter on manifest items (those with a `continuation` field):
 
     - loss_speech / loss_text: continuation cross-entropy (ending with the end of the assistant's
-      turn, as in training) with speech vs the transcript (normalised, as the continuations'
+      turn, as in training: not where an item's continuation_ended is False, a BLSP-KD
+      continuation cut at --continuation-tokens) with speech vs the transcript (normalised, as the continuations'
       source) as input;
     - content_acc / content_acc_text: teacher-forced argmax accuracy on the continuation tokens
       that only the input can tell (the toy corpus's `content` spans), from speech / from text;
@@ -2532,7 +2547,8 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
                         continue
                     ids, offs = target_ids(tok, cont, offsets=True)
                     inp = speech(vecs[k]) if which == "speech" else text(input_ids(tok, normalize(t)))
-                    samples.append([text(cb), inp, text(ca), text(ids + [end], loss=True)])
+                    cut = batch.get("continuation_ended", [None] * len(vecs))[k] is False
+                    samples.append([text(cb), inp, text(ca), text(ids + ([] if cut else [end]), loss=True)])
                     content = batch.get("content", [[]] * len(vecs))[k] or []
                     spans.append([j for j, (s, e) in enumerate(offs)
                                   if any(s < ce and e > cs for cs, ce in content)])
@@ -2584,7 +2600,7 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
 def show_sample(llm, tok, items, args, device, speech_fn, continue_instruction, lora=None):
     """The first loadable clip of items: the LLM's continuation of its transcript (normalised, as
     the training continuations' source) beside its continuation of the speech, and the zero-shot
-    repeat from the speech. speech_fn(batch) -> list of (L_i, d_llm) speech vectors."""
+    repeat from the speech (or --instruction, as the validation asks). speech_fn(batch) -> list of (L_i, d_llm) speech vectors."""
     item, wave = data.first_loadable(items)
     batch = to_device(data.collate([dict(item, wave=wave)]), device)
     with autocast(device):
@@ -2594,7 +2610,8 @@ def show_sample(llm, tok, items, args, device, speech_fn, continue_instruction, 
         print(f"speech vectors:           {len(v)} (transcript tokens: {len(ids)})")
         print(f"continuation from text:   {ask(text(ids), continue_instruction)}")
         print(f"continuation from speech: {ask(speech(v), continue_instruction)}")
-        print(f"repeat from speech:       {ask(speech(v), data.REPEAT_INSTRUCTIONS[0])}")
+        said = "instruction" if args.instruction else "repeat"        # (the validation's zero-shot one)
+        print(f"{said + ' from speech:':26s}{ask(speech(v), args.instruction or data.REPEAT_INSTRUCTIONS[0])}")
 
 
 # ============================================================================================

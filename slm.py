@@ -89,7 +89,7 @@ class SLMArgs(common.Args):
                      choices=["speech-first", "instruction-first"])
     tasks: str = arg("asr,ast", "training tasks, comma-separated, among " + ",".join(TASKS))
     language: str = arg(data.TOY_LANGUAGE, "target language named in the translation instructions")
-    task: str = arg("asr", "task of --eval", choices=list(TASKS))
+    task: str = arg("asr", "task of --eval and --infer (its first trained phrasing)", choices=list(TASKS))
     steps: int = arg(1000, "optimizer steps")
     batch_size: int = arg(32, "utterances per micro-batch (per process)")
     lr: float = arg(2e-3, "peak learning rate")
@@ -342,9 +342,10 @@ def build(args, device):
 
 def load_run(args, device):
     """--ckpt run directory -> (encoder, adapter, llm, tok); the run's config sets the models and
-    sizes, and the input order, tasks and language unless given here (a zero-shot test)."""
+    sizes, and the input order, tasks, language, generation length and the validation's
+    --instruction unless given here (a zero-shot test)."""
     shape = ("encoder_layer", "whisper_30s", "stack", "width", "layers", "heads", "ffn")
-    free = ("order", "tasks", "language", "max_new_tokens")
+    free = ("order", "tasks", "language", "max_new_tokens", "instruction")
     ck = common.take_run_config(args, args.ckpt, "slm", ("llm", "encoder") + shape + free, fixed=shape, free=free)
     task_list(args.tasks)
     encoder, adapter, llm, tok = build(args, device)
@@ -357,7 +358,7 @@ def infer(args, device):
     eos = common.eos_ids(llm, tok)[0]
     if args.infer:
         batch = common.infer_batch(args, encoder, device)
-        ins = args.instruction or instructions("asr", args.language)[0]
+        ins = args.instruction if common.given(args, "instruction") else instructions(args.task, args.language)[0]
         with torch.no_grad(), common.autocast(device):
             v = speech_vectors(encoder, adapter, batch)[0]
             print(answer(llm, tok, [encoder_sample(speech(v), ids_of(tok, ins), eos, args.order)],
@@ -377,6 +378,11 @@ def infer(args, device):
 @common.guard
 def main(argv=None):
     args = common.parse_args(SLMArgs, argv, method="slm")
+    if common.given(args, "prompt") and not args.resume:
+        raise common.UserError("--prompt is for the causal LLMs' prompt formats: SLM's T5 reads "
+                               "[speech ; instruction] as it is (--order sets their order)")
+    if common.given(args, "task") and not (args.resume or args.ckpt):
+        raise common.UserError("--task is the task of --ckpt's --eval and --infer: training takes --tasks")
     device, rank, world = common.setup(args)
     if args.ckpt:
         return infer(args, device)

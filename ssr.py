@@ -9,10 +9,15 @@ representations (stage 2). As the vectors sit 1:1 where the text tokens would, t
 read them almost like text: their nearest-token readout is already a zero-shot ASR.
 
 Paper step                                              -> code
-  aligner: character CTC on the frozen encoder frames   -> Aligner, aligner_loss (F.ctc_loss)
-  character frames, transcript known (training)         -> char_frames (common.ctc_forced_align:
+  aligner. Paper: its best is the UnitY2 forced aligner (external; character durations in 20 ms units);
+    it also compares char-CTC, subword-CTC and CIF aligners. Here: a char-CTC head on the frozen
+    encoder frames, one of the aligners the paper compares [choice]
+                                                        -> Aligner, aligner_loss (F.ctc_loss)
+  character frames, transcript known (training): CTC
+    forced alignment [choice]                           -> char_frames (common.ctc_forced_align:
                                                             torchaudio, or a pure-torch Viterbi)
-  character frames, no transcript (inference)           -> common.ctc_greedy
+  character frames, no transcript (inference): greedy
+    CTC decoding [choice]                               -> common.ctc_greedy
   characters -> LLM tokens: frame of the last character -> token_boundaries
   connector: Linear(d_enc->d_llm, no bias) -> L layers  -> Connector, causal_mask, blockwise_mask
              -> select the boundary frames: 1 per token    (the last layer runs at those frames only)
@@ -27,7 +32,7 @@ Project choices ([choice] in METHODS.md, or where it is silent):
 - a CTC character lasts until the next emitted label starts (its trailing blanks are its own:
   common.ctc_runs; the utterance's last character ends with its own run), so word-final
   characters end where the exact boundaries say (toy: within one frame); --aligner oracle: the
-  last 20 ms frame a character overlaps. Spaces are never a token's aligned character; with forced
+  last encoder frame a character overlaps. Spaces are never a token's aligned character; with forced
   or greedy boundaries neither is any character the aligner does not emit (outside a-z and ':
   punctuation, digits, accents, other scripts), with oracle ones every other character of `chars`
   is; a token without an aligned character takes the boundary before it + 1;
@@ -56,6 +61,7 @@ import dataclasses
 import json
 import math
 import re
+import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -74,8 +80,9 @@ CONTINUE_INSTRUCTION = data.CONTINUE_INSTRUCTIONS[0]
 
 @dataclass
 class SSRArgs(common.Args):
-    stage: str = arg("all", "aligner | 1 | 2 | all (aligner, stage 1, then a short stage 2)",
-                     choices=["aligner", "1", "2", "all"], per_command=True)   # (--resume: not the run's)
+    stage: str = arg("all", "aligner | 1 | 2 | all (aligner, stage 1, then a short stage 2); a bare --resume "
+                            "takes the run's last command's", choices=["aligner", "1", "2", "all"],
+                     per_command=True)      # (--resume with it given: that stage, in the run's settings)
     aligner: str = arg("ctc", "training boundaries: ctc (forced alignment of the transcript) | "
                               "oracle (manifest `chars`: [char, start_s, end_s])", choices=["ctc", "oracle"])
     aligner_layers: int = arg(1, "aligner: transformer layers before the CTC Linear", min=0)
@@ -155,6 +162,11 @@ def aligner_loss(logp, lens, texts):
     """CTC loss summed over the batch -> (loss, target characters of the utterances that fit: the
     others' loss is zeroed). lens: frame counts on the host (CUDA's CTC reads the lengths on the
     host: from the GPU, a sync)."""
+    # L = sum over the utterances of -log sum_{pi: B(pi) = c} prod_t p_t(pi_t). c: the utterance's CTC labels
+    # (common.ctc_labels: lower-cased, CTC_CHARS only, one space between words); pi: a path of labels and
+    # blanks over its frames; B: merge repeats, then drop blanks. An utterance that does not fit has an
+    # infinite loss, zeroed (zero_infinity). common.train divides the sum by n_chars (summed over its
+    # micro-batches and processes): the mean per label of the utterances that fit.
     tgts = [common.ctc_labels(t)[1] for t in texts]
     flat = common.to_gpu(torch.tensor([c for t in tgts for c in t], dtype=torch.long), logp.device)
     loss = F.ctc_loss(logp.transpose(0, 1), flat, lens, torch.tensor([len(t) for t in tgts]),
@@ -332,7 +344,12 @@ def readout(z, table):
 
 def ntp_splice(embed, inputs, ids_list, bos, eos):
     """BOS + input (SSR vectors, or the transcript's ids) + EOS; input position i is labelled
-    with transcript token i, so position i-1 predicts token i and the last input position EOS."""
+    with transcript token i, so position i-1 predicts token i and the last input position EOS.
+    Loss (stage2_loss, common.lm_loss), for n tokens y_1..y_n and inputs z_1..z_n:
+      L = -sum_{i=1..n} log p(y_i | BOS, z_<i) - log p(EOS | BOS, z_1..z_n)   (cross-entropy, fp32).
+    Without a BOS (SmolLM2, Qwen) nothing comes before z_1: y_1 is not predicted (the sum starts at
+    i = 2). The loss is summed over the batch; common.train divides it by the predicted tokens (n + 1
+    per utterance, n without a BOS; summed over micro-batches and processes): a token-normalised mean."""
     return common.splice(embed, [[text(bos), dataclasses.replace(x, labels=ids), text([eos], loss=True)]
                                  for x, ids in zip(inputs, ids_list)])
 
@@ -501,10 +518,11 @@ _NOT_CTC = re.compile(r"[^a-z'\s]")      # (common.CTC_CHARS: a-z, ' and space; 
 def run_stages(args, m, device, rank, world):
     train_items, valid_items = common.manifests(args, m.encoder)
     if rank == 0 and (odd := unspeakable(train_items)):
-        print(f"ssr: warning: {odd} of {len(train_items)} training transcripts have capitals, punctuation or "
-              f"characters the aligner does not emit (it writes a-z and '): their tokens take a boundary "
-              f"without a character of theirs, unlike what greedy CTC writes at inference; lower-case them "
-              f"without punctuation first", file=sys.stderr)
+        print(f"ssr: warning: {odd} of {len(train_items)} training transcripts have characters other than "
+              f"a-z, ' and spaces: greedy CTC never writes them at inference (capitals come out in lower "
+              f"case), so the LLM reads other tokens than in training; with forced boundaries a token of "
+              f"punctuation or digits only has no character of its own (it takes the boundary before it + 1). "
+              f"Lower-case them without punctuation first", file=sys.stderr)
     lacking = next((it for it in train_items if "chars" not in it), None) if args.aligner == "oracle" else None
     if lacking:
         raise common.UserError(f"--aligner oracle: {lacking['where']}: no `chars` field (oracle boundaries "
@@ -607,8 +625,9 @@ def infer(args, device):
     STAGES.check_ckpt(args.ckpt, "1")
     last = "2" if STAGES.trained(args.ckpt, "2") else "1"       # its config: the run's arguments
     shape = ("encoder_layer", "whisper_30s", "aligner_layers", "layers", "heads", "blockwise", "finetune")
-    common.take_run_config(args, STAGES.path(args.ckpt, last), STAGES.method_of(last), ("llm", "encoder", "prompt",
-                           "max_new_tokens") + shape, f"--ckpt {args.ckpt}", fixed=shape, free=("prompt", "max_new_tokens"))
+    free = ("prompt", "max_new_tokens", "instruction")         # (--eval measures as the run validated)
+    common.take_run_config(args, STAGES.path(args.ckpt, last), STAGES.method_of(last), ("llm", "encoder") + free
+                           + shape, f"--ckpt {args.ckpt}", fixed=shape, free=free)
     llm, tok = common.load_llm(args.llm, device)
     m = build(args, common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s), llm, tok, device)
     STAGES.load(m.aligner, args.ckpt, "aligner")
@@ -625,8 +644,8 @@ def infer(args, device):
                 raise common.UserError(f"{args.infer}: no token of the CTC transcript fits its frames")
             print(f"aligner (greedy CTC):  {tok.decode(ids[0])}")
             print(f"nearest-token readout: {tok.decode(readout(vecs[0], llm.get_input_embeddings().weight).tolist())}")
-            print(common.respond(llm, tok, [speech(vecs[0])], args.instruction or CONTINUE_INSTRUCTION,
-                                 args.prompt, args.max_new_tokens)[0])
+            ins = args.instruction if common.given(args, "instruction") else CONTINUE_INSTRUCTION
+            print(common.respond(llm, tok, [speech(vecs[0])], ins, args.prompt, args.max_new_tokens)[0])
     if args.eval:
         items = common.eval_items(args, m.encoder)
         res = distill_eval(m, items, args, device)
@@ -636,9 +655,24 @@ def infer(args, device):
         print(json.dumps(res, indent=1))
 
 
+def last_stage(run_dir):
+    """The --stage of the last command that trained in run_dir (its config.json), said if not all."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            stage = json.load(f).get("stage", "all")
+    except (OSError, ValueError, AttributeError):
+        stage = "all"
+    if stage != "all" and os.environ.get("RANK", "0") == "0":
+        print(f"--resume {run_dir}: --stage {stage}, the run's last command's (--stage all: every stage)",
+              file=sys.stderr)
+    return stage
+
+
 @common.guard
 def main(argv=None):
     args = common.parse_args(SSRArgs, argv, method="ssr")
+    if args.resume and not common.given(args, "stage"):     # (a run stopped in its --stage aligner: that)
+        args.stage = last_stage(args.resume)
     if not args.ckpt:
         args.out = args.out or args.resume or "runs/ssr"        # (--resume DIR continues in DIR)
         if not args.resume and args.stage != "all":     # a stage added to a run: the run's settings

@@ -752,6 +752,12 @@ def test_alignment_eval_targets_end_and_text_input_as_in_training(tiny, monkeypa
     assert len(scored) == 4 and all(s[3].ids[-1] == end for s in scored)
     assert sorted(s[1].ids for s in scored if s[1].ids is not None) == \
         sorted(common.input_ids(tok, common.normalize(it["text"])) for it in items)
+    seen.clear()                    # BLSP-KD's continuation cut at --continuation-tokens: no end token,
+    items[0]["continuation_ended"] = False                          # as it trains (it scored one)
+    common.alignment_eval(llm, tok, items, blsp.BLSPArgs(batch_size=2, max_new_tokens=2), cpu(),
+                          lambda b: [torch.zeros(3, d) for _ in b["text"]], "continue")
+    scored = [s[3].ids for samples in seen for s in samples if len(s) == 4]
+    assert sorted(x[-1] == end for x in scored) == [False, False, True, True]
 
 
 def test_alignment_eval_with_partial_lora_updates_the_speech_only(tiny, monkeypatch):
@@ -4351,7 +4357,11 @@ def test_ssr_stages_one_at_a_time(ssr_tiny, tmp_path, capsys, monkeypatch):
         assert len(done) == {"aligner": 1, "1": 2, "2": 3}[stage], (stage, done)
         final = json.loads(capsys.readouterr().out.split("final: ")[-1].splitlines()[0])
         assert {"aligner": "cer", "1": "acc_forced", "2": "text_loss"}[stage] in final
-    ssr.main(["--resume", str(out)])          # the run's settings (--stage: this command's, all)
+    ssr.main(["--resume", str(out)])          # the run's settings, its last command's --stage (it
+    printed, err = capsys.readouterr()        # went on to train the stages after it, unasked)
+    assert "at step 1 of --stage2-steps 1 already" in printed and "--aligner-steps" not in printed
+    assert f"--resume {out}: --stage 2, the run's last command's" in err
+    ssr.main(["--resume", str(out), "--stage", "all"])
     printed = capsys.readouterr().out                                   # (each stage names its flag)
     for says in ("at step 2 of --aligner-steps 2 already: nothing to train (a larger --aligner-steps",
                  "at step 2 of --steps 2 already", "at step 1 of --stage2-steps 1 already"):
@@ -4696,6 +4706,12 @@ def test_slm_main_end_to_end(slm_tiny, capsys, monkeypatch):
     slm.main(["--ckpt", out, "--infer", wav, "--instruction", "Write down what you hear.",
               "--max-new-tokens", "3", "--device", "cpu"])
     assert capsys.readouterr().out.count("\n") == 1          # one answer line (untrained: may be empty)
+    asked, real = [], slm.ids_of                        # --infer --task ast: the translation's phrasing
+    monkeypatch.setattr(slm, "ids_of", lambda tok, s: asked.append(s) or real(tok, s))   # (it was ASR's)
+    slm.main(["--ckpt", out, "--infer", wav, "--task", "ast", "--max-new-tokens", "3", "--device", "cpu"])
+    assert asked == [slm.instructions("ast", "toylish")[0]]
+    monkeypatch.undo()
+    capsys.readouterr()
     slm.main(["--ckpt", out, "--eval", slm_tiny["valid"], "--task", "ast", "--instruction",
               "Say it in toylish:", "--max-new-tokens", "3", "--device", "cpu"])
     res = json.loads(capsys.readouterr().out)
@@ -4705,6 +4721,48 @@ def test_slm_main_end_to_end(slm_tiny, capsys, monkeypatch):
     slm.main(["--ckpt", out, "--eval", slm_tiny["valid"], "--task", "ast", "--language", "Frenchish",
               "--max-new-tokens", "2", "--device", "cpu"])
     assert asked and set(asked) == {"Frenchish"}
+
+
+def test_flags_that_would_do_nothing_are_refused(tiny, slm_tiny, tmp_path, capsys):
+    """A flag the command would ignore is a one-line error, before any model loads: a training flag
+    with --ckpt (--out: the answers go to the run), BLSP-KD stage 1's LoRA flags, SLM's --prompt
+    (T5 has no prompt format) and --task in training (--tasks), and --init given to a --resume
+    (the run goes on from its own checkpoint: it said "in place of" and wrote it in config.json)."""
+    run = tmp_path / "kd"
+    os.makedirs(run)
+    write(run / "config.json", json.dumps(dict(method="blsp_kd", init=None, stage=1)))
+    for main, argv, says in (
+            (blsp.main, ["--ckpt", str(tmp_path), "--eval", tiny["valid"], "--out", str(tmp_path / "o")],
+             "--out is for training: with --ckpt (--infer, --eval) it does nothing"),
+            (ssr.main, ["--ckpt", str(tmp_path), "--eval", tiny["valid"], "--steps", "3"], "--steps is for training"),
+            (blsp_kd.main, ["--lora-r", "8", "--steps", "1"], "--lora-r is for stage 2 (stage 1 has no LoRA)"),
+            (slm.main, ["--prompt", "chat"], "--prompt is for the causal LLMs' prompt formats"),
+            (blsp.main, ["--schedule", "constant", "--min-lr-ratio", "0.1"], "--schedule constant does not decay"),
+            (slm.main, ["--task", "ast"], "--task is the task of --ckpt's --eval and --infer: training takes --tasks"),
+            (blsp_kd.main, ["--resume", str(run), "--init", str(tmp_path / "other")],
+             f"--init {tmp_path / 'other'}: for a run that starts (the run's: None); --resume {run} goes on")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and err.count("\n") == 1, err
+
+
+def test_eval_takes_the_runs_instruction(tiny, tmp_path, capsys, monkeypatch):
+    """--ckpt --eval measures the zero-shot repeat with the run's --instruction, as its validation
+    did (it took the default: repeat_wer 0.83 against the run's 8.41, a reviewer's run); --infer
+    keeps the continuation instruction unless one is given."""
+    out = tmp_path / "run"
+    blsp.main(["--llm", tiny["llm"], "--encoder", tiny["enc"], "--train", tiny["train"], "--valid", tiny["valid"],
+               "--batch-size", "8", "--bottleneck", "16", "--continuation-tokens", "4", "--max-new-tokens", "3",
+               "--steps", "1", "--out", str(out), "--instruction", "Say it twice:", "--device", "cpu"])
+    capsys.readouterr()
+    asked, pieces = [], common.prompt_pieces
+    monkeypatch.setattr(common, "prompt_pieces", lambda tok, ins, fmt="auto": asked.append(ins) or pieces(tok, ins, fmt))
+    blsp.main(["--ckpt", str(out), "--eval", tiny["valid"], "--max-valid", "2", "--device", "cpu"])
+    assert "Say it twice:" in asked and data.REPEAT_INSTRUCTIONS[0] not in asked
+    asked.clear()
+    blsp.main(["--ckpt", str(out), "--infer", data.read_manifest(tiny["valid"])[0]["audio"], "--device", "cpu"])
+    assert asked == [blsp.CONTINUE_INSTRUCTION]
 
 
 def test_slm_bad_input_gives_one_line_error(slm_tiny, tmp_path, capsys):
