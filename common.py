@@ -1755,7 +1755,8 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
     """Write ckpt-STEP/ through a temporary folder and a rename, then point `latest` at it (a step
     saved again goes to ckpt-STEP.1: the folder `latest` names is never deleted before it moves).
     The rename, `latest` and the clean-up hold a lock on the run directory: two processes saving
-    alone at once (each met bad data) would otherwise each delete the other's folder.
+    alone at once (each met bad data) would otherwise each delete the other's folder. Its files are
+    on disk (fsync) before the renames, so that a power cut leaves the old checkpoint or the new one.
     rng: the RNG states to resume with (default: this process's)."""
     from safetensors.torch import save_file
     tmp = os.path.join(out, f"ckpt-{step}.tmp{os.getpid()}")     # (this process's own)
@@ -1766,6 +1767,8 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
                     batch_pos=batch_pos, rng=rng or rng_state()), os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(dict(meta, step=step), f, indent=1)
+    for name in os.listdir(tmp) + [""]:                 # (its files, then the folder's entries)
+        synced(os.path.join(tmp, name))
     with run_lock(out):
         final = os.path.join(out, f"ckpt-{step}" + (".1" if latest_name(out) == f"ckpt-{step}" else ""))
         shutil.rmtree(final, ignore_errors=True)        # (a step saved before, that latest does not name)
@@ -1773,11 +1776,28 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
         latest = os.path.join(out, f"latest.tmp{os.getpid()}")
         with open(latest, "w") as f:
             f.write(os.path.basename(final))
+        synced(latest)
         os.replace(latest, os.path.join(out, "latest"))
+        synced(out)                                     # (the renames)
         for d in os.listdir(out):                       # keep only the latest checkpoint
             if d.startswith("ckpt-") and d != os.path.basename(final) and ".tmp" not in d:
                 shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     return final
+
+
+def synced(path):
+    """fsync a file or a directory (its entries: a rename in it), where the file system can (some
+    network ones refuse a directory's: then the rename is as safe as they make it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -2134,7 +2154,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     lr_scale: (parameters, factor) pairs that train at factor x the lr (make_optimizer).
     resume_dir: the directory --resume takes, when not args.out (named in messages); run_args: the
     arguments of the whole run there, of which this is one stage (SSR), its config.json.
-    Rates leave validation out; data_wait = the share of the time spent waiting for batches.
+    Rates leave validation out (a log line's: since the line before); data_wait = the share of the
+    time spent waiting for batches.
     """
     from tqdm import tqdm
     out = args.out
@@ -2198,8 +2219,15 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     interactive, said_at = sys.stderr.isatty() or sys.stdout.isatty(), 0.0
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0 or not interactive, dynamic_ncols=True,
                mininterval=1.0, file=sys.stdout if not sys.stderr.isatty() else sys.stderr)
-    # throughput counters: validation is left out of the rates, waiting for data is not (data_wait)
+    # throughput counters: validation is left out of the rates, waiting for data is not (data_wait);
+    # a log line's rates are those since the line before (mark), the closing line's the whole run's
     last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0, data_s=0.0, valid_s=0.0)
+    mark = mark_0 = dict(seen, t=t0)
+
+    def since(mark):
+        """The counters since mark, and the training time since (validation left out)."""
+        new = {k: v - mark[k] for k, v in seen.items()}
+        return new, max(time.time() - mark["t"] - new["valid_s"], 1e-9)
     peak_fl = peak_flops(device) if device.type == "cuda" else None      # (MFU on CUDA only)
     peak = 0.0          # (CUDA) the peak of the training steps: not loading, generating, validating
     if device.type == "cuda":
@@ -2344,14 +2372,14 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 opt.step()          # the step is done and logged
             opt.zero_grad(set_to_none=True)
             step, start = step + 1, None        # (a stop from here on saves this step's end)
-            dt = time.time() - t0 - seen["valid_s"]
+            new, dt = since(mark)                   # (since the last log line)
             if device.type == "cuda":
                 peak = max(peak, torch.cuda.max_memory_allocated(device) / 2 ** 30)
             show = dict(loss=f"{loss_val:.4f}" if loss_val is not None else "-", lr=f"{lr_at(step - 1, args):.2e}",
-                        samples_s=f"{seen['samples'] * world / dt:.1f}",
-                        tokens_s=f"{seen['tokens'] * world / dt:.0f}")
-            if peak_fl and seen["flops"]:
-                show["mfu"] = f"{seen['flops'] / dt / peak_fl:.1%}"
+                        samples_s=f"{new['samples'] * world / dt:.1f}",
+                        tokens_s=f"{new['tokens'] * world / dt:.0f}")
+            if peak_fl and new["flops"]:
+                show["mfu"] = f"{new['flops'] / dt / peak_fl:.1%}"
             bar.set_postfix(show, refresh=False)
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps or (not fused and bad):
@@ -2359,21 +2387,23 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 if fused:
                     loss_val = float(loss_dev)              # read only here (CPU: read above)
                 row = dict(step=step, loss=loss_val, lr=lr_at(step - 1, args), grad_norm=float(gnorm),
-                           samples_per_s=seen["samples"] * world / dt,
-                           tokens_per_s=seen["tokens"] * world / dt, data_wait=seen["data_s"] / dt,
+                           samples_per_s=new["samples"] * world / dt,
+                           tokens_per_s=new["tokens"] * world / dt, data_wait=new["data_s"] / dt,
                            **{k: float(v) for k, v in logs.items()})
                 if device.type == "cuda":
                     row["peak_mem_gib"] = peak
-                    if peak_fl and seen["flops"]:
-                        row["mfu"] = seen["flops"] / dt / peak_fl    # per GPU
+                    if peak_fl and new["flops"]:
+                        row["mfu"] = new["flops"] / dt / peak_fl     # per GPU
                 log(**row)
+                mark = dict(seen, t=time.time())
                 if rank == 0 and not interactive and (time.time() - said_at >= 10 or step == args.steps):
                     said_at = time.time()
                     print(f"step {step}/{args.steps}: loss {loss_val:.4f}, lr {row['lr']:.2e}, "
                           f"{row['samples_per_s']:.1f} samples/s, {row['tokens_per_s']:.0f} tokens/s"
                           + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "")
                           + (f", peak {peak:.1f} GiB" if "peak_mem_gib" in row else "")
-                          + f", {(args.steps - step) * dt / (step - step0) / 60:.1f} min to go", flush=True)
+                          + f", {(args.steps - step) * since(mark_0)[1] / (step - step0) / 60:.1f} min to go",
+                          flush=True)
             updating = False
             if deferred:
                 raise Terminated() if deferred[0] == signal.SIGTERM else KeyboardInterrupt()

@@ -2336,6 +2336,45 @@ def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tm
     assert all(torch.allclose(w[0][k], w[1][k], atol=1e-6) for k in w[0])
 
 
+def test_log_lines_rates_are_those_since_the_line_before(tiny, tmp_path, capsys):
+    """A metrics line's samples/s covers the steps since the line before (it was the run's mean
+    since its start: a slowdown showed late and diluted); the closing line's is the whole run's."""
+    items, m, calls = data.read_manifest(tiny["train"]), Toy(), []
+    step = toy_step(m)
+
+    def slower_from_step_4(batch):
+        calls.append(1)
+        if len(calls) > 3:
+            time.sleep(0.3)                                   # 4 samples in 0.3 s: at most 13/s
+        return step(batch)
+    common.train(toy_args(tmp_path, log_every=3), m, slower_from_step_4, items, cpu(), method="toy")
+    rows = [json.loads(x) for x in read(tmp_path / "metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and rows[0]["samples_per_s"] > 40
+    assert 9 < rows[1]["samples_per_s"] < 13.5                # (the run's mean: about 26/s)
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 13.5 < float(closing.split(" samples/s")[0].split()[-1]) < 27
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_named(tmp_path, monkeypatch):
+    """save_checkpoint fsyncs each file and the folder before the rename, and `latest` and the run
+    directory before it is said saved: a power cut leaves the old checkpoint or the new one."""
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or replace(a, b))
+    m = Toy()
+    opt = torch.optim.AdamW(m.parameters())
+    final = common.save_checkpoint(str(tmp_path), m, opt, 3, 0, 5, dict(method="toy"))
+    tmp = next(p for what, p in events if what == "replace" and ".tmp" in p and "latest" not in p)
+    at = events.index(("replace", tmp))
+    synced_before = {os.path.basename(p) for what, p in events[:at] if what == "fsync"}
+    assert {"trainable.safetensors", "train_state.pt", "meta.json", os.path.basename(tmp)} <= synced_before
+    latest = next(p for what, p in events if what == "replace" and "latest.tmp" in p)
+    assert events.index(("fsync", latest)) < events.index(("replace", latest)) < \
+        events.index(("fsync", str(tmp_path)))
+    assert read(tmp_path / "latest").strip() == os.path.basename(final) == "ckpt-3"
+
+
 def test_data_wait_and_validation_time_are_measured_apart(tiny, tmp_path, monkeypatch, capsys):
     """Slow audio reading shows as the share of time spent waiting for data; validation time is
     left out of the throughput. (The step sleeps 0.2 s, so that reading the tiny clips stays a
