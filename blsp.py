@@ -236,8 +236,8 @@ def main(argv=None):
     for it in continuation_data(llm, tok, todo, args, args.out, "valid", [args.resume]):
         it["continuation"] = it["continuation_llm"]
     continuations = [it["continuation_llm"] for it in train_items]
-    for it, ids in zip(train_items, common.each_ids(tok, continuations)):
-        it["continuation_ids"] = data.compact(ids)
+    for it, ids in zip(train_items, common.cached_ids(tok, continuations, args.out, "train")):
+        it["continuation_ids"] = ids
 
     # step 2: behaviour alignment; only the adapter trains
     embed, eos = llm.get_input_embeddings(), common.answer_end(llm, tok, args.prompt)

@@ -215,11 +215,13 @@ def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dirs=()):
     conts, ended = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
                                          args.continuation_tokens, out_dir, tag, True, reuse_dirs)
     eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn
-    for it, t, ids, e in zip(items, common.each_ids(tok, transcripts, as_input=True),
-                             common.each_ids(tok, conts), ended):
-        it["transcript_ids"] = data.compact(t)
+    for it, t, ids, e in zip(items, common.cached_ids(tok, transcripts, out_dir, tag, as_input=True),
+                             common.cached_ids(tok, conts, out_dir, tag), ended):
+        it["transcript_ids"] = t
         natural = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without it)
-        it["response_ids"] = data.compact(ids + ([eos] if natural else []))  # [+ end]: generation ended
+        if natural:                                     # [+ end]: generation ended
+            ids.append(eos)
+        it["response_ids"] = ids
         it["continuation_ended"] = natural          # (alignment_eval's targets: the end token where trained)
     return items
 

@@ -3800,6 +3800,33 @@ def test_blsp_kd_response_ends_with_the_end_token_only_where_the_llm_ended(tiny,
     assert batch["response_ids"] == [ids[0] + [eos], ids[1], ids[2] + [eos]]
 
 
+def test_cached_ids_are_each_ids_read_back_by_a_resumed_run(tiny, tmp_path, monkeypatch):
+    """common.cached_ids: the ids each_ids gives, kept in the run directory; a second call (a
+    resumed run) reads them without tokenizing; other texts or the other role (as_input) are
+    another file; a file cut short is made again; a process other than 0 does not write."""
+    tok = common.load_llm(tiny["llm"], cpu())[1]
+    texts = ["the cat sees the dog", "a", "", "the lazy tiger likes the old doctor"]
+    want = [list(i) for i in common.each_ids(tok, texts)]
+    got = common.cached_ids(tok, texts, str(tmp_path), "train")
+    assert [list(a) for a in got] == want and all(isinstance(a, array.array) for a in got)
+    (path,) = glob.glob(str(tmp_path / "ids-train-*.bin"))
+    each = common.each_ids
+    monkeypatch.setattr(common, "each_ids", lambda *a, **k: (_ for _ in ()).throw(AssertionError("tokenized")))
+    assert [list(a) for a in common.cached_ids(tok, texts, str(tmp_path), "train")] == want
+    monkeypatch.setattr(common, "each_ids", each)
+    as_input = common.cached_ids(tok, texts, str(tmp_path), "train", as_input=True)
+    assert [list(a) for a in as_input] == [list(i) for i in common.each_ids(tok, texts, as_input=True)]
+    common.cached_ids(tok, texts[:3], str(tmp_path), "train")
+    assert len(glob.glob(str(tmp_path / "ids-train-*.bin"))) == 3
+    with open(path, "r+b") as f:                               # cut short (a full disk, say)
+        f.truncate(os.path.getsize(path) - 4)
+    assert [list(a) for a in common.cached_ids(tok, texts, str(tmp_path), "train")] == want
+    os.remove(path)
+    monkeypatch.setenv("RANK", "1")
+    assert [list(a) for a in common.cached_ids(tok, texts, str(tmp_path), "train")] == want
+    assert not os.path.exists(path)
+
+
 def test_compact_ids_take_a_fraction_of_the_memory():
     """Millions of manifest items each keep their token ids (BLSP-KD: transcript and response):
     as arrays of 4-byte ints they take a fraction of a list of int objects' memory."""
