@@ -625,7 +625,8 @@ def main():
                    help="also profile one step per variant: time by kind (matmul, attention, convolution, "
                         "other) and the top entries")
     p.add_argument("--json", default=None, help="also write the rows to this file")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to one variant")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds allowed to one variant (in its own process: not with --in-process)")
     p.add_argument("--live-memory", action="store_true",
                    help="CPU: MALLOC_MMAP_THRESHOLD_=1 MiB in each variant, so that peak RSS follows live memory")
     p.add_argument("--in-process", action="store_true",
@@ -633,6 +634,8 @@ def main():
                         "all run: the test's; peak memory is then the largest so far, not each variant's)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant
     args = p.parse_args()
+    if args.in_process and args.live_memory:
+        sys.exit("error: --live-memory sets each variant's process's allocator: not with --in-process")
     if args.scale == "paper" and args.device == "cpu":
         sys.exit("error: --scale paper needs a GPU (--device cuda)")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]

@@ -59,7 +59,8 @@ Project choices ([choice] in METHODS.md, or where the released code differs):
   with up to 30 s; --whisper-30s reproduces that padding for the encoder);
   --grad-ckpt recomputes them in the backward;
 - an unfrozen encoder trains in fp32 at lr / 10 (--encoder-lr); stage 2 takes the CFormer shape
-  of its --init run, and its models, prompt format and continuation length unless given;
+  of its --init run, and its models, prompt format, continuation length and loss settings
+  (--temperature, --dropout, the loss terms) unless given;
 - toy-scaled defaults (released code: 4 + 4 layers, 8 heads; the authors' follow-up script, stage 1:
   lr 1e-4, batch 768, 1000 warm-up steps, 1 epoch): 2 + 2 layers, 4 heads, batch 16, lr 1.5e-3
   (stage 2: 1e-3), 30 warm-up steps, 1600 steps (~2 min, 1 CPU);
@@ -201,8 +202,9 @@ def speech_vectors(encoder, cformer, batch, n=None, train_encoder=False):
 def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dirs=()):
     """Greedy continuation of each transcript; cached in out_dir (copied from reuse_dirs': stage 2's
     --init run, a run resumed into another --out), resumable. Adds to each item transcript_ids (N =
-    their count), response_ids (continuation [+ EOS]) and continuation_ended. A transcript with no word once normalised ("?!") would ask CIF for 0
-    vectors: it stops the run, naming its line (--skip-bad: it is left out)."""
+    their count), response_ids (continuation [+ EOS]) and continuation_ended. A transcript with no
+    word once normalised ("?!") would ask CIF for 0 vectors: it stops the run, naming its line
+    (--skip-bad: it is left out)."""
     wordless = [it for it in items if not common.normalize(it["text"]).strip()]
     if wordless and not args.skip_bad:
         raise data.DataError(f"{wordless[0]['where']}: the transcript {wordless[0]['text']!r} has no word once "
@@ -421,12 +423,9 @@ def main(argv=None):
         raise common.UserError("--stage 2 needs --init RUN_DIR (a stage-1 run)")
     if args.unfreeze_encoder and args.stage != 2:
         raise common.UserError("--unfreeze-encoder is for stage 2 (stage 1 trains the CFormer only)")
-    lora = [k for k in ("lora_r", "lora_alpha", "lora_dropout") if common.given(args, k)]
-    if lora and args.stage == 1 and not args.resume:
+    lora = [k for k in ("lora_r", "lora_alpha", "lora_dropout") if common.typed(args, k)]
+    if lora and args.stage == 1:
         raise common.UserError(f"--{lora[0].replace('_', '-')} is for stage 2 (stage 1 has no LoRA)")
-    if not (args.length_loss or args.response_kl or args.input_kl or args.response_ce):
-        raise common.UserError("no loss term left: keep one of --length-loss, --response-kl, --input-kl, "
-                               "--response-ce")
     if args.encoder_lr is not None and not args.unfreeze_encoder:
         raise common.UserError("--encoder-lr is the lr of an unfrozen encoder: add --unfreeze-encoder")
     args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
@@ -441,6 +440,9 @@ def main(argv=None):
                 "input_kl", "response_ce")
         init_ck = common.take_run_config(args, args.init, "blsp_kd", ("llm", "encoder") + shape + free,
                                          f"--init {args.init}", fixed=shape, free=free)
+    if not (args.length_loss or args.response_kl or args.input_kl or args.response_ce):   # (with --init's)
+        raise common.UserError("no loss term left: keep one of --length-loss, --response-kl, --input-kl, "
+                               "--response-ce")
     encoder = common.load_encoder(args.encoder, device, args.encoder_layer, args.whisper_30s)
     llm, tok = common.load_llm(args.llm, device, grad_ckpt=args.grad_ckpt)
     train_items, valid_items = common.manifests(args, encoder)

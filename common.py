@@ -221,7 +221,7 @@ def parse_args(cls, argv=None, method=None, **defaults):
     args = cls(**vars(p.parse_args(argv)))
     unset = object()                    # which flags the command line gave (abbreviated ones too)
     p.set_defaults(**{f.name: unset for f in dataclasses.fields(cls)})
-    args._given = frozenset(k for k, v in vars(p.parse_args(argv)).items() if v is not unset)
+    args._given = args._typed = frozenset(k for k, v in vars(p.parse_args(argv)).items() if v is not unset)
     for k, b in meta.items():
         v = getattr(args, k)
         if v is None or isinstance(v, (bool, str)):
@@ -240,7 +240,7 @@ def parse_args(cls, argv=None, method=None, **defaults):
         raise UserError(f"--device must be cuda, cuda:N or cpu, not {args.device!r}")
     if args.resume and not args.ckpt:
         resume_config(args, method)
-    if args.schedule == "constant" and args.min_lr_ratio > 0:
+    if typed(args, "min_lr_ratio") and args.schedule == "constant" and args.min_lr_ratio > 0:
         raise UserError(f"--min-lr-ratio {args.min_lr_ratio}: --schedule constant does not decay (linear, cosine do)")
     if args.ckpt and not (args.infer or args.eval):
         raise UserError(f"--ckpt {args.ckpt}: add --infer WAV or --eval MANIFEST (what to do with the run)")
@@ -362,8 +362,14 @@ def write_config(args, out, method, world=None):
 # Devices and processes
 
 def given(args, name):
-    """Was --name on the command line? (a value equal to the default counts: asked for, not taken)"""
+    """Was --name on the command line, or taken from the run by --resume? (a value equal to the
+    default counts: asked for, not the default)"""
     return name in getattr(args, "_given", ())
+
+
+def typed(args, name):
+    """Was --name on this command line? (not taken from a run)"""
+    return name in getattr(args, "_typed", ())
 
 
 def setup(args):
@@ -1793,13 +1799,14 @@ def set_rng_state(rng, device):
         torch.cuda.set_rng_state(state, device)
 
 
-def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
+def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None, keep_others=False):
     """Write ckpt-STEP/ through a temporary folder and a rename, then point `latest` at it (a step
     saved again goes to ckpt-STEP.1: the folder `latest` names is never deleted before it moves).
     The rename, `latest` and the clean-up hold a lock on the run directory: two processes saving
     alone at once (each met bad data) would otherwise each delete the other's folder. Its files are
     on disk (fsync) before the renames, so that a power cut leaves the old checkpoint or the new one.
-    rng: the RNG states to resume with (default: this process's)."""
+    rng: the RNG states to resume with (default: this process's). keep_others: the earlier
+    checkpoints stay (a stop on a non-finite step keeps the one before the trouble)."""
     from safetensors.torch import save_file
     tmp = os.path.join(out, f"ckpt-{step}.tmp{os.getpid()}")     # (this process's own)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1821,7 +1828,7 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None):
         synced(latest)
         os.replace(latest, os.path.join(out, "latest"))
         synced(out)                                     # (the renames)
-        for d in os.listdir(out):                       # keep only the latest checkpoint
+        for d in os.listdir(out) if not keep_others else ():    # keep only the latest checkpoint
             if d.startswith("ckpt-") and d != os.path.basename(final) and ".tmp" not in d:
                 shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     return final
@@ -2291,24 +2298,35 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             return
         where = f"one of steps {first} to {step}" if first < step else f"step {step}" + (
             "" if fused else f" (loss {loss_val}, gradient norm {float(gnorm)})")
-        if saved_at != step:
-            checkpoint(start)                   # (a stop mid-step: the step before it)
+        before = latest_name(out) if saved_at != step else None
+        if saved_at != step:                    # (a stop mid-step: the step before it), keeping the
+            checkpoint(start, keep_before=True)     # one before the trouble
+        if world > 1:           # the others wait for process 0's checkpoint: torchrun stops the
+            torch.distributed.barrier()     # whole group when one process exits
         raise UserError(f"non-finite loss or gradients in {where}: its update was skipped; stopped with "
                         f"step {step} saved: --resume {resume_dir or out} goes on after that batch (if it "
-                        f"comes back: a lower --lr, or look at the data)")
+                        f"comes back: a lower --lr, or look at the data)" + (
+                            f"; the checkpoint before, {before}, is kept too (to go back to it, write "
+                            f"{before} into {os.path.join(out, 'latest')})" if before else ""))
 
-    def checkpoint(at=None, alone=False):
+    def skipped():
+        """(Fused) what an error says where a step since the last check was non-finite."""
+        return f" (a non-finite step after step {checked} had its update skipped)" if fused and \
+            float(nonfinite) > 0 else ""
+
+    def checkpoint(at=None, alone=False, keep_before=False):
         """alone: this process saves by itself while the others wait in an all_reduce (they all
         hold the same weights and optimizer state), with its own RNG only. A Ctrl-C or SIGTERM
-        while it is written waits until it is whole (a second Ctrl-C, a scheduler's second signal)."""
+        while it is written waits until it is whole (a second Ctrl-C, a scheduler's second signal).
+        keep_before: the checkpoint before is not deleted."""
         nonlocal updating
         was_updating, updating = updating, True
         try:
-            save(at, alone)
+            save(at, alone, keep_before)
         finally:
             updating = was_updating
 
-    def save(at, alone):
+    def save(at, alone, keep_before=False):
         nonlocal saved_at, last_save
         e, b, r = at or (epoch, batch_pos, rng_state())
         r = dict(r, position=(e, b))            # each process's own data position: with --skip-bad
@@ -2319,7 +2337,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             torch.distributed.all_gather_object(rngs, r)
             r = rngs
         if rank == 0 or alone:
-            save_checkpoint(out, module, opt, step, e, b, meta, r)
+            save_checkpoint(out, module, opt, step, e, b, meta, r, keep_others=keep_before)
         saved_at, last_save = step, time.time()
 
     def validate():
@@ -2466,7 +2484,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             signal.signal(s, h)
         if not saved:
             raise
-        raise data.DataError(f"{e}; step {step} is saved: mend the data (or add --skip-bad), then "
+        raise data.DataError(f"{e}; step {step} is saved{skipped()}: mend the data (or add --skip-bad), then "
                              f"--resume {resume_dir or out}") from None
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: save the last completed step, exactly resumable
         interrupted = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
@@ -2476,7 +2494,8 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         if crash and not updating:  # (as after bad data; not mid-update: its weights are not whole)
             try:
                 if save_alone():
-                    e.add_note(f"(step {step} is saved: --resume {resume_dir or out} continues from it)")
+                    e.add_note(f"(step {step} is saved{skipped()}: --resume {resume_dir or out} continues "
+                               f"from it)")
             except Exception:       # (a broken CUDA context cannot save: the crash is what matters)
                 pass
         for s, h in old_handlers.items():
@@ -2672,7 +2691,8 @@ def alignment_eval(llm, tok, items, args, device, speech_fn, continue_instructio
 def show_sample(llm, tok, items, args, device, speech_fn, continue_instruction, lora=None):
     """The first loadable clip of items: the LLM's continuation of its transcript (normalised, as
     the training continuations' source) beside its continuation of the speech, and the zero-shot
-    repeat from the speech (or --instruction, as the validation asks). speech_fn(batch) -> list of (L_i, d_llm) speech vectors."""
+    repeat from the speech (or --instruction, as the validation asks). speech_fn(batch) -> list of
+    (L_i, d_llm) speech vectors."""
     item, wave = data.first_loadable(items)
     batch = to_device(data.collate([dict(item, wave=wave)]), device)
     with autocast(device):

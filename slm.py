@@ -378,10 +378,10 @@ def infer(args, device):
 @common.guard
 def main(argv=None):
     args = common.parse_args(SLMArgs, argv, method="slm")
-    if common.given(args, "prompt") and not args.resume:
+    if common.typed(args, "prompt"):
         raise common.UserError("--prompt is for the causal LLMs' prompt formats: SLM's T5 reads "
                                "[speech ; instruction] as it is (--order sets their order)")
-    if common.given(args, "task") and not (args.resume or args.ckpt):
+    if common.typed(args, "task") and not args.ckpt:
         raise common.UserError("--task is the task of --ckpt's --eval and --infer: training takes --tasks")
     device, rank, world = common.setup(args)
     if args.ckpt:

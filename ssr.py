@@ -671,8 +671,8 @@ def last_stage(run_dir):
 @common.guard
 def main(argv=None):
     args = common.parse_args(SSRArgs, argv, method="ssr")
-    if args.resume and not common.given(args, "stage"):     # (a run stopped in its --stage aligner: that)
-        args.stage = last_stage(args.resume)
+    if common.typed(args, "resume") and not common.typed(args, "stage"):   # (a run stopped in its --stage
+        args.stage = last_stage(args.resume or args.out)                      # aligner: that)
     if not args.ckpt:
         args.out = args.out or args.resume or "runs/ssr"        # (--resume DIR continues in DIR)
         if not args.resume and args.stage != "all":     # a stage added to a run: the run's settings

@@ -2293,6 +2293,13 @@ def test_nan_loss_skips_its_update_then_stops_saved(tiny, tmp_path):
         common.train(toy_args(tmp_path / "cpu", log_every=5), m, bad, items, cpu(), method="toy")
     assert read(tmp_path / "cpu" / "latest").strip() == "ckpt-3" and len(calls) == 3
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights[0].items())
+    calls.clear()                           # the checkpoint before the trouble is kept (it was deleted)
+    m = Toy()
+    step = toy_step(m)
+    with pytest.raises(common.UserError, match=rf"; the checkpoint before, ckpt-2, is kept too \(to go back to it, "
+                                               rf"write ckpt-2 into {tmp_path / 'every2' / 'latest'}\)$"):
+        common.train(toy_args(tmp_path / "every2", save_every=2), m, bad, items, cpu(), method="toy")
+    assert sorted(d for d in os.listdir(tmp_path / "every2") if d.startswith("ckpt-")) == ["ckpt-2", "ckpt-3"]
 
 
 def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tmp_path, monkeypatch):
@@ -2331,6 +2338,20 @@ def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tm
                      items, cpu(), method="toy")
     common.train(toy_args(tmp_path / "cpu", steps=5, log_every=5, schedule="constant", resume=str(tmp_path / "cpu")),
                  m2, toy_step(m2), items, cpu(), method="toy")         # (constant: --steps 5 is the same lr)
+    m3, calls = Toy(), []                      # bad data after a skipped step: said in its error
+    step3 = nan_in_step_3(m3)
+
+    def bad_audio_in_step_4(batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise data.DataError("m.jsonl:9: cannot read audio")
+        return step3(batch)
+    with pytest.raises(data.DataError, match=r"step 3 is saved \(a non-finite step after step 0 had its update "
+                                             r"skipped\): mend the data"):
+        with monkeypatch.context() as mp:
+            mp.setattr(common, "make_optimizer", fused)
+            common.train(toy_args(tmp_path / "data", steps=8, log_every=5), m3, bad_audio_in_step_4, items, cpu(),
+                         method="toy")
     w = [load_file(common.find_checkpoint(str(tmp_path / r)) + "/trainable.safetensors") for r in ("fused", "cpu")]
     assert torch.isfinite(w[0]["lin.weight"]).all()
     assert all(torch.allclose(w[0][k], w[1][k], atol=1e-6) for k in w[0])
@@ -2750,6 +2771,61 @@ if rank == 0:
     assert len(losses(tmp_path / "full")) == 5
     torch.testing.assert_close(torch.load(tmp_path / "half" / "weight.pt"),
                                torch.load(tmp_path / "full" / "weight.pt"))
+
+
+def test_torchrun_non_finite_stop_waits_for_the_checkpoint(tiny, tmp_path):
+    """2 gloo processes, a NaN loss in step 3: process 1 leaves only once process 0's checkpoint is
+    written (it left at once, and torchrun then stopped process 0 mid-save: SIGKILL after 30 s)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import os, sys, time, torch, common, data
+sys.path.insert(0, {HERE!r})
+from test_all import Toy, toy_step, toy_args
+out = sys.argv[1]
+args = toy_args(out, batch_size=4, steps=5)
+device, rank, world = common.setup(args)
+save = common.save_checkpoint
+common.save_checkpoint = lambda *a, **k: time.sleep(2) or save(*a, **k)       # a large checkpoint
+m = Toy()
+step, calls = toy_step(m), []
+def nan_in_step_3(batch):
+    calls.append(1)
+    loss, n, lg = step(batch)
+    return (loss * float("nan") if len(calls) == 3 and rank == 1 else loss), n, lg
+try:
+    common.train(args, m, nan_in_step_3, data.read_manifest({tiny['train']!r}), device, rank, world, method="toy")
+except common.UserError:
+    open(os.path.join(out, f"left{{rank}}"), "w").write(str(os.path.exists(os.path.join(out, "latest"))))
+    raise
+""")
+    r = run_python(script, tmp_path / "run", torchrun=True)
+    assert r.returncode != 0 and "non-finite loss or gradients in step 3 (loss nan" in r.stderr, r.stderr[-3000:]
+    assert read(tmp_path / "run" / "left1") == "True" and read(tmp_path / "run" / "latest").strip() == "ckpt-3"
+
+
+def test_a_run_resumed_before_its_first_checkpoint_is_not_refused_for_its_own_settings(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A run stopped before its first checkpoint (BLSP-KD while its continuations were generated, an
+    error in step 1) resumes with its config.json's settings: those are not refused as if typed
+    (--lora-r at stage 1, SLM's --prompt and --task, --min-lr-ratio with a constant schedule), and
+    SSR takes its last command's --stage there too."""
+    class Reached(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise Reached()
+    monkeypatch.setattr(common, "load_encoder", reached)
+    monkeypatch.setattr(slm, "build", reached)
+    for main, method, cfg in ((blsp_kd.main, "blsp_kd", dict(stage=1, lora_r=16, lora_alpha=16.0)),
+                              (slm.main, "slm", dict(prompt="auto", task="asr")),
+                              (blsp.main, "blsp", dict(schedule="constant", min_lr_ratio=0.1)),
+                              (ssr.main, "ssr", dict(stage="aligner"))):
+        run = tmp_path / method
+        os.makedirs(run)
+        write(run / "config.json", json.dumps(dict(cfg, method=method)))
+        with pytest.raises(Reached):
+            main(["--resume", str(run), "--device", "cpu"])
+    assert f"--resume {tmp_path / 'ssr'}: --stage aligner, the run's last command's" in capsys.readouterr().err
 
 
 def test_stop_flags_are_read_after_the_same_step_everywhere():
@@ -3889,7 +3965,14 @@ def test_blsp_kd_main_stage1_stage2_eval(tmp_path, capsys, monkeypatch):
         assert os.path.basename(a) == os.path.basename(b) and common.read_texts(a) == common.read_texts(b)
     cfg = json.loads(read(os.path.join(s2, "config.json")))
     assert (cfg["continuation_tokens"], cfg["prompt"], cfg["heads"]) == (6, "auto", 2)   # from --init
-    assert cfg["whisper_30s"] is False
+    assert cfg["whisper_30s"] is False and cfg["temperature"] == 1.0
+    was = read(os.path.join(s1, "config.json"))                  # --init's loss terms count (its
+    write(os.path.join(s1, "config.json"), json.dumps(dict(json.loads(was), response_ce=True, dropout=0.1)))  # CE:
+    blsp_kd.main(stage2 + ["--out", str(tmp_path / "ce"), "--steps", "1", "--stage", "2", "--init", s1,  # not
+                           "--no-length-loss", "--no-response-kl", "--no-input-kl"])          # "no loss left")
+    cfg = json.loads(read(tmp_path / "ce" / "config.json"))
+    assert (cfg["response_ce"], cfg["dropout"], cfg["temperature"], cfg["input_kl"]) == (True, 0.1, 2.0, False)
+    write(os.path.join(s1, "config.json"), was)
     assert len(syncs) == 2 and all(s.total() == 0 for _, s in syncs), [s.report() for _, s in syncs]
     from safetensors.torch import load_file
     state = load_file(os.path.join(common.find_checkpoint(s2), "trainable.safetensors"))
