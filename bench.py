@@ -597,7 +597,7 @@ def profile(run, device):
 
 def memory(device, peak=False):
     """GiB: CUDA: allocated (peak: max allocated); CPU: the process's resident set (peak: its peak;
-    each variant runs in its own process)."""
+    each variant runs in its own process, unless --in-process)."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2 ** 30
     if peak:
@@ -631,7 +631,8 @@ def main():
                    help="CPU: MALLOC_MMAP_THRESHOLD_=1 MiB in each variant, so that peak RSS follows live memory")
     p.add_argument("--in-process", action="store_true",
                    help="run the variants one after the other in this process (a quick check that they "
-                        "all run: the test's; peak memory is then the largest so far, not each variant's)")
+                        "all run: the test's; on CPU the peak and step memory are then the process's so "
+                        "far, not each variant's)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant
     args = p.parse_args()
     if args.in_process and args.live_memory:

@@ -78,9 +78,9 @@ class BLSPArgs(common.Args):
     batch_size: int = arg(32, "utterances per micro-batch (per process; released code: 768 in all)")
     lr: float = arg(1.5e-3, "peak learning rate (released code: 5e-5 at batch 768)")
     warmup: int = arg(40, "warm-up steps (released code: 1000)")
-    max_new_tokens: int = arg(128, "generation length limit of --infer (released code: 128); the "
-                                   "validation's zero-shot repeat stops sooner, at twice the "
-                                   "transcript's tokens + 8 (at least 64)")
+    max_new_tokens: int = arg(128, "generation length limit (released code: 128); the zero-shot "
+                                   "repeat of the validation and --eval stops sooner, at twice the "
+                                   "batch's longest transcript's tokens + 8 (at least 64)")
 
 
 MODEL_FIELDS = ("llm", "encoder", "encoder_layer", "whisper_30s", "bottleneck")   # what a run fixes

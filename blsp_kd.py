@@ -93,15 +93,15 @@ class KDArgs(common.Args):
                      min=1, max=2)
     init: str = arg(None, "a run directory to start from: stage 2, a stage-1 (or stage-2) run; stage 1, a "
                           "warm start. It fixes the CFormer's shape, and gives its models, prompt, "
-                          "continuation length and loss settings unless given", start_only=True)
+                          "continuation length and loss settings unless given", start_only=True, train_only=True)
     unfreeze_encoder: bool = arg(False, "stage 2: also train the speech encoder")
     encoder_lr: float = arg(None, "--unfreeze-encoder: the encoder's peak learning rate "
-                                  "(default: --lr / 10)", min=0)
+                                  "(default: --lr / 10)", min=0, train_only=True)
     pre_layers: int = arg(2, "CFormer transformer layers before CIF (released code: 4)", min=0)
     post_layers: int = arg(2, "CFormer transformer layers after CIF (released code: 4)", min=0)
     heads: int = arg(4, "attention heads of the CFormer layers (released code: 8)", min=1)
     ffn: int = arg(0, "feed-forward width of the CFormer layers (0: 4 x encoder width)", min=0)
-    dropout: float = arg(0.0, "dropout inside the CFormer layers", min=0, max=1)
+    dropout: float = arg(0.0, "dropout inside the CFormer layers", min=0, max=1, train_only=True)
     length_loss: bool = arg(True, "length loss |sum alpha - N| / N")
     response_kl: bool = arg(True, "KL(teacher || student) on the continuation positions")
     input_kl: bool = arg(True, "KL(teacher || student) at transcript token i vs speech vector i")
@@ -109,7 +109,7 @@ class KDArgs(common.Args):
     temperature: float = arg(2.0, "KL temperature (released code: 2)", above=0)
     lora_r: int = arg(16, "stage 2: LoRA rank (released code: 16)", min=1)
     lora_alpha: float = arg(16.0, "stage 2: LoRA alpha (released code: 16)", min=0)
-    lora_dropout: float = arg(0.05, "stage 2: LoRA dropout (released code: 0.05)", min=0, max=1)
+    lora_dropout: float = arg(0.05, "stage 2: LoRA dropout (released code: 0.05)", min=0, max=1, train_only=True)
     continuation_tokens: int = arg(48, "at most this many new tokens per continuation (released code: 48)", min=1)
     gen_batch_size: int = arg(64, "transcripts per continuation-generation batch", min=1)
     steps: int = arg(1600, "optimizer steps")

@@ -151,7 +151,8 @@ class Args:
     max_seconds: float = arg(None, "at most this many seconds of padded audio per micro-batch", above=0)
     grad_accum: int = arg(1, "micro-batches per optimizer step", min=1)
     lr: float = arg(1e-3, "peak learning rate", min=0)
-    min_lr_ratio: float = arg(0.0, "final learning rate as a fraction of the peak", min=0, max=1)
+    min_lr_ratio: float = arg(0.0, "final learning rate as a fraction of the peak (linear, cosine; "
+                                   "not with --schedule constant)", min=0, max=1)
     weight_decay: float = arg(0.05, "AdamW weight decay (matrices only)", min=0)
     betas: str = arg("0.9,0.999", "AdamW betas")
     warmup: int = arg(30, "warm-up steps", min=0)
@@ -188,11 +189,12 @@ class Args:
     ckpt: str = arg(None, "run directory with a trained checkpoint (for --infer / --eval)", metavar="RUN_DIR")
     infer: str = arg(None, "audio file: print the LLM's answer to it (with --ckpt)", metavar="WAV")
     instruction: str = arg(None, "instruction for --infer / --eval, and the validation's zero-shot "
-                                 "one (default: the method's)")
+                                 "one (default: the method's; --eval: the run's)")
     eval: str = arg(None, "manifest to evaluate a --ckpt on (its first --max-valid utterances)",
                     metavar="MANIFEST")
-    max_new_tokens: int = arg(64, "generation length limit (the validation's zero-shot repeat stops "
-                                  "sooner: at twice the transcript's tokens + 8, at least 64)", min=1)
+    max_new_tokens: int = arg(64, "generation length limit (the zero-shot repeat of the validation and "
+                                  "--eval stops sooner: at twice the batch's longest transcript's "
+                                  "tokens + 8, at least 64)", min=1)
 
 
 def parse_args(cls, argv=None, method=None, **defaults):
@@ -244,7 +246,8 @@ def parse_args(cls, argv=None, method=None, **defaults):
         raise UserError(f"--min-lr-ratio {args.min_lr_ratio}: --schedule constant does not decay (linear, cosine do)")
     if args.ckpt and not (args.infer or args.eval):
         raise UserError(f"--ckpt {args.ckpt}: add --infer WAV or --eval MANIFEST (what to do with the run)")
-    idle = [k for k in TRAINING_ONLY if given(args, k)] if args.ckpt else []
+    own = tuple(k for k, b in meta.items() if b.get("train_only"))     # (a method's: arg(train_only=True))
+    idle = [k for k in TRAINING_ONLY + own if typed(args, k)] if args.ckpt else []
     if idle:                            # (--out, say: answers and caches go to the --ckpt run)
         raise UserError(f"--{idle[0].replace('_', '-')} is for training: with --ckpt (--infer, --eval) it "
                         f"does nothing")

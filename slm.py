@@ -30,9 +30,9 @@ each item draws its task uniformly among the --tasks it has a target for, and a 
 among the task's trained phrasings; one phrasing of ASR and one of AST are held out of training
 (data.TOY_T5_HELD_OUT; the continuation task has none held out); greedy decoding; "word
 accuracy" = 1 - WER on the translation. The paper's sizes (USM, mT0-MT XXL, 156M adapter) are
-replaced by the toy defaults. Not built: the paper's contextual-biasing ASR ("Transcribe the speech. It may mention: ..."), dialog and QA
-(`--instruction` asks any of them of a trained adapter); slm_loss is a sum, common.train divides
-by the target tokens.
+replaced by the toy defaults. Not built: the paper's contextual-biasing ASR ("Transcribe the
+speech. It may mention: ..."), dialog and QA (`--instruction` asks any of them of a trained
+adapter); slm_loss is a sum, common.train divides by the target tokens.
 
 Toy defaults [choice], measured on the toy valid set (200 held-out sentences, 1 CPU thread, the
 built-in encoder and T5 of common.DEFAULT_SIZES): adapter width 128, 2 layers, 4 heads, FFN 512
@@ -89,7 +89,9 @@ class SLMArgs(common.Args):
                      choices=["speech-first", "instruction-first"])
     tasks: str = arg("asr,ast", "training tasks, comma-separated, among " + ",".join(TASKS))
     language: str = arg(data.TOY_LANGUAGE, "target language named in the translation instructions")
-    task: str = arg("asr", "task of --eval and --infer (its first trained phrasing)", choices=list(TASKS))
+    task: str = arg("asr", "task of --eval, and of --infer (its first trained phrasing)", choices=list(TASKS))
+    prompt: str = arg("auto", "not for SLM: T5 reads [speech ; instruction] as it is (--order)",
+                      choices=("auto", "chat", "blsp"))
     steps: int = arg(1000, "optimizer steps")
     batch_size: int = arg(32, "utterances per micro-batch (per process)")
     lr: float = arg(2e-3, "peak learning rate")

@@ -82,24 +82,27 @@ CONTINUE_INSTRUCTION = data.CONTINUE_INSTRUCTIONS[0]
 class SSRArgs(common.Args):
     stage: str = arg("all", "aligner | 1 | 2 | all (aligner, stage 1, then a short stage 2); a bare --resume "
                             "takes the run's last command's", choices=["aligner", "1", "2", "all"],
-                     per_command=True)      # (--resume with it given: that stage, in the run's settings)
+                     per_command=True, train_only=True)   # (--resume with it: that stage, the run's settings)
     aligner: str = arg("ctc", "training boundaries: ctc (forced alignment of the transcript) | "
                               "oracle (manifest `chars`: [char, start_s, end_s])", choices=["ctc", "oracle"])
     aligner_layers: int = arg(1, "aligner: transformer layers before the CTC Linear", min=0)
-    aligner_steps: int = arg(10, "aligner: optimizer steps (more without a pre-trained CTC head)", min=0)
-    aligner_lr: float = arg(1e-3, "aligner: peak learning rate", min=0)
+    aligner_steps: int = arg(10, "aligner: optimizer steps (more without a pre-trained CTC head)", min=0,
+                             train_only=True)
+    aligner_lr: float = arg(1e-3, "aligner: peak learning rate", min=0, train_only=True)
     layers: int = arg(2, "connector: transformer layers (prototype: 4)", min=0)
     heads: int = arg(4, "attention heads (aligner and connector)", min=1)
-    dropout: float = arg(0.1, "connector dropout (prototype: 0.1)", min=0, max=1)
+    dropout: float = arg(0.1, "connector dropout (prototype: 0.1)", min=0, max=1, train_only=True)
     blockwise: bool = arg(True, "connector: blockwise mask (a frame sees from the previous "
                                 "boundary up to itself); --no-blockwise: causal")
-    cos_weight: float = arg(5.0, "stage 1: lambda, weight of mean(1 - cos(z, e))", min=0)
+    cos_weight: float = arg(5.0, "stage 1: lambda, weight of mean(1 - cos(z, e))", min=0, train_only=True)
     steps: int = arg(120, "stage 1: optimizer steps")
     lr: float = arg(3e-3, "stage 1: peak learning rate (prototype: 1e-4)")
-    stage2_steps: int = arg(20, "stage 2: optimizer steps (0 with --stage all: no stage 2)", min=0)
-    stage2_lr: float = arg(1e-3, "stage 2: peak learning rate", min=0)
+    stage2_steps: int = arg(20, "stage 2: optimizer steps (0 with --stage all: no stage 2)", min=0,
+                            train_only=True)
+    stage2_lr: float = arg(1e-3, "stage 2: peak learning rate", min=0, train_only=True)
     finetune: str = arg("lora", "stage 2: lora (common.add_lora, unmasked) | full", choices=["lora", "full"])
-    text_mix: float = arg(0.0, "stage 2: fraction of text-only batches (the transcripts)", min=0, max=1)
+    text_mix: float = arg(0.0, "stage 2: fraction of text-only batches (the transcripts)", min=0, max=1,
+                          train_only=True)
     warmup: int = arg(20, "warm-up steps (each stage; at most a fifth of its steps)")
     betas: str = arg("0.9,0.95", "AdamW betas (prototype)")
     weight_decay: float = arg(0.1, "AdamW weight decay (prototype)")

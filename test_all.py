@@ -4884,6 +4884,10 @@ def test_flags_that_would_do_nothing_are_refused(tiny, slm_tiny, tmp_path, capsy
             (blsp.main, ["--ckpt", str(tmp_path), "--eval", tiny["valid"], "--out", str(tmp_path / "o")],
              "--out is for training: with --ckpt (--infer, --eval) it does nothing"),
             (ssr.main, ["--ckpt", str(tmp_path), "--eval", tiny["valid"], "--steps", "3"], "--steps is for training"),
+            (ssr.main, ["--ckpt", str(tmp_path), "--eval", tiny["valid"], "--stage2-lr", "5"],  # (a method's own)
+             "--stage2-lr is for training"),
+            (blsp_kd.main, ["--ckpt", str(tmp_path), "--eval", tiny["valid"], "--init", str(tmp_path)],
+             "--init is for training"),
             (blsp_kd.main, ["--lora-r", "8", "--steps", "1"], "--lora-r is for stage 2 (stage 1 has no LoRA)"),
             (slm.main, ["--prompt", "chat"], "--prompt is for the causal LLMs' prompt formats"),
             (blsp.main, ["--schedule", "constant", "--min-lr-ratio", "0.1"], "--schedule constant does not decay"),
