@@ -236,7 +236,7 @@ def main(argv=None):
     for it in continuation_data(llm, tok, todo, args, args.out, "valid", [args.resume]):
         it["continuation"] = it["continuation_llm"]
     continuations = [it["continuation_llm"] for it in train_items]
-    for it, ids in zip(train_items, common.cached_ids(tok, continuations, args.out, "train")):
+    for it, ids in zip(train_items, common.cached_ids(tok, continuations, args.out, "train", reuse_dirs=[args.resume])):
         it["continuation_ids"] = ids
 
     # step 2: behaviour alignment; only the adapter trains

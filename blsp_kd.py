@@ -217,8 +217,8 @@ def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dirs=()):
     conts, ended = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
                                          args.continuation_tokens, out_dir, tag, True, reuse_dirs)
     eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn
-    for it, t, ids, e in zip(items, common.cached_ids(tok, transcripts, out_dir, tag, as_input=True),
-                             common.cached_ids(tok, conts, out_dir, tag), ended):
+    ids_of = lambda texts, **kw: common.cached_ids(tok, texts, out_dir, tag, reuse_dirs=reuse_dirs, **kw)
+    for it, t, ids, e in zip(items, ids_of(transcripts, as_input=True), ids_of(conts), ended):
         it["transcript_ids"] = t
         natural = e if e is not None else len(ids) < args.continuation_tokens   # (a cache without it)
         if natural:                                     # [+ end]: generation ended

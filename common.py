@@ -926,34 +926,28 @@ def each_ids(tok, texts, as_input=False, chunk=1024):
                        return_attention_mask=False).input_ids
 
 
-def cached_ids(tok, texts, out_dir, tag, as_input=False):
+def cached_ids(tok, texts, out_dir, tag, as_input=False, reuse_dirs=()):
     """[data.compact ids of each text] (each_ids), kept in out_dir/ids-TAG-KEY.bin, KEY naming the
     tokenizer and the texts: a resumed run reads them, where tokenizing every transcript and
     continuation again took 125 us a line (some 20 minutes a process at 10M lines on 2 cores).
-    Process 0 writes it (the file: n, n lengths as int64, the ids as int32), where it can."""
+    One of the same KEY under another tag or in reuse_dirs (a run resumed into another --out,
+    BLSP-KD's --init run) is read too, and copied. Process 0 writes (the file: n, n lengths as
+    int64, the ids as int32), where it can."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:                         # (a slow tokenizer: nothing to name it by)
         return [data.compact(ids) for ids in each_ids(tok, texts, as_input)]
     h = hashlib.sha1(json.dumps([backend.to_str(), as_input, space_before(tok) if as_input else ""]).encode())
     for t in texts:
         h.update(t.encode() + b"\0")
-    path = os.path.join(out_dir, f"ids-{tag}-{h.hexdigest()[:10]}.bin")
-    try:
-        with open(path, "rb") as f:
-            n = int(np.fromfile(f, np.int64, 1)[0])
-            lens, flat = np.fromfile(f, np.int64, n), memoryview(f.read())
-        if n == len(texts) and 4 * int(lens.sum()) == len(flat):
-            out, at = [], 0
-            for k in lens.tolist():
-                a = array.array("i")
-                a.frombytes(flat[4 * at:4 * (at + k)])
-                out.append(a)
-                at += k
-            return out
-    except (OSError, ValueError, IndexError):   # (none yet, or cut short: made again)
-        pass
-    out = [data.compact(ids) for ids in each_ids(tok, texts, as_input)]
-    if os.environ.get("RANK", "0") == "0" and os.access(out_dir, os.W_OK | os.X_OK):
+    key = h.hexdigest()[:10]
+    path = os.path.join(out_dir, f"ids-{tag}-{key}.bin")
+    found = [path] + [f for d in dict.fromkeys(x for x in [out_dir, *reuse_dirs] if x)
+                      for f in sorted(glob.glob(os.path.join(glob.escape(d), f"ids-*-{key}.bin")))]
+    out = next((ids for f in found if (ids := read_ids(f, len(texts))) is not None), None)
+    if out is None:
+        out = [data.compact(ids) for ids in each_ids(tok, texts, as_input)]
+    if os.environ.get("RANK", "0") == "0" and os.access(out_dir, os.W_OK | os.X_OK) and \
+            read_ids(path, len(texts), check_only=True) is None:
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             np.array([len(out)], np.int64).tofile(f)
@@ -961,6 +955,32 @@ def cached_ids(tok, texts, out_dir, tag, as_input=False):
             for a in out:
                 a.tofile(f)
         os.replace(tmp, path)
+    return out
+
+
+def read_ids(path, n, check_only=False):
+    """cached_ids' file -> its n id arrays (check_only: True), or None if it is not there or not
+    whole (cut short)."""
+    try:
+        with open(path, "rb") as f:
+            head = np.fromfile(f, np.int64, 1)
+            if len(head) != 1 or int(head[0]) != n:
+                return None
+            lens = np.fromfile(f, np.int64, n)
+            if check_only:
+                return True if len(lens) == n and 4 * int(lens.sum()) == os.path.getsize(path) - 8 * (n + 1) \
+                    else None
+            flat = memoryview(f.read())
+    except OSError:
+        return None
+    if len(lens) != n or 4 * int(lens.sum()) != len(flat):
+        return None
+    out, at = [], 0
+    for k in lens.tolist():
+        a = array.array("i")
+        a.frombytes(flat[4 * at:4 * (at + k)])
+        out.append(a)
+        at += k
     return out
 
 

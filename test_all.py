@@ -3889,6 +3889,10 @@ def test_cached_ids_are_each_ids_read_back_by_a_resumed_run(tiny, tmp_path, monk
     each = common.each_ids
     monkeypatch.setattr(common, "each_ids", lambda *a, **k: (_ for _ in ()).throw(AssertionError("tokenized")))
     assert [list(a) for a in common.cached_ids(tok, texts, str(tmp_path), "train")] == want
+    os.makedirs(tmp_path / "b")                     # --resume A --out B (and --init): read, and copied
+    assert [list(a) for a in common.cached_ids(tok, texts, str(tmp_path / "b"), "valid",
+                                               reuse_dirs=[None, str(tmp_path)])] == want
+    assert len(glob.glob(str(tmp_path / "b" / "ids-valid-*.bin"))) == 1
     monkeypatch.setattr(common, "each_ids", each)
     as_input = common.cached_ids(tok, texts, str(tmp_path), "train", as_input=True)
     assert [list(a) for a in as_input] == [list(i) for i in common.each_ids(tok, texts, as_input=True)]
