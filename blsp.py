@@ -210,7 +210,7 @@ def infer(args, device):
                 llm, tok, items, args, device, lambda b: speech_vectors(encoder, adapter, b),
                 CONTINUE_INSTRUCTION, args.instruction or data.REPEAT_INSTRUCTIONS[0])
         res["alignment_gap"] = res["loss_speech"] - res["loss_text"]
-        print(json.dumps(res, indent=1))
+        print(json.dumps(common.json_safe(res), indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def main(argv=None):
         adapter.eval()
         common.show_sample(llm, tok, valid_items, args, device, lambda b: speech_vectors(encoder, adapter, b),
                            CONTINUE_INSTRUCTION)
-        print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))
+        print("final: " + json.dumps(common.json_safe({k: v for k, v in res.items() if k != "repeat_example"})))
 
 
 if __name__ == "__main__":

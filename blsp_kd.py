@@ -408,7 +408,7 @@ def infer(args, device):
         continuation_data(llm, tok, items, args, args.ckpt, "eval")
         for it in items:
             it.setdefault("continuation", common.answer_text(tok, it["response_ids"]))
-        print(json.dumps(evaluate(encoder, cformer, llm, tok, ctx, items, args, device), indent=1))
+        print(json.dumps(common.json_safe(evaluate(encoder, cformer, llm, tok, ctx, items, args, device)), indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +484,7 @@ def main(argv=None):
         module.eval()
         common.show_sample(llm, tok, valid_items, args, device, lambda b: speech_vectors(encoder, cformer, b)[0],
                            CONTINUE_INSTRUCTION, lora=ctx)
-        print("final: " + json.dumps({k: v for k, v in res.items() if k != "repeat_example"}))
+        print("final: " + json.dumps(common.json_safe({k: v for k, v in res.items() if k != "repeat_example"})))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import time
 import unicodedata
 import warnings
 import weakref
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -931,8 +932,8 @@ def cached_ids(tok, texts, out_dir, tag, as_input=False, reuse_dirs=()):
     tokenizer and the texts: a resumed run reads them, where tokenizing every transcript and
     continuation again took 125 us a line (some 20 minutes a process at 10M lines on 2 cores).
     One of the same KEY under another tag or in reuse_dirs (a run resumed into another --out,
-    BLSP-KD's --init run) is read too, and copied. Process 0 writes (the file: n, n lengths as
-    int64, the ids as int32), where it can."""
+    BLSP-KD's --init run) is read too, and copied. Process 0 writes (the file: n and the CRC-32 of
+    the rest as int64, n lengths as int64, the ids as int32), where it can."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:                         # (a slow tokenizer: nothing to name it by)
         return [data.compact(ids) for ids in each_ids(tok, texts, as_input)]
@@ -943,38 +944,40 @@ def cached_ids(tok, texts, out_dir, tag, as_input=False, reuse_dirs=()):
     path = os.path.join(out_dir, f"ids-{tag}-{key}.bin")
     found = [path] + [f for d in dict.fromkeys(x for x in [out_dir, *reuse_dirs] if x)
                       for f in sorted(glob.glob(os.path.join(glob.escape(d), f"ids-*-{key}.bin")))]
-    out = next((ids for f in found if (ids := read_ids(f, len(texts))) is not None), None)
+    src, out = next(((f, ids) for f in found if (ids := read_ids(f, len(texts))) is not None), (None, None))
     if out is None:
         out = [data.compact(ids) for ids in each_ids(tok, texts, as_input)]
-    if os.environ.get("RANK", "0") == "0" and os.access(out_dir, os.W_OK | os.X_OK) and \
-            read_ids(path, len(texts), check_only=True) is None:
+    if src != path and os.environ.get("RANK", "0") == "0" and os.access(out_dir, os.W_OK | os.X_OK):
         tmp = f"{path}.tmp{os.getpid()}"
+        lens = np.fromiter(map(len, out), np.int64, len(out)).tobytes()
+        crc = zlib.crc32(lens)
+        for a in out:
+            crc = zlib.crc32(a, crc)
         with open(tmp, "wb") as f:
-            np.array([len(out)], np.int64).tofile(f)
-            np.fromiter(map(len, out), np.int64, len(out)).tofile(f)
+            np.array([len(out), crc], np.int64).tofile(f)
+            f.write(lens)
             for a in out:
                 a.tofile(f)
+        synced(tmp)
         os.replace(tmp, path)
     return out
 
 
-def read_ids(path, n, check_only=False):
-    """cached_ids' file -> its n id arrays (check_only: True), or None if it is not there or not
-    whole (cut short)."""
+def read_ids(path, n):
+    """cached_ids' file -> its n id arrays, or None if it is not there or not whole (cut short, or
+    changed: its CRC-32)."""
     try:
         with open(path, "rb") as f:
-            head = np.fromfile(f, np.int64, 1)
-            if len(head) != 1 or int(head[0]) != n:
+            head = np.fromfile(f, np.int64, 2)
+            if len(head) != 2 or int(head[0]) != n:
                 return None
-            lens = np.fromfile(f, np.int64, n)
-            if check_only:
-                return True if len(lens) == n and 4 * int(lens.sum()) == os.path.getsize(path) - 8 * (n + 1) \
-                    else None
-            flat = memoryview(f.read())
+            rest = f.read()
     except OSError:
         return None
-    if len(lens) != n or 4 * int(lens.sum()) != len(flat):
+    lens = np.frombuffer(rest, np.int64, n) if len(rest) >= 8 * n else None
+    if lens is None or 4 * int(lens.sum()) != len(rest) - 8 * n or zlib.crc32(rest) != int(head[1]):
         return None
+    flat = memoryview(rest)[8 * n:]
     out, at = [], 0
     for k in lens.tolist():
         a = array.array("i")
@@ -1822,14 +1825,14 @@ def set_rng_state(rng, device):
         torch.cuda.set_rng_state(state, device)
 
 
-def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None, keep_others=False):
+def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None, keep=None):
     """Write ckpt-STEP/ through a temporary folder and a rename, then point `latest` at it (a step
     saved again goes to ckpt-STEP.1: the folder `latest` names is never deleted before it moves).
     The rename, `latest` and the clean-up hold a lock on the run directory: two processes saving
     alone at once (each met bad data) would otherwise each delete the other's folder. Its files are
     on disk (fsync) before the renames, so that a power cut leaves the old checkpoint or the new one.
-    rng: the RNG states to resume with (default: this process's). keep_others: the earlier
-    checkpoints stay (a stop on a non-finite step keeps the one before the trouble)."""
+    rng: the RNG states to resume with (default: this process's). keep: an earlier checkpoint that
+    stays (a stop on a non-finite step keeps the one from before the trouble)."""
     from safetensors.torch import save_file
     tmp = os.path.join(out, f"ckpt-{step}.tmp{os.getpid()}")     # (this process's own)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1851,8 +1854,8 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None, ke
         synced(latest)
         os.replace(latest, os.path.join(out, "latest"))
         synced(out)                                     # (the renames)
-        for d in os.listdir(out) if not keep_others else ():    # keep only the latest checkpoint
-            if d.startswith("ckpt-") and d != os.path.basename(final) and ".tmp" not in d:
+        for d in os.listdir(out):                       # keep only the latest checkpoint (and keep)
+            if d.startswith("ckpt-") and d not in (os.path.basename(final), keep) and ".tmp" not in d:
                 shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     return final
 
@@ -1870,6 +1873,12 @@ def synced(path):
         pass
     finally:
         os.close(fd)
+
+
+def checkpoints(run_dir):
+    """The run's ckpt-STEP folders (not a save's temporary one), oldest first."""
+    names = [d for d in os.listdir(run_dir) if re.fullmatch(r"ckpt-\d+(\.1)?", d)] if os.path.isdir(run_dir) else []
+    return sorted(names, key=lambda d: (int(d[5:].split(".")[0]), d))
 
 
 @contextlib.contextmanager
@@ -2155,7 +2164,13 @@ class Logger:
     def __call__(self, **row):
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(json_safe(row)) + "\n")
+
+
+def json_safe(res):
+    """A dict of figures with each non-finite float as None: JSON has no NaN (json.dumps would
+    write one, which strict parsers refuse)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in res.items()}
 
 
 def resume_state(args, module, opt, meta, device, rank, world):
@@ -2294,7 +2309,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     # throughput counters: validation is left out of the rates, waiting for data is not (data_wait);
     # a log line's rates are those since the line before (mark), the closing line's the whole run's
     last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0, data_s=0.0, valid_s=0.0)
-    mark = mark_0 = dict(seen, t=t0)
+    mark = mark_0 = said = dict(seen, t=t0)        # (said: the last plain line printed)
 
     def since(mark):
         """The counters since mark, and the training time since (validation left out)."""
@@ -2321,35 +2336,40 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             return
         where = f"one of steps {first} to {step}" if first < step else f"step {step}" + (
             "" if fused else f" (loss {loss_val}, gradient norm {float(gnorm)})")
-        before = latest_name(out) if saved_at != step else None
-        if saved_at != step:                    # (a stop mid-step: the step before it), keeping the
-            checkpoint(start, keep_before=True)     # one before the trouble
+        # the oldest checkpoint is kept beside this one: from before the trouble (also when it
+        # comes again after a resume, as a diverged run's does)
+        before = (checkpoints(out) or [None])[0] if saved_at != step else None
+        if saved_at != step:                    # (a stop mid-step: the step before it)
+            checkpoint(start, keep=before)
         if world > 1:           # the others wait for process 0's checkpoint: torchrun stops the
             torch.distributed.barrier()     # whole group when one process exits
         raise UserError(f"non-finite loss or gradients in {where}: its update was skipped; stopped with "
                         f"step {step} saved: --resume {resume_dir or out} goes on after that batch (if it "
                         f"comes back: a lower --lr, or look at the data)" + (
                             f"; the checkpoint before, {before}, is kept too (to go back to it, write "
-                            f"{before} into {os.path.join(out, 'latest')})" if before else ""))
+                            f"{before} into {os.path.join(out, 'latest')})" if before else "") + (
+                            "; it came in the first step after the resume: the saved weights may be what "
+                            "diverged (then go back, or start again, with a lower --lr)"
+                            if args.resume and first == step0 + 1 else ""))
 
     def skipped():
         """(Fused) what an error says where a step since the last check was non-finite."""
         return f" (a non-finite step after step {checked} had its update skipped)" if fused and \
             float(nonfinite) > 0 else ""
 
-    def checkpoint(at=None, alone=False, keep_before=False):
+    def checkpoint(at=None, alone=False, keep=None):
         """alone: this process saves by itself while the others wait in an all_reduce (they all
         hold the same weights and optimizer state), with its own RNG only. A Ctrl-C or SIGTERM
         while it is written waits until it is whole (a second Ctrl-C, a scheduler's second signal).
-        keep_before: the checkpoint before is not deleted."""
+        keep: a checkpoint of the run's not to delete."""
         nonlocal updating
         was_updating, updating = updating, True
         try:
-            save(at, alone, keep_before)
+            save(at, alone, keep)
         finally:
             updating = was_updating
 
-    def save(at, alone, keep_before=False):
+    def save(at, alone, keep=None):
         nonlocal saved_at, last_save
         e, b, r = at or (epoch, batch_pos, rng_state())
         r = dict(r, position=(e, b))            # each process's own data position: with --skip-bad
@@ -2360,7 +2380,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             torch.distributed.all_gather_object(rngs, r)
             r = rngs
         if rank == 0 or alone:
-            save_checkpoint(out, module, opt, step, e, b, meta, r, keep_others=keep_before)
+            save_checkpoint(out, module, opt, step, e, b, meta, r, keep=keep)
         saved_at, last_save = step, time.time()
 
     def validate():
@@ -2480,10 +2500,11 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 log(**row)
                 mark = dict(seen, t=time.time())
                 if rank == 0 and not interactive and (time.time() - said_at >= 10 or step == args.steps):
-                    said_at = time.time()
+                    new, dt = since(said)           # (its rates: since the line it printed before)
+                    said, said_at = dict(seen, t=time.time()), time.time()
                     print(f"step {step}/{args.steps}: loss {loss_val:.4f}, lr {row['lr']:.2e}, "
-                          f"{row['samples_per_s']:.1f} samples/s, {row['tokens_per_s']:.0f} tokens/s"
-                          + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "")
+                          f"{new['samples'] * world / dt:.1f} samples/s, {new['tokens'] * world / dt:.0f} tokens/s"
+                          + (f", MFU {new['flops'] / dt / peak_fl:.1%}" if "mfu" in row else "")
                           + (f", peak {peak:.1f} GiB" if "peak_mem_gib" in row else "")
                           + f", {(args.steps - step) * since(mark_0)[1] / (step - step0) / 60:.1f} min to go",
                           flush=True)
@@ -2583,6 +2604,10 @@ def run_valid(valid_fn, step, log, rank, bar, device):
     finally:
         set_rng_state(state, device)
     log(split="valid", step=step, **res)
+    bad = [k for k, v in res.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        warn_once(("valid", tuple(bad)), f"valid @{step}: {', '.join(bad)} not finite (null in metrics.jsonl): "
+                                          f"a validation clip the model cannot read? (look at the manifest)")
     msg = "valid @%d: " % step + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in res.items())
     (bar.write if bar else print)(msg)

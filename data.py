@@ -126,6 +126,8 @@ def load_audio(path, where=None, max_samples=None):
         raise DataError(f"{name}: empty audio{at}")
     if not torch.isfinite(wave).all():
         raise DataError(f"{name}: non-finite samples{at}")
+    if (peak := float(wave.abs().max())) > 1e6:      # (x^2 in the spectrogram would overflow fp32)
+        raise DataError(f"{name}: samples reach {peak:.3g}: not audio (files read in [-1, 1]){at}")
     if sr != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sr, SAMPLE_RATE)
     if (problem := clip_problem(len(wave), max_samples)):

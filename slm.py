@@ -372,7 +372,7 @@ def infer(args, device):
                                    f"(needed for --task {args.task})")
         res = evaluate(encoder, adapter, llm, tok, items, args, device, [args.task],
                        args.tasks.split(","), args.instruction)
-        print(json.dumps(res, indent=1))
+        print(json.dumps(common.json_safe(res), indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +433,7 @@ def main(argv=None):
                                                    "stack", "width", "layers", "heads", "ffn", "order"))
     if rank == 0:
         show_sample(encoder, adapter, llm, tok, valid_items, args, device, tasks)
-        print("final: " + json.dumps(res))
+        print("final: " + json.dumps(common.json_safe(res)))
 
 
 def show_sample(encoder, adapter, llm, tok, items, args, device, tasks):

@@ -655,7 +655,7 @@ def infer(args, device):
         report(res)
         if last == "2":                         # the fine-tuned LLM reading the SSR vectors
             res.update(llm_eval(m, items, args, device, args.instruction))
-        print(json.dumps(res, indent=1))
+        print(json.dumps(common.json_safe(res), indent=1))
 
 
 def last_stage(run_dir):
@@ -689,7 +689,8 @@ def main(argv=None):
         raise common.UserError("SSR needs a fast tokenizer (its offset mapping)")
     res = run_stages(args, build(args, encoder, llm, tok, device), device, rank, world)
     if rank == 0 and res:
-        print("final: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
+        print("final: " + json.dumps(common.json_safe({k: round(v, 4) if isinstance(v, float) else v
+                                                        for k, v in res.items()})))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Fixtures: tiny models saved to disk, loaded back through the user's --llm / --encoder path
 
 
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def read(path):
     with open(path) as f:
         return f.read()
@@ -2300,6 +2305,12 @@ def test_nan_loss_skips_its_update_then_stops_saved(tiny, tmp_path):
                                                rf"write ckpt-2 into {tmp_path / 'every2' / 'latest'}\)$"):
         common.train(toy_args(tmp_path / "every2", save_every=2), m, bad, items, cpu(), method="toy")
     assert sorted(d for d in os.listdir(tmp_path / "every2") if d.startswith("ckpt-")) == ["ckpt-2", "ckpt-3"]
+    nan_at_once = lambda batch: (lambda l, n, lg: (l * float("nan"), n, lg))(*step(batch))   # (a diverged run:
+    with pytest.raises(common.UserError, match=r"in step 4 .*the checkpoint before, ckpt-2, is kept too .*"  # again)
+                                               r"; it came in the first step after the resume: the saved weights"):
+        common.train(toy_args(tmp_path / "every2", save_every=2, resume=str(tmp_path / "every2")), m, nan_at_once,
+                     items, cpu(), method="toy")
+    assert sorted(d for d in os.listdir(tmp_path / "every2") if d.startswith("ckpt-")) == ["ckpt-2", "ckpt-4"]
 
 
 def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tmp_path, monkeypatch):
@@ -2374,6 +2385,44 @@ def test_log_lines_rates_are_those_since_the_line_before(tiny, tmp_path, capsys)
     assert 9 < rows[1]["samples_per_s"] < 13.5                # (the run's mean: about 26/s)
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert 13.5 < float(closing.split(" samples/s")[0].split()[-1]) < 27
+
+
+def test_a_plain_log_lines_rates_are_those_since_the_line_it_printed_before(tiny, tmp_path, capsys):
+    """Without a terminal, a plain line is printed at most every 10 s: its rates cover the steps
+    since the line before it (they were the last --log-every interval's only)."""
+    items, m, calls = data.read_manifest(tiny["train"]), Toy(), []
+    step = toy_step(m)
+    slow_step_6 = lambda batch: (calls.append(1), len(calls) == 6 and time.sleep(0.5), step(batch))[2]
+    common.train(toy_args(tmp_path, log_every=1), m, slow_step_6, items, cpu(), method="toy")
+    rows = [json.loads(x) for x in read(tmp_path / "metrics.jsonl").splitlines()]
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert [l.split(":")[0] for l in lines] == ["step 1/6", "step 6/6"]
+    printed = float(lines[-1].split(" samples/s")[0].split()[-1])
+    assert rows[-1]["samples_per_s"] < 9 and printed > 25            # 4 in 0.5 s; 20 in about 0.5 s
+
+
+def test_a_non_finite_validation_figure_is_null_in_the_metrics_and_said(tiny, tmp_path, capsys):
+    """A validation figure that is NaN (an odd validation clip) was written as NaN, which strict
+    JSON parsers refuse: it is null, and said once on stderr."""
+    items, m = data.read_manifest(tiny["train"]), Toy()
+    common.train(toy_args(tmp_path, steps=2), m, toy_step(m), items, cpu(), method="toy",
+                 valid_fn=lambda step: dict(loss_speech=float("nan"), acc=0.5))
+    strict = lambda line: json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+    valid = [r for r in map(strict, read(tmp_path / "metrics.jsonl").splitlines()) if r.get("split") == "valid"]
+    assert valid == [dict(split="valid", step=2, loss_speech=None, acc=0.5)]
+    assert "valid @2: loss_speech not finite (null in metrics.jsonl)" in capsys.readouterr().err
+    assert common.json_safe(dict(a=float("inf"), b=1.0, c="x")) == dict(a=None, b=1.0, c="x")
+
+
+def test_audio_of_absurd_sample_values_is_named(tmp_path):
+    """Finite samples of 3e38 (a broken float WAV) passed the loader and made the spectrogram, and
+    the loss, NaN (a validation's silently: its mean)."""
+    import soundfile as sf
+    sf.write(tmp_path / "loud.wav", np.full(16000, 3e38, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(data.DataError, match=r"m.jsonl:3: samples reach 3e\+38: not audio"):
+        data.load_audio(str(tmp_path / "loud.wav"), where="m.jsonl:3")
+    sf.write(tmp_path / "int16_scale.wav", np.full(16000, 3e4, np.float32), 16000, subtype="FLOAT")
+    assert data.load_audio(str(tmp_path / "int16_scale.wav")).abs().max() == 3e4      # (kept: Whisper copes)
 
 
 def test_a_checkpoint_is_on_disk_before_it_is_named(tmp_path, monkeypatch):
@@ -3901,6 +3950,13 @@ def test_cached_ids_are_each_ids_read_back_by_a_resumed_run(tiny, tmp_path, monk
     with open(path, "r+b") as f:                               # cut short (a full disk, say)
         f.truncate(os.path.getsize(path) - 4)
     assert [list(a) for a in common.cached_ids(tok, texts, str(tmp_path), "train")] == want
+    raw = bytearray(read_bytes(path))                          # changed, its length kept: the CRC
+    raw[-4:], raw[-8:-4] = raw[-8:-4], raw[-4:]                # (two ids swapped: it was read as it was)
+    with open(path, "wb") as f:
+        f.write(raw)
+    assert common.read_ids(path, len(texts)) is None
+    assert [list(a) for a in common.cached_ids(tok, texts, str(tmp_path), "train")] == want
+    assert common.read_ids(path, len(texts)) is not None       # (written again)
     os.remove(path)
     monkeypatch.setenv("RANK", "1")
     assert [list(a) for a in common.cached_ids(tok, texts, str(tmp_path), "train")] == want
