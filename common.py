@@ -302,6 +302,10 @@ def resume_config(args, method=None, adds_to=None):
     changed, taken = [], set()
     for f in dataclasses.fields(args):
         k = f.name
+        v = getattr(args, k)
+        if isinstance(v, str) and isinstance(was.get(k), str) and v != was[k] and \
+                os.path.normpath(v) == os.path.normpath(was[k]):
+            setattr(args, k, was[k])        # the same path written otherwise (a trailing /): the run's
         if f.metadata.get("start_only") and given(args, k) and getattr(args, k) != was.get(k):
             raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: for a run that starts (the run's: "
                             f"{was.get(k)}); --resume {run_dir} goes on from its own checkpoint")
@@ -1975,7 +1979,7 @@ def run_config(run_dir, method, args=None, flag=None, fixed=(), free=()):
             cfg[k] = getattr(args, k)
     for k in ("llm", "encoder") if args is not None else ():
         if given(args, k):
-            if getattr(args, k) != cfg.get(k):
+            if os.path.normpath(getattr(args, k) or ".") != os.path.normpath(cfg.get(k) or "."):
                 print(f"{flag}: --{k} {getattr(args, k)} in place of the run's "
                       f"{cfg.get(k) or 'built-in default'}", file=sys.stderr)
             cfg[k] = getattr(args, k)

@@ -3230,6 +3230,8 @@ def test_a_run_whose_models_moved(tiny, tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit) as e:
             blsp.main(run + ["--llm", str(tmp_path / "llm"), "--resume", str(out), "--steps", "3"] + extra)
         assert e.value.code == 2 and f"--resume {out}: {msg}" in capsys.readouterr().err
+    blsp.main(run + ["--llm", str(tmp_path / "llm") + "/", "--resume", str(out), "--steps", "3"])   # a shell's
+    assert "--llm" not in capsys.readouterr().err                          # completion's "/": the same folder
     os.rename(tmp_path / "llm", tmp_path / "moved")
     ask = ["--ckpt", str(out), "--eval", tiny["valid"], "--max-valid", "2", "--max-new-tokens", "2"]
     with pytest.raises(SystemExit) as e:
