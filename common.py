@@ -260,6 +260,8 @@ def parse_args(cls, argv=None, method=None, **defaults):
     return args
 
 
+# the flags that name a folder or file: the same one spelled otherwise (a trailing /) is the run's
+FOLDERS_AND_FILES = ("llm", "encoder", "init", "train", "valid")
 # what --ckpt's --infer and --eval do not use (given with --ckpt: an error, not ignored)
 TRAINING_ONLY = ("train", "valid", "out", "resume", "steps", "grad_accum", "lr", "min_lr_ratio", "weight_decay",
                  "betas", "warmup", "schedule", "clip", "compile", "grad_ckpt", "log_every", "eval_every",
@@ -303,7 +305,7 @@ def resume_config(args, method=None, adds_to=None):
     for f in dataclasses.fields(args):
         k = f.name
         v = getattr(args, k)
-        if isinstance(v, str) and isinstance(was.get(k), str) and v != was[k] and \
+        if k in FOLDERS_AND_FILES and isinstance(v, str) and isinstance(was.get(k), str) and v != was[k] and \
                 os.path.normpath(v) == os.path.normpath(was[k]):
             setattr(args, k, was[k])        # the same path written otherwise (a trailing /): the run's
         if f.metadata.get("start_only") and given(args, k) and getattr(args, k) != was.get(k):
