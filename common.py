@@ -948,8 +948,8 @@ def cached_ids(tok, texts, out_dir, tag, as_input=False, reuse_dirs=()):
         h.update(t.encode() + b"\0")
     key = h.hexdigest()[:10]
     path = os.path.join(out_dir, f"ids-{tag}-{key}.bin")
-    found = [path] + [f for d in dict.fromkeys(x for x in [out_dir, *reuse_dirs] if x)
-                      for f in sorted(glob.glob(os.path.join(glob.escape(d), f"ids-*-{key}.bin")))]
+    found = dict.fromkeys([path] + [f for d in dict.fromkeys(x for x in [out_dir, *reuse_dirs] if x)
+                                    for f in sorted(glob.glob(os.path.join(glob.escape(d), f"ids-*-{key}.bin")))])
     src, out = next(((f, ids) for f in found if (ids := read_ids(f, len(texts))) is not None), (None, None))
     if out is None:
         out = [data.compact(ids) for ids in each_ids(tok, texts, as_input)]
@@ -2356,7 +2356,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                             f"{before} into {os.path.join(out, 'latest')})" if before else "") + (
                             "; it came in the first step after the resume: the saved weights may be what "
                             "diverged (then go back, or start again, with a lower --lr)"
-                            if args.resume and first == step0 + 1 else ""))
+                            if args.resume and first == step == step0 + 1 else ""))   # (fused: a range)
 
     def skipped():
         """(Fused) what an error says where a step since the last check was non-finite."""

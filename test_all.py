@@ -2343,6 +2343,19 @@ def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tm
             common.train(toy_args(tmp_path / "fused", steps=8, log_every=5, schedule="constant"), m,
                          nan_in_step_3(m), items, cpu(), method="toy")
     assert read(tmp_path / "fused" / "latest").strip() == "ckpt-5"
+    with pytest.raises(common.UserError, match=r"in one of steps 6 to 8: ") as e:   # after a resume: a range,
+        with monkeypatch.context() as mp:                                          # not "the first step"
+            mp.setattr(common, "make_optimizer", fused)
+            common.train(toy_args(tmp_path / "fused", steps=8, log_every=5, schedule="constant",
+                                  resume=str(tmp_path / "fused")), m, nan_in_step_3(m), items, cpu(), method="toy")
+    assert "first step after the resume" not in str(e.value)
+    shutil.rmtree(tmp_path / "fused")
+    m = Toy()
+    with pytest.raises(common.UserError):
+        with monkeypatch.context() as mp:
+            mp.setattr(common, "make_optimizer", fused)
+            common.train(toy_args(tmp_path / "fused", steps=8, log_every=5, schedule="constant"), m,
+                         nan_in_step_3(m), items, cpu(), method="toy")
     m2 = Toy()
     with pytest.raises(common.UserError, match="in step 3 "):
         common.train(toy_args(tmp_path / "cpu", steps=8, log_every=5, schedule="constant"), m2, nan_in_step_3(m2),
