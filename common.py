@@ -29,6 +29,7 @@ import importlib
 import inspect
 import json
 import math
+import mmap
 import os
 import random
 import re
@@ -971,26 +972,27 @@ def cached_ids(tok, texts, out_dir, tag, as_input=False, reuse_dirs=()):
 
 def read_ids(path, n):
     """cached_ids' file -> its n id arrays, or None if it is not there or not whole (cut short, or
-    changed: its CRC-32)."""
+    changed: its CRC-32). Read through mmap: the page cache, which the processes of a node share,
+    holds the file, not each process (2 GB at 10M lines)."""
     try:
-        with open(path, "rb") as f:
-            head = np.fromfile(f, np.int64, 2)
-            if len(head) != 2 or int(head[0]) != n:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, \
+                memoryview(mm) as view:
+            if len(view) < 16 + 8 * n or np.frombuffer(view, np.int64, 1)[0] != n:
                 return None
-            rest = f.read()
-    except OSError:
+            crc = int(np.frombuffer(view, np.int64, 1, 8)[0])
+            lens = np.frombuffer(view, np.int64, n, 16).tolist()
+            at = 16 + 8 * n
+            if 4 * sum(lens) != len(view) - at or zlib.crc32(view[16:]) != crc:
+                return None
+            out = []
+            for k in lens:
+                a = array.array("i")
+                a.frombytes(view[at:at + 4 * k])
+                out.append(a)
+                at += 4 * k
+            return out
+    except (OSError, ValueError):               # (ValueError: an empty file, which mmap refuses)
         return None
-    lens = np.frombuffer(rest, np.int64, n) if len(rest) >= 8 * n else None
-    if lens is None or 4 * int(lens.sum()) != len(rest) - 8 * n or zlib.crc32(rest) != int(head[1]):
-        return None
-    flat = memoryview(rest)[8 * n:]
-    out, at = [], 0
-    for k in lens.tolist():
-        a = array.array("i")
-        a.frombytes(flat[4 * at:4 * (at + k)])
-        out.append(a)
-        at += k
-    return out
 
 
 # ============================================================================================
