@@ -2160,7 +2160,7 @@ class Logger:
                             row = json.loads(line)
                             if row.get("step", 0) < step or row.get("step", 0) == step and not (
                                     finished and row.get("split") == "valid"):
-                                keep.append(line)
+                                keep.append(json.dumps(json_safe(row)) + "\n")     # (an older NaN: null)
                                 if row.get("split") == "valid":
                                     self.validated.add(row.get("step"))
                         except json.JSONDecodeError:
@@ -2331,7 +2331,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     start = None   # (epoch, batch position, RNG) at the start of the current step
 
     fused = all(g.get("fused") for g in opt.param_groups)      # CUDA (as resumed: groups keep it)
-    nonfinite, checked, loss_val, gnorm = torch.zeros((), device=device), step, None, None
+    nonfinite, checked, loss_val, gnorm, clips = torch.zeros((), device=device), step, None, None, []
 
     def check_finite():
         """Were any of the steps since the last check non-finite? Their updates were skipped (fused
@@ -2343,7 +2343,9 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         if float(nonfinite) == 0:
             return
         where = f"one of steps {first} to {step}" if first < step else f"step {step}" + (
-            "" if fused else f" (loss {loss_val}, gradient norm {float(gnorm)})")
+            "" if fused else f" (loss {loss_val}, gradient norm {float(gnorm)}; its clips" +
+            (f" in process {rank}" if world > 1 else "") + f": {', '.join(clips[:4])}" +
+            (f" and {len(clips) - 4} more" if len(clips) > 4 else "") + ")")
         # the oldest checkpoint is kept beside this one: from before the trouble (also when it
         # comes again after a resume, as a diverged run's does)
         before = (checkpoints(out) or [None])[0] if saved_at != step else None
@@ -2431,11 +2433,12 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
             start = (epoch, batch_pos, rng_state())
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args) * g["lr_scale"]
-            loss_sum, units, logs = torch.zeros((), device=device), 0, {}
+            loss_sum, units, logs, clips = torch.zeros((), device=device), 0, {}, []
             for _ in range(args.grad_accum):
                 t_data = time.time()
                 batch = to_device(next(it), device)
                 seen["data_s"] += time.time() - t_data
+                clips += [w for w in batch.get("where") or [] if w]      # (named by a non-finite stop)
                 with autocast(device):
                     loss, n, lg = step_fn(batch)
                 loss.backward()

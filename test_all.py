@@ -2051,7 +2051,8 @@ def test_non_finite_gradients_skip_the_update_and_stop_saved(tiny, tmp_path):
             loss = loss + (m.lin.weight.sum() * 0).abs().sqrt()
         return loss, n, logs
     with pytest.raises(common.UserError, match=r"non-finite loss or gradients in step 3 \(loss [0-9.]+, gradient "
-                       rf"norm nan\): its update was skipped; stopped with step 3 saved: --resume {tmp_path / 'run'} "
+                       rf"norm nan; its clips: [^)]*\): its update was skipped; stopped with step 3 saved: --resume "
+                       rf"{tmp_path / 'run'} "
                        r"goes on after that batch"):
         common.train(toy_args(tmp_path / "run", clip=0.0), m, nan_gradient_in_step_3, items, cpu(), method="toy")
     ck = common.find_checkpoint(str(tmp_path / "run"))
@@ -2294,7 +2295,9 @@ def test_nan_loss_skips_its_update_then_stops_saved(tiny, tmp_path):
         loss, n, lg = step(batch)
         return (loss * float("nan") if len(calls) == 3 else loss), n, lg
     with pytest.raises(common.UserError, match=r"non-finite loss or gradients in step 3 \(loss nan, gradient norm "
-                                               r"nan\): its update was skipped; stopped with step 3 saved"):
+                                               r"nan; its clips: .*train.jsonl:\d+, .*train.jsonl:\d+, .*train.jsonl:"
+                                               r"\d+, .*train.jsonl:\d+\): its update was skipped; stopped with step 3 "
+                                               r"saved"):
         common.train(toy_args(tmp_path / "cpu", log_every=5), m, bad, items, cpu(), method="toy")
     assert read(tmp_path / "cpu" / "latest").strip() == "ckpt-3" and len(calls) == 3
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights[0].items())
@@ -2424,6 +2427,11 @@ def test_a_non_finite_validation_figure_is_null_in_the_metrics_and_said(tiny, tm
     valid = [r for r in map(strict, read(tmp_path / "metrics.jsonl").splitlines()) if r.get("split") == "valid"]
     assert valid == [dict(split="valid", step=2, loss_speech=None, acc=0.5)]
     assert "valid @2: loss_speech not finite (null in metrics.jsonl)" in capsys.readouterr().err
+    with open(tmp_path / "metrics.jsonl", "a") as f:              # an earlier version's NaN: null once
+        f.write('{"step": 1, "loss": NaN}\n')                     # the run is resumed
+    common.train(toy_args(tmp_path, steps=3, resume=str(tmp_path)), m, toy_step(m), items, cpu(), method="toy")
+    rows = list(map(strict, read(tmp_path / "metrics.jsonl").splitlines()))
+    assert dict(step=1, loss=None) in rows and rows[-1]["step"] == 3
     assert common.json_safe(dict(a=float("inf"), b=1.0, c="x")) == dict(a=None, b=1.0, c="x")
 
 
