@@ -205,15 +205,16 @@ def continuation_data(llm, tok, items, args, out_dir, tag, reuse_dirs=()):
     their count), response_ids (continuation [+ EOS]) and continuation_ended. A transcript with no
     word once normalised ("?!") would ask CIF for 0 vectors: it stops the run, naming its line
     (--skip-bad: it is left out)."""
-    wordless = [it for it in items if not common.normalize(it["text"]).strip()]
+    transcripts = [common.normalize(it["text"]) for it in items]      # as BLSP's step 1
+    wordless = [it for it, t in zip(items, transcripts) if not t.strip()]
     if wordless and not args.skip_bad:
         raise data.DataError(f"{wordless[0]['where']}: the transcript {wordless[0]['text']!r} has no word once "
                              f"lower-cased without punctuation (no token for CIF to fire; or --skip-bad)")
     if wordless:
         print(f"skipping {len(wordless)} utterances whose transcripts have no word (first: "
               f"{wordless[0]['where']})", file=sys.stderr)
-        items[:] = [it for it in items if common.normalize(it["text"]).strip()]
-    transcripts = [common.normalize(it["text"]) for it in items]      # as BLSP's step 1
+        kept = [(it, t) for it, t in zip(items, transcripts) if t.strip()]
+        items[:], transcripts = [it for it, _ in kept], [t for _, t in kept]
     conts, ended = common.cached_answers(llm, tok, CONTINUE_INSTRUCTION, transcripts, args,
                                          args.continuation_tokens, out_dir, tag, True, reuse_dirs)
     eos = common.answer_end(llm, tok, args.prompt)       # the end of the assistant's turn

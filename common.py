@@ -305,9 +305,7 @@ def resume_config(args, method=None, adds_to=None):
     changed, taken = [], set()
     for f in dataclasses.fields(args):
         k = f.name
-        v = getattr(args, k)
-        if k in FOLDERS_AND_FILES and isinstance(v, str) and isinstance(was.get(k), str) and v != was[k] and \
-                os.path.normpath(v) == os.path.normpath(was[k]):
+        if k in FOLDERS_AND_FILES and getattr(args, k) != was.get(k) and same_path(getattr(args, k), was.get(k)):
             setattr(args, k, was[k])        # the same path written otherwise (a trailing /): the run's
         if f.metadata.get("start_only") and given(args, k) and getattr(args, k) != was.get(k):
             raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: for a run that starts (the run's: "
@@ -376,6 +374,11 @@ def given(args, name):
     """Was --name on the command line, or taken from the run by --resume? (a value equal to the
     default counts: asked for, not the default)"""
     return name in getattr(args, "_given", ())
+
+
+def same_path(a, b):
+    """Do a and b name the same path, spelled alike or not (a trailing /)? (None: none)"""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.normpath(a) == os.path.normpath(b))
 
 
 def typed(args, name):
@@ -1862,8 +1865,8 @@ def save_checkpoint(out, module, opt, step, epoch, batch_pos, meta, rng=None, ke
         synced(latest)
         os.replace(latest, os.path.join(out, "latest"))
         synced(out)                                     # (the renames)
-        for d in os.listdir(out):                       # keep only the latest checkpoint (and keep)
-            if d.startswith("ckpt-") and d not in (os.path.basename(final), keep) and ".tmp" not in d:
+        for d in checkpoints(out):                      # keep only the latest checkpoint (and keep)
+            if d not in (os.path.basename(final), keep):
                 shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     return final
 
@@ -1983,7 +1986,7 @@ def run_config(run_dir, method, args=None, flag=None, fixed=(), free=()):
             cfg[k] = getattr(args, k)
     for k in ("llm", "encoder") if args is not None else ():
         if given(args, k):
-            if os.path.normpath(getattr(args, k) or ".") != os.path.normpath(cfg.get(k) or "."):
+            if not same_path(getattr(args, k), cfg.get(k)):
                 print(f"{flag}: --{k} {getattr(args, k)} in place of the run's "
                       f"{cfg.get(k) or 'built-in default'}", file=sys.stderr)
             cfg[k] = getattr(args, k)
@@ -2319,11 +2322,18 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
     last_valid, t0, seen = {}, time.time(), dict(samples=0, tokens=0, flops=0.0, data_s=0.0, valid_s=0.0)
     mark = mark_0 = said = dict(seen, t=t0)        # (said: the last plain line printed)
 
-    def since(mark):
-        """The counters since mark, and the training time since (validation left out)."""
-        new = {k: v - mark[k] for k, v in seen.items()}
-        return new, max(time.time() - mark["t"] - new["valid_s"], 1e-9)
     peak_fl = peak_flops(device) if device.type == "cuda" else None      # (MFU on CUDA only)
+
+    def since(mark):
+        """The rates since mark over the training time since (validation left out, "seconds"):
+        samples and tokens/s of all processes, data_wait, and on CUDA the MFU per GPU."""
+        new = {k: v - mark[k] for k, v in seen.items()}
+        dt = max(time.time() - mark["t"] - new["valid_s"], 1e-9)
+        r = dict(samples_per_s=new["samples"] * world / dt, tokens_per_s=new["tokens"] * world / dt,
+                 data_wait=new["data_s"] / dt, seconds=dt)
+        if peak_fl and new["flops"]:
+            r["mfu"] = new["flops"] / dt / peak_fl
+        return r
     peak = 0.0          # (CUDA) the peak of the training steps: not loading, generating, validating
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -2342,10 +2352,11 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         first, checked = checked + 1 if fused else step, step     # (the CPU checks every step)
         if float(nonfinite) == 0:
             return
+        named = [w for w in clips if w]
         where = f"one of steps {first} to {step}" if first < step else f"step {step}" + (
             "" if fused else f" (loss {loss_val}, gradient norm {float(gnorm)}; its clips" +
-            (f" in process {rank}" if world > 1 else "") + f": {', '.join(clips[:4])}" +
-            (f" and {len(clips) - 4} more" if len(clips) > 4 else "") + ")")
+            (f" in process {rank}" if world > 1 else "") + f": {', '.join(named[:4])}" +
+            (f" and {len(named) - 4} more" if len(named) > 4 else "") + ")")
         # the oldest checkpoint is kept beside this one: from before the trouble (also when it
         # comes again after a resume, as a diverged run's does)
         before = (checkpoints(out) or [None])[0] if saved_at != step else None
@@ -2438,7 +2449,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 t_data = time.time()
                 batch = to_device(next(it), device)
                 seen["data_s"] += time.time() - t_data
-                clips += [w for w in batch.get("where") or [] if w]      # (named by a non-finite stop)
+                clips += batch.get("where") or []       # (named by a non-finite stop)
                 with autocast(device):
                     loss, n, lg = step_fn(batch)
                 loss.backward()
@@ -2486,14 +2497,13 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 opt.step()          # the step is done and logged
             opt.zero_grad(set_to_none=True)
             step, start = step + 1, None        # (a stop from here on saves this step's end)
-            new, dt = since(mark)                   # (since the last log line)
+            rate = since(mark)                      # (since the last log line)
             if device.type == "cuda":
                 peak = max(peak, torch.cuda.max_memory_allocated(device) / 2 ** 30)
             show = dict(loss=f"{loss_val:.4f}" if loss_val is not None else "-", lr=f"{lr_at(step - 1, args):.2e}",
-                        samples_s=f"{new['samples'] * world / dt:.1f}",
-                        tokens_s=f"{new['tokens'] * world / dt:.0f}")
-            if peak_fl and new["flops"]:
-                show["mfu"] = f"{new['flops'] / dt / peak_fl:.1%}"
+                        samples_s=f"{rate['samples_per_s']:.1f}", tokens_s=f"{rate['tokens_per_s']:.0f}")
+            if "mfu" in rate:
+                show["mfu"] = f"{rate['mfu']:.1%}"
             bar.set_postfix(show, refresh=False)
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps or (not fused and bad):
@@ -2501,24 +2511,21 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                 if fused:
                     loss_val = float(loss_dev)              # read only here (CPU: read above)
                 row = dict(step=step, loss=loss_val, lr=lr_at(step - 1, args), grad_norm=float(gnorm),
-                           samples_per_s=new["samples"] * world / dt,
-                           tokens_per_s=new["tokens"] * world / dt, data_wait=new["data_s"] / dt,
+                           **{k: v for k, v in rate.items() if k != "seconds"},
                            **{k: float(v) for k, v in logs.items()})
                 if device.type == "cuda":
                     row["peak_mem_gib"] = peak
-                    if peak_fl and new["flops"]:
-                        row["mfu"] = new["flops"] / dt / peak_fl     # per GPU
                 log(**row)
                 mark = dict(seen, t=time.time())
                 if rank == 0 and not interactive and (time.time() - said_at >= 10 or step == args.steps):
-                    new, dt = since(said)           # (its rates: since the line it printed before)
+                    p = since(said)                 # (its rates: since the line it printed before)
                     said, said_at = dict(seen, t=time.time()), time.time()
                     print(f"step {step}/{args.steps}: loss {loss_val:.4f}, lr {row['lr']:.2e}, "
-                          f"{new['samples'] * world / dt:.1f} samples/s, {new['tokens'] * world / dt:.0f} tokens/s"
-                          + (f", MFU {new['flops'] / dt / peak_fl:.1%}" if "mfu" in row else "")
+                          f"{p['samples_per_s']:.1f} samples/s, {p['tokens_per_s']:.0f} tokens/s"
+                          + (f", MFU {p['mfu']:.1%}" if "mfu" in p else "")
                           + (f", peak {peak:.1f} GiB" if "peak_mem_gib" in row else "")
-                          + f", {(args.steps - step) * since(mark_0)[1] / (step - step0) / 60:.1f} min to go",
-                          flush=True)
+                          + f", {(args.steps - step) * since(mark_0)['seconds'] / (step - step0) / 60:.1f} "
+                            f"min to go", flush=True)
             updating = False
             if deferred:
                 raise Terminated() if deferred[0] == signal.SIGTERM else KeyboardInterrupt()
@@ -2575,7 +2582,7 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
         if rank == 0:
             print(f"interrupted ({interrupted}) at step {step}: checkpoint saved; continue with --resume {resume_dir or out}")
         sys.exit(130 if interrupted == "Ctrl-C" else 143)
-    dt = time.time() - t0 - seen["valid_s"]             # training time, without validations
+    run = since(mark_0)                                 # (training time, without validations)
     if valid_fn:
         try:
             last_valid = run_valid(valid_fn, step, log, rank, None, device)
@@ -2584,12 +2591,12 @@ def train(args, module, step_fn, train_items, device, rank=0, world=1, valid_fn=
                                  + ("" if args.skip_bad else " (or add --skip-bad)")
                                  + f", then --resume {resume_dir or out} validates it") from None
     if rank == 0:
-        mfu = seen["flops"] / dt / peak_fl if peak_fl and seen["flops"] else 0
         print(f"{method}: {step - step0} steps" + (f" (resumed at {step0})" if step0 else "")
-              + f" in {dt:.0f} s, {seen['samples'] * world / dt:.1f} samples/s, "
-              f"{seen['tokens'] * world / dt:.0f} tokens/s" + (f", peak {peak:.1f} GiB" if peak else "")
-              + (f", MFU {mfu:.1%}" if mfu else "") + f"; waiting for data {seen['data_s'] / dt:.1%} of it"
-              + (" (more --workers?)" if seen["data_s"] > 0.2 * dt else ""))
+              + f" in {run['seconds']:.0f} s, {run['samples_per_s']:.1f} samples/s, "
+              f"{run['tokens_per_s']:.0f} tokens/s" + (f", peak {peak:.1f} GiB" if peak else "")
+              + (f", MFU {run['mfu']:.1%}" if "mfu" in run else "")
+              + f"; waiting for data {run['data_wait']:.1%} of it"
+              + (" (more --workers?)" if run["data_wait"] > 0.2 else ""))
     return last_valid
 
 

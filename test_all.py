@@ -1517,6 +1517,18 @@ def toy_step(model):
     return step
 
 
+def raising_at(step, k, error):
+    """step, but its k-th call raises error (bad data, a crash) instead."""
+    calls = []
+
+    def f(batch):
+        calls.append(1)
+        if len(calls) == k:
+            raise error
+        return step(batch)
+    return f
+
+
 def toy_args(tmp_path, **kw):
     a = common.Args(out=str(tmp_path), steps=6, batch_size=4, lr=0.1, warmup=2, log_every=1,
                     seed=0)
@@ -1733,13 +1745,7 @@ def test_bad_data_met_mid_run_keeps_the_steps_done(tiny, tmp_path):
     full_m = Toy()
     common.train(toy_args(tmp_path / "full"), full_m, toy_step(full_m), items, cpu(), method="toy")
     m = Toy()
-    step, calls = toy_step(m), []
-
-    def bad_at_step_3(batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise data.DataError("m.jsonl:7: cannot read audio")
-        return step(batch)
+    bad_at_step_3 = raising_at(toy_step(m), 3, data.DataError("m.jsonl:7: cannot read audio"))
     with pytest.raises(data.DataError, match=r"^m.jsonl:7: cannot read audio; step 2 is saved: .* --resume "):
         common.train(toy_args(tmp_path / "run", save_every=2), m, bad_at_step_3, items, cpu(), method="toy")
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("ckpt")] == ["ckpt-2"]  # once
@@ -1757,13 +1763,7 @@ def test_a_crash_mid_run_keeps_the_steps_done(tiny, tmp_path):
     full_m = Toy()
     common.train(toy_args(tmp_path / "full"), full_m, toy_step(full_m), items, cpu(), method="toy")
     m = Toy()
-    step, calls = toy_step(m), []
-
-    def out_of_memory_in_step_4(batch):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("CUDA out of memory (a stand-in)")
-        return step(batch)
+    out_of_memory_in_step_4 = raising_at(toy_step(m), 4, RuntimeError("CUDA out of memory (a stand-in)"))
     with pytest.raises(RuntimeError, match="out of memory") as e:
         common.train(toy_args(tmp_path / "run"), m, out_of_memory_in_step_4, items, cpu(), method="toy")
     assert read(tmp_path / "run" / "latest").strip() == "ckpt-3"
@@ -2365,14 +2365,8 @@ def test_nan_loss_with_fused_adamw_skips_the_update_without_a_host_sync(tiny, tm
                      items, cpu(), method="toy")
     common.train(toy_args(tmp_path / "cpu", steps=5, log_every=5, schedule="constant", resume=str(tmp_path / "cpu")),
                  m2, toy_step(m2), items, cpu(), method="toy")         # (constant: --steps 5 is the same lr)
-    m3, calls = Toy(), []                      # bad data after a skipped step: said in its error
-    step3 = nan_in_step_3(m3)
-
-    def bad_audio_in_step_4(batch):
-        calls.append(1)
-        if len(calls) == 4:
-            raise data.DataError("m.jsonl:9: cannot read audio")
-        return step3(batch)
+    m3 = Toy()                                 # bad data after a skipped step: said in its error
+    bad_audio_in_step_4 = raising_at(nan_in_step_3(m3), 4, data.DataError("m.jsonl:9: cannot read audio"))
     with pytest.raises(data.DataError, match=r"step 3 is saved \(a non-finite step after step 0 had its update "
                                              r"skipped\): mend the data"):
         with monkeypatch.context() as mp:
